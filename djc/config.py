@@ -1,0 +1,226 @@
+"""The typed config tree: defaults are the recommended values, YAML overrides what differs.
+
+A run config (jobs/*.yaml) holds only the keys that differ from these defaults; `key.sub=value` on the command
+line overrides both. Unknown keys and impossible values are refused with a message that names the key, before
+any worker starts. The config is frozen after parsing: derived quantities are computed where they are used.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Node):
+    train: str = "runs/data/digits_lt10/train"  # dataset URL (path, file://, s3://, memory://) trained on
+    eval: dict[str, str] = Field(default_factory=dict)  # extra splits evaluated at the end: name -> URL
+    # If `train` (or an eval URL) holds no dataset yet, make it from this source on first use ("" = never).
+    source: Literal["", "digits", "cifar10", "cifar100", "folder"] = ""
+    source_root: str = ""  # where cifar/folder sources live (ignored for digits)
+    imbalance_ratio: float = Field(1.0, ge=1.0)  # long-tail ratio for the prepared train split (1 = balanced)
+    profile: Literal["exp", "step"] = "exp"  # long-tail profile, methods.md section 6
+    prepare_seed: int = 0  # seed of the train/test split and of the long-tail subset
+    batch_size: int = Field(128, gt=0)  # GLOBAL batch over all workers; each worker takes batch_size / workers
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0 = decode in-process)
+    window: int = Field(16, gt=0)  # row groups shuffled together; larger = better mixing, more memory
+    on_corrupt: Literal["error", "skip"] = "error"  # skip = drop undecodable images and count them
+    cache_dir: str = ""  # local disk cache of remote shards for later epochs ("" = off)
+
+
+class AugmentConfig(_Node):
+    crop_scale_min: float = Field(0.3, gt=0.0, le=1.0)  # RandomResizedCrop lower scale (0.2 CIFAR-100, 0.08 ImageNet)
+    hflip: bool = True  # off for digits and text: a mirrored 2 is not a 2
+    strength: float = Field(1.0, ge=0.0)  # multiplies the colour-jitter amplitudes; 0 disables jitter
+    out_size: int = Field(0, ge=0)  # crop output side; 0 = the dataset's image side
+
+
+class ModelConfig(_Node):
+    backbone: Literal["smallconv", "resnet18_cifar", "resnet50", "mlp"] = "smallconv"
+    width: int = Field(64, gt=0)  # channels of the small convnet / hidden units of the MLP
+    proj_hidden: int = Field(512, gt=0)  # hidden units of the projection head
+    proj_dim: int = Field(128, gt=0)  # D, the normalised feature dimension the clustering heads see
+
+
+class SeCuConfig(_Node):
+    num_heads: int = Field(10, gt=0)  # head h has K * (h + 1) clusters; head 0 is evaluated
+    constraint: Literal["size", "entropy"] = "size"
+    # Lower bound of every cluster's share, as a fraction of N/K. "auto" derives it from expected_imbalance:
+    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods.md).
+    gamma: float | Literal["auto"] = 0.9
+    expected_imbalance: float = Field(1.0, ge=1.0)  # used by gamma=auto: expected largest/smallest class ratio
+    eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
+    alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
+    t_x: float = Field(0.05, gt=0.0)  # temperature of the representation loss
+    t_w: float = Field(0.05, gt=0.0)  # temperature of the center loss
+    tau: float = Field(0.2, ge=0.0, le=1.0)  # weight of the previous label in the representation target
+    center_lr: float = Field(1.2, gt=0.0)  # constant lr of the centers (0.8 on CIFAR-100-20)
+    center_wd: float = Field(0.0, ge=0.0)
+
+
+class KMeansConfig(_Node):
+    iters: int = Field(50, gt=0)  # Lloyd iterations of the baseline
+    restarts: int = Field(3, gt=0)  # k-means++ restarts; the lowest inertia wins
+
+
+class MethodConfig(_Node):
+    name: Literal["secu"] = "secu"
+    num_clusters: int = Field(10, gt=1)  # K of the evaluated head (the number of classes when known)
+    secu: SeCuConfig = SeCuConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+
+
+class OptimConfig(_Node):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.2, ge=0.0)  # encoder lr at the global batch of 128; scaled linearly with batch size
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    epochs: int = Field(400, gt=0)
+    frozen_epochs: int = Field(1, ge=0)  # encoder lr 0 while the centers settle (SeCu: epoch 0)
+    warmup_epochs: int = Field(10, ge=0)  # linear warm-up after the frozen epochs, then cosine to 0
+
+
+class TrainerConfig(_Node):
+    num_workers: int = Field(2, gt=0)  # Ray Train workers (one process each)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0)  # fractional on small machines, so Ray can co-schedule a driver
+    max_failures: int = Field(0, ge=0)  # worker-group restarts from the latest checkpoint before giving up
+    checkpoint_every: int = Field(1, gt=0)  # epochs between checkpoints
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(20, gt=0)  # steps between host-synced loss logs
+    ray_address: str = ""  # "" = join RAY_ADDRESS if set, else start a local Ray instance
+
+
+class EvalConfig(_Node):
+    baseline: bool = True  # also run k-means on raw pixels through the same evaluation
+    primary: str = "train"  # the split whose metrics head metrics.json
+
+
+class Config(_Node):
+    name: str = "run"  # run name (the run dir's default basename)
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        w, b = self.trainer.num_workers, self.data.batch_size
+        if b % w:
+            raise ValueError(f"data.batch_size={b} must be divisible by trainer.num_workers={w}")
+        if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
+            raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
+        # SeCu's size duals compare per-step counts with gamma * B / K: a head with more clusters than the global
+        # batch can never fill them all in one step.
+        if self.method.name == "secu" and self.method.num_clusters > b:
+            raise ValueError(
+                f"method.num_clusters={self.method.num_clusters} is larger than the global batch "
+                f"data.batch_size={b}; SeCu needs K <= batch"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: defaults <- YAML file <- dotted overrides, then one validation pass that names keys.
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _format_error(err: ValidationError) -> str:
+    known = _known_keys(Config)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(key, known, n=1)
+            lines.append(f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        elif key:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        else:  # cross-field checks already name their keys
+            lines.append(e["msg"].removeprefix("Value error, "))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot override '{dotted}': '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1 c=x` -> nested dict; values are parsed as YAML scalars (1 -> int, true -> bool, [1,2] -> list)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then `key.sub=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return from_dict(tree)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
