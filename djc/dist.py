@@ -1,0 +1,143 @@
+"""Every collective djc uses, in one place. Each helper is the identity on one process.
+
+No other module asks whether torch.distributed is initialised. Helpers say in their name whether the result
+carries gradients: `*_with_grad` ones are autograd functions whose backward all-reduces (sums) the incoming
+gradient, so that with per-worker losses that are local means and DDP's gradient averaging, W workers compute
+exactly the gradient of one worker on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------
+# No-gradient collectives: cluster statistics, per-instance memory, metrics.
+
+
+@torch.no_grad()
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over workers (a new tensor; no gradient). Pack several statistics into one tensor to pay one call."""
+    if not is_distributed():
+        return x.clone()
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+@torch.no_grad()
+def all_reduce_max(x: Tensor) -> Tensor:
+    if not is_distributed():
+        return x.clone()
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+@torch.no_grad()
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate every worker's `x` along dim 0, in rank order (no gradient).
+
+    Local sizes may differ: sizes are exchanged first and rows padded, so any batch split works.
+    """
+    if not is_distributed():
+        return x.clone()
+    w = world_size()
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(w)]
+    dist.all_gather(sizes, n)
+    counts = [int(s.item()) for s in sizes]
+    m = max(counts)
+    padded = x.new_zeros((m, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+@torch.no_grad()
+def broadcast_(x: Tensor, src: int = 0) -> Tensor:
+    """In place: every worker receives rank `src`'s values (used to make replicated state identical at init)."""
+    if is_distributed():
+        dist.broadcast(x, src=src)
+    return x
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Collectives that carry gradients.
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        # Every worker's loss depends on the sum, so d(sum_v L_v)/dx_w = sum_v dL_v/dsum.
+        g = g.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+class _AllGatherCat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        w = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(w)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        # Other workers' losses also read our rows: sum their gradients before taking our slice.
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def all_reduce_sum_with_grad(x: Tensor) -> Tensor:
+    """Sum over workers; the backward sums gradients over workers too. Identity on one process."""
+    return _AllReduceSum.apply(x) if is_distributed() else x
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate equal-sized local batches in rank order, keeping gradients to every worker's rows.
+
+    Row offset of this worker's samples in the result is `rank() * x.shape[0]` (offset contrastive labels by it).
+    """
+    return _AllGatherCat.apply(x) if is_distributed() else x

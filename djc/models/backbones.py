@@ -1,0 +1,81 @@
+"""Backbones: a feature extractor f(x) -> (B, feat_dim), chosen by `model.backbone`.
+
+smallconv suits 8x8 digits and 28x28 inputs; resnet18_cifar is ResNet-18 with the CIFAR stem (3x3 conv,
+stride 1, no max-pool), the standard for 32 px clustering; resnet50 is torchvision's, for 224 px ImageNet.
+Every BatchNorm is a GlobalBatchNorm so the statistics are over the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from djc.models.norm import globalize_batchnorm
+
+
+class Backbone(NamedTuple):
+    net: nn.Module
+    feat_dim: int
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_convnet(in_channels: int, width: int) -> Backbone:
+    # Two 3x3 stages then global pooling: at 8x8 the receptive field already covers the digit.
+    w = width
+    net = nn.Sequential(
+        *_conv_bn(in_channels, w), *_conv_bn(w, w), nn.MaxPool2d(2),
+        *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return Backbone(net, 2 * w)
+
+
+def mlp(in_dim: int, width: int) -> Backbone:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                        nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
+    return Backbone(net, width)
+
+
+def resnet(depth: int, in_channels: int, cifar_stem: bool) -> Backbone:
+    import torchvision  # heavy import, only when a ResNet is asked for
+
+    net = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth](weights=None)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return Backbone(net, feat_dim)
+
+
+def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 64) -> Backbone:
+    """`image_shape` is (H, W, C) as in the dataset manifest."""
+    h, w, c = image_shape
+    if name == "smallconv":
+        bb = small_convnet(c, width)
+    elif name == "mlp":
+        bb = mlp(h * w * c, width)
+    elif name == "resnet18_cifar":
+        bb = resnet(18, c, cifar_stem=True)
+    elif name == "resnet50":
+        bb = resnet(50, c, cifar_stem=False)
+    else:
+        raise ValueError(f"unknown model.backbone '{name}'")
+    return Backbone(globalize_batchnorm(bb.net), bb.feat_dim)
+
+
+def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:
+    """Linear-BN-ReLU-Linear (SeCu, SimCLR); the caller normalises the output."""
+    return globalize_batchnorm(nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden),
+                                             nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

@@ -1,0 +1,59 @@
+"""Run a function on W real processes joined by a gloo process group on loopback (no Ray, no mocks).
+
+The equivalence tests use it: W workers each step on their slice of a batch, and the result is compared with
+one process stepping on the whole batch. Functions must be importable (module level) and return picklable
+values (numpy arrays, not tensors).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        q.put((rank, fn(rank, world, *args), None))
+    except BaseException:
+        q.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """fn(rank, world, *args) on `world` spawned processes; returns the results in rank order."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, value, err = q.get(timeout=timeout)
+            if err:
+                raise RuntimeError(f"worker {rank} failed:\n{err}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
