@@ -1,0 +1,185 @@
+"""Batched views against torchvision's per-image ops, and the samplers' distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision.transforms as T1
+import torchvision.transforms.v2.functional as TF
+
+from djc.data import views as V
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(6, 3, 20, 24, generator=g)
+
+
+def _per_image(fn, x: torch.Tensor, factors: list[float]) -> torch.Tensor:
+    return torch.stack([fn(x[i], f) for i, f in enumerate(factors)])
+
+
+# ---------------------------------------------------------------- deterministic ops, exact
+
+
+def test_hflip_grayscale_solarize(x: torch.Tensor) -> None:
+    mask = torch.tensor([True, False, True, True, False, False])
+    ref = torch.stack([TF.hflip(im) if m else im for im, m in zip(x, mask)])
+    torch.testing.assert_close(V.hflip(x, mask), ref, atol=1e-5, rtol=0)
+    ref = torch.stack([TF.rgb_to_grayscale(im, 3) if m else im for im, m in zip(x, mask)])
+    torch.testing.assert_close(V.random_grayscale(x, mask), ref, atol=1e-5, rtol=0)
+    ref = torch.stack([TF.solarize(im, 0.5) if m else im for im, m in zip(x, mask)])
+    torch.testing.assert_close(V.solarize(x, mask), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,factors", [
+    ("brightness", [0.6, 1.0, 1.4, 0.8, 1.2, 0.0]),
+    ("contrast", [0.6, 1.0, 1.4, 0.8, 1.2, 0.0]),
+    ("saturation", [0.8, 1.0, 1.2, 0.0, 2.0, 0.5]),
+])
+def test_color_factors_match_torchvision(x: torch.Tensor, name: str, factors: list[float]) -> None:
+    ours = getattr(V, f"adjust_{name}")(x, torch.tensor(factors))
+    ref = _per_image(getattr(TF, f"adjust_{name}"), x, factors)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_hue_matches_torchvision(x: torch.Tensor) -> None:
+    factors = [-0.5, -0.1, 0.0, 0.05, 0.1, 0.5]
+    x = x.clone()
+    x[0, :, :4] = 0.3  # grey pixels (max == min) and ties between channels take special branches
+    x[1, 0, :4] = x[1, 1, :4]
+    ours = V.adjust_hue(x, torch.tensor(factors))
+    torch.testing.assert_close(ours, _per_image(TF.adjust_hue, x, factors), atol=1e-5, rtol=0)
+
+
+def test_one_channel_jitter(x: torch.Tensor) -> None:
+    g = x[:, :1]
+    f = torch.tensor([0.6, 1.0, 1.4, 0.8, 1.2, 0.3])
+    torch.testing.assert_close(V.adjust_contrast(g, f), _per_image(TF.adjust_contrast, g, f.tolist()),
+                               atol=1e-5, rtol=0)
+    assert torch.equal(V.adjust_saturation(g, f), g) and torch.equal(V.adjust_hue(g, f - 1), g)
+
+
+def test_gaussian_blur_matches_torchvision(x: torch.Tensor) -> None:
+    sigmas = [0.3, 0.7, 1.0, 1.5, 2.0, 3.0]
+    for k in (3, 5, 9):
+        ours = V.gaussian_blur(x, torch.tensor(sigmas), k)
+        ref = torch.stack([TF.gaussian_blur(im, [k, k], [s, s]) for im, s in zip(x, sigmas)])
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # a vanishing sigma is an exact identity: how unblurred samples share the batch's conv
+    assert torch.equal(V.gaussian_blur(x, torch.full((6,), 1e-6), 5), x)
+
+
+@pytest.mark.parametrize("out", [32, 8])  # upsampling (CIFAR crops) and downsampling
+def test_resized_crop_matches_torchvision(x: torch.Tensor, out: int) -> None:
+    boxes = torch.tensor([[0, 0, 20, 24], [3, 5, 10, 12], [10, 12, 10, 12], [0, 17, 7, 7], [13, 0, 7, 9],
+                          [5, 6, 11, 11]])
+    ours = V.resized_crop(x, boxes, out)
+    ref = torch.stack([TF.resized_crop(im, *b.tolist(), size=[out, out], antialias=False)
+                       for im, b in zip(x, boxes)])
+    # both follow interpolate's align_corners=False rule, so they agree downsampling too
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- samplers
+
+
+def _tv_boxes(n: int, h: int, w: int, scale: tuple[float, float]) -> torch.Tensor:
+    img = torch.empty(3, h, w)
+    return torch.tensor([T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)])
+
+
+@pytest.mark.parametrize("hw,s_min", [((32, 32), 0.3), ((32, 32), 0.08), ((20, 40), 0.2)])
+def test_crop_box_distribution(hw: tuple[int, int], s_min: float) -> None:
+    H, W = hw
+    torch.manual_seed(0)
+    n = 20_000
+    ours = V.crop_boxes(n, H, W, (s_min, 1.0), generator=torch.Generator().manual_seed(1))
+    ref = _tv_boxes(n, H, W, (s_min, 1.0))
+    top, left, h, w = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    frac, ref_frac = (h * w).float() / (H * W), (ref[:, 2] * ref[:, 3]).float() / (H * W)
+    # rounding the sides to pixels moves the area a little below s_min
+    assert frac.min() >= s_min - 0.05 and frac.max() <= 1.0
+    assert abs(frac.mean() - ref_frac.mean()) < 0.01
+    assert abs(frac.std() - ref_frac.std()) < 0.01
+    assert abs((w / h).float().mean() - (ref[:, 3] / ref[:, 2]).float().mean()) < 0.01
+
+
+def test_crop_aspect_ratio_range() -> None:
+    b = V.crop_boxes(5000, 224, 224, (0.08, 1.0), generator=torch.Generator().manual_seed(0))
+    r = b[:, 3].float() / b[:, 2].float()
+    assert r.min() >= 3 / 4 - 0.03 and r.max() <= 4 / 3 + 0.03
+    lr = r.log()  # log-uniform: both ends reached, mean near 0
+    assert lr.min() < math.log(3 / 4) + 0.02 and lr.max() > math.log(4 / 3) - 0.02 and abs(lr.mean()) < 0.02
+
+
+def test_crop_fallback_is_central() -> None:
+    # scale (2, 3) can never fit: every sample takes the fallback, clipped to ratio 4/3 on a wide image
+    b = V.crop_boxes(4, 30, 100, (2.0, 3.0), generator=torch.Generator().manual_seed(0))
+    assert (b == torch.tensor([0, 30, 30, 40])).all()
+
+
+def _only(**kw) -> V.ViewSpec:
+    # crop scale 1 on a square image is the whole image, so one op is isolated
+    off = dict(crop_scale_min=1.0, hflip=False, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    return V.ViewSpec(**{**off, **kw})
+
+
+def _u8(n: int, c: int = 3, side: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, c, side, side), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+def test_flip_and_gray_rates() -> None:
+    u8, n = _u8(4000, side=8), 4000
+    x = u8.float() / 255
+    view = V.augment(u8, _only(hflip=True), (0, 0, 0), (1, 1, 1), torch.Generator().manual_seed(0))
+    same = (view - x).abs().amax(dim=(1, 2, 3)) < 1e-4
+    flipped = (view - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-4
+    assert (same ^ flipped).all() and abs(flipped.float().mean() - 0.5) < 0.03
+    view = V.augment(u8, _only(gray_p=0.2), (0, 0, 0), (1, 1, 1), torch.Generator().manual_seed(0))
+    gray = (view.amax(dim=1) - view.amin(dim=1)).amax(dim=(1, 2)) < 1e-6
+    assert abs(gray.float().mean() - 0.2) < 0.03 and n == len(gray)
+
+
+def test_identity_spec_is_normalised_input() -> None:
+    u8 = _u8(8)
+    view = V.augment(u8, _only(), MEAN, STD, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(view, V.eval_view(u8, MEAN, STD), atol=1e-4, rtol=0)
+
+
+def test_reproducible_shape_and_dtype() -> None:
+    u8 = _u8(16, side=32)
+    specs = V.secu_view_specs("cifar100-lt")
+    assert specs[0].crop_scale_min == 0.2 and specs[1].solarize_p == 0.2 and specs[1].blur_p == 0.1
+    a1, a2 = V.two_views(u8, specs, MEAN, STD, torch.Generator().manual_seed(3), out_size=24)
+    b1, b2 = V.two_views(u8, specs, MEAN, STD, torch.Generator().manual_seed(3), out_size=24)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
+    assert a1.shape == (16, 3, 24, 24) and a1.dtype == torch.float32 and torch.isfinite(a1).all()
+    c1, _ = V.two_views(u8, specs, MEAN, STD, torch.Generator().manual_seed(4), out_size=24)
+    assert not torch.equal(a1, c1)
+    assert V.eval_view(u8, MEAN, STD, out_size=16).shape == (16, 3, 16, 16)
+
+
+def test_digits_one_channel_small() -> None:
+    u8 = _u8(10, c=1, side=8)
+    spec = V.ViewSpec(hflip=False, blur_p=1.0, solarize_p=0.5)
+    v = V.augment(u8, spec, (0.13,), (0.31,), torch.Generator().manual_seed(0))
+    assert v.shape == (10, 1, 8, 8) and torch.isfinite(v).all()
+    # blur is skipped below 16 px: with nothing else on, the view is the input
+    v = V.augment(u8, _only(blur_p=1.0), (0.0,), (1.0,), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v, u8.float() / 255, atol=1e-4, rtol=0)
+
+
+def test_secu_view_specs() -> None:
+    assert V.secu_view_specs()[0] == V.ViewSpec()
+    assert V.secu_view_specs("stl10")[0].crop_scale_min == 0.2
+    assert V.secu_view_specs("imagenet")[1].crop_scale_min == 0.08
+    with pytest.raises(ValueError):
+        V.secu_view_specs("mnist")
