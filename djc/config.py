@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+NEEDS_K_LE_BATCH = {"secu", "dcl", "p2ot"}
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending key."""
 
@@ -69,15 +72,43 @@ class SeCuConfig(_Node):
     center_wd: float = Field(0.0, ge=0.0)
 
 
+class DCLConfig(_Node):
+    """Debiased contrastive clustering (methods.md section 2). Fields are filled in with the method."""
+
+    temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss
+
+
+class StatDECConfig(_Node):
+    """StatDEC (methods.md section 3)."""
+
+    ema: float = Field(0.9, ge=0.0, lt=1.0)  # EMA of the pooled cluster statistics
+
+
+class AECMConfig(_Node):
+    """AE-CM (methods.md section 4)."""
+
+    code_dim: int = Field(10, gt=0)  # autoencoder code size d_code
+
+
+class P2OTConfig(_Node):
+    """P2OT (methods.md section 5)."""
+
+    eps: float = Field(0.1, gt=0.0)  # entropic regularisation of the transport plan
+
+
 class KMeansConfig(_Node):
     iters: int = Field(50, gt=0)  # Lloyd iterations of the baseline
     restarts: int = Field(3, gt=0)  # k-means++ restarts; the lowest inertia wins
 
 
 class MethodConfig(_Node):
-    name: Literal["secu"] = "secu"
+    name: Literal["secu", "dcl", "statdec", "aecm", "p2ot"] = "secu"
     num_clusters: int = Field(10, gt=1)  # K of the evaluated head (the number of classes when known)
     secu: SeCuConfig = SeCuConfig()
+    dcl: DCLConfig = DCLConfig()
+    statdec: StatDECConfig = StatDECConfig()
+    aecm: AECMConfig = AECMConfig()
+    p2ot: P2OTConfig = P2OTConfig()
     kmeans: KMeansConfig = KMeansConfig()
 
 
@@ -125,12 +156,12 @@ class Config(_Node):
             raise ValueError(f"data.batch_size={b} must be divisible by trainer.num_workers={w}")
         if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
             raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
-        # SeCu's size duals compare per-step counts with gamma * B / K: a head with more clusters than the global
-        # batch can never fill them all in one step.
-        if self.method.name == "secu" and self.method.num_clusters > b:
+        # SeCu's size duals compare per-step counts with gamma * B / K, DDC's divergence and P2OT's plan need
+        # every cluster to be reachable in one batch: a K above the global batch can never be filled.
+        if self.method.name in NEEDS_K_LE_BATCH and self.method.num_clusters > b:
             raise ValueError(
                 f"method.num_clusters={self.method.num_clusters} is larger than the global batch "
-                f"data.batch_size={b}; SeCu needs K <= batch"
+                f"data.batch_size={b}; method {self.method.name} needs K <= batch"
             )
         return self
 

@@ -1,0 +1,77 @@
+"""What every clustering method gives the training loop.
+
+A method is one nn.Module holding the encoder, its clustering heads and its cluster state (buffers). The loop
+calls it through DDP as `method(index, view1, view2) -> StepOut`, steps the optimiser, then calls
+`update_state(out.update)`, which changes the buffers from GLOBAL data (dist helpers), so every worker keeps
+identical cluster state by construction. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from torch import Tensor, nn
+
+
+class StepOut(NamedTuple):
+    loss: Tensor  # scalar; a LOCAL mean, so DDP's gradient average equals the global-batch gradient
+    logs: dict[str, Tensor]  # detached scalars, synced to the host only every log_every steps
+    update: Any  # local no-grad inputs of update_state (labels, statistics)
+
+
+class Prediction(NamedTuple):
+    clusters: Tensor  # (B, H) int64, column 0 is the evaluated head
+    confidence: Tensor  # (B,) in [0, 1]
+    features: Tensor  # (B, D) the representation k-means on learned features uses
+    ood: Tensor | None = None  # (B,) out-of-distribution score, higher = more unusual
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about the training set, read from its manifest."""
+
+    num_samples: int  # N, the size of the per-instance memory
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    num_classes: int  # from the manifest; 0 when unlabelled
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    """What a method may use at an epoch boundary."""
+
+    epoch: int  # the epoch about to start (0-based)
+    epochs: int  # total epochs of the run
+    steps_per_epoch: int
+    # Runs fn(x, index) over THIS worker's slice of the training set (non-augmented view, eval mode, no grad)
+    # and returns (concatenated outputs, indices). For data passes such as k-means on codes at an init stage.
+    map_train: Callable[[Callable[[Tensor, Tensor], Tensor]], tuple[Tensor, Tensor]]
+
+
+class ClusteringMethod(nn.Module):
+    # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
+    # (autoencoder methods that reconstruct the input).
+    views: str = "two"
+
+    def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update_state(self, update: Any) -> None:
+        """No-grad update of the cluster state from global data, after the optimiser step."""
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Snapshots and stage changes taken once per epoch (SeCu's W_prev, AE-CM's pretraining stages)."""
+
+    def on_train_end(self) -> None:
+        """After the last step, before evaluation (AE-CM swaps in its averaged weights here)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups; a group with `fixed_lr=True` keeps its lr (the schedule scales the others)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def predict(self, x: Tensor) -> Prediction:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def health_counts(self) -> Tensor | None:
+        """Cluster sizes of the evaluated head from the replicated state (no host sync), if the method has them."""
+        return None

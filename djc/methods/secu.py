@@ -1,0 +1,176 @@
+"""SeCu: stable cluster discrimination (Qian, ICCV 2023), methods.md section 1.
+
+Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
+  assignment (no grad)  y_i = argmax_k s_ik + rho_k            (size constraint, duals rho >= 0)
+                        y_i = argmax_k s_ik - alpha Delta_ik   (entropy constraint)
+  center loss           CE over sg(x)^T w / t_w with every logit but (i, y_i) detached: only centers learn,
+                        each instance pulls its own center with weight (1 - p_iy)
+  representation loss   CE(q, softmax(x^T W_prev / t_x)), q = (1 - tau) softmax(sg(other view)) + tau onehot(ybar)
+The state (duals, entropy histogram, assignment memory, W_prev) is replicated and changed only from global data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from djc import dist
+from djc.config import Config
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.models.backbones import build_backbone, projection_head
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses and assignment rules: pure functions of tensors.
+
+
+def center_loss(x: Tensor, centers: Tensor, y: Tensor, t_w: float) -> Tensor:
+    """x (B, D) normalised features, centers (D, K) normalised, y (B,) labels. Gradient reaches centers only,
+    and only through the assigned logit: no center is pushed away by negatives."""
+    logits = x.detach() @ centers / t_w  # (B, K)
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    mixed = logits.detach() + onehot * (logits - logits.detach())
+    return F.cross_entropy(mixed, y)
+
+
+def representation_loss(z: Tensor, z_other: Tensor, ybar: Tensor, tau: float) -> Tensor:
+    """z, z_other (B, K) logits of two views against the epoch-start centers; ybar (B,) previous labels.
+    Target mixes the other view's prediction with the previous label; only the encoder learns."""
+    q = (1.0 - tau) * F.softmax(z_other.detach(), dim=1) + tau * F.one_hot(ybar, z.shape[1]).to(z.dtype)
+    return -(q * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+
+
+def _plogp(h: Tensor, n: float) -> Tensor:
+    p = h / n
+    return torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
+
+
+def entropy_delta(hist: Tensor, current: Tensor, n: int) -> Tensor:
+    """Exact change of sum_k p_k log p_k (p = hist / n) if instance i moved from `current[i]` to k.
+
+    hist (K,) global counts; current (B,) the instance's label in the histogram, -1 if it is not counted yet.
+    Returns (B, K); 0 at the current cluster.
+    """
+    h = hist.to(torch.float64)
+    gain = (_plogp(h + 1, n) - _plogp(h, n)).unsqueeze(0)  # (1, K) adding one instance to k
+    counted = current >= 0
+    c = current.clamp_min(0)
+    loss = _plogp(h[c] - 1, n) - _plogp(h[c], n)  # (B,) removing it from its cluster
+    delta = gain + torch.where(counted, loss, torch.zeros_like(loss)).unsqueeze(1)
+    delta = torch.where(F.one_hot(c, h.shape[0]).bool() & counted.unsqueeze(1), torch.zeros_like(delta), delta)
+    return delta.to(torch.float32)
+
+
+def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float) -> Tensor:
+    """rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K): a cluster below gamma B / K gains weight."""
+    k = rho.shape[0]
+    return (rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k).clamp_min(0.0)
+
+
+def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
+    """Smallest class share, as a fraction of N/K, under an exponential profile of this ratio (methods.md s6):
+    gamma = K r / sum_c r^(c / (K - 1)), r = 1 / ratio. Ratio 1 gives 1; ratio 10 with K = 10 gives 0.244."""
+    r = 1.0 / imbalance_ratio
+    total = sum(r ** (c / (num_clusters - 1)) for c in range(num_clusters))
+    return num_clusters * r / total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State: one head's centers and replicated statistics.
+
+
+class SeCuHead(nn.Module):
+    def __init__(self, dim: int, num_clusters: int, num_samples: int, generator: torch.Generator):
+        super().__init__()
+        w = F.normalize(torch.randn(dim, num_clusters, generator=generator), dim=0)
+        self.weight = nn.Parameter(w)  # (D, K) centers, used column-normalised
+        self.register_buffer("w_prev", w.clone())  # (D, K) epoch-start snapshot for the representation loss
+        self.register_buffer("rho", torch.zeros(num_clusters))  # size duals
+        self.register_buffer("hist", torch.zeros(num_clusters, dtype=torch.long))  # global label histogram
+        self.register_buffer("memory", torch.full((num_samples,), -1, dtype=torch.int32))  # label per index
+
+    @property
+    def num_clusters(self) -> int:
+        return self.weight.shape[1]
+
+    def centers(self) -> Tensor:
+        return F.normalize(self.weight, dim=0)
+
+
+class SeCu(ClusteringMethod):
+    def __init__(self, cfg: Config, info: DataInfo):
+        super().__init__()
+        c = cfg.method.secu
+        self.c, self.n = c, info.num_samples
+        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.backbone = bb.net
+        self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+        g = torch.Generator().manual_seed(cfg.seed)
+        k = cfg.method.num_clusters
+        self.heads = nn.ModuleList(
+            SeCuHead(cfg.model.proj_dim, k * (h + 1), info.num_samples, g) for h in range(c.num_heads)
+        )
+        self.gammas = [c.gamma if c.gamma != "auto" else auto_gamma(hd.num_clusters, c.expected_imbalance)
+                       for hd in self.heads]
+
+    def embed(self, x: Tensor) -> Tensor:
+        return F.normalize(self.proj(self.backbone(x)), dim=1)
+
+    def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
+        b = x1.shape[0]
+        f = self.embed(torch.cat([x1, x2]))  # one pass for both views keeps BN statistics over 2B samples
+        f1, f2 = f[:b], f[b:]
+        lc, lr, labels = f.new_zeros(()), f.new_zeros(()), []
+        for head in self.heads:
+            w = head.centers()
+            with torch.no_grad():
+                s = 0.5 * (f1 + f2) @ w  # (B, K)
+                prev = head.memory[index].long()
+                if self.c.constraint == "size":
+                    y = (s + head.rho).argmax(dim=1)
+                else:
+                    y = (s - self.c.alpha * entropy_delta(head.hist, prev, self.n)).argmax(dim=1)
+                ybar = torch.where(prev >= 0, prev, y)  # epoch 0: the current label
+            lc = lc + center_loss(f1, w, y, self.c.t_w) + center_loss(f2, w, y, self.c.t_w)
+            z1, z2 = f1 @ head.w_prev / self.c.t_x, f2 @ head.w_prev / self.c.t_x
+            lr = lr + representation_loss(z1, z2, ybar, self.c.tau) + representation_loss(z2, z1, ybar, self.c.tau)
+            labels.append(y)
+        scale = 1.0 / (2 * len(self.heads))  # mean over heads and views
+        loss = (lc + lr) * scale
+        update = torch.stack([index, *labels], dim=1)  # (B, 1 + H)
+        return StepOut(loss, {"center_loss": (lc * scale).detach(), "repr_loss": (lr * scale).detach()}, update)
+
+    @torch.no_grad()
+    def update_state(self, update: Tensor) -> None:
+        glob = dist.all_gather_cat(update)  # (B_global, 1 + H): every worker sees every (index, label)
+        index, bsz = glob[:, 0], glob.shape[0]
+        for h, head in enumerate(self.heads):
+            y = glob[:, 1 + h]
+            k = head.num_clusters
+            counts = torch.bincount(y, minlength=k)
+            head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h]))
+            old = head.memory[index].long()
+            head.hist.add_(counts - torch.bincount(old[old >= 0], minlength=k))
+            head.memory[index] = y.to(head.memory.dtype)
+
+    @torch.no_grad()
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        for head in self.heads:
+            head.w_prev.copy_(head.centers())
+
+    def param_groups(self) -> list[dict]:
+        enc = list(self.backbone.parameters()) + list(self.proj.parameters())
+        centers = [h.weight for h in self.heads]
+        return [{"params": enc},
+                {"params": centers, "lr": self.c.center_lr, "weight_decay": self.c.center_wd, "fixed_lr": True}]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        f = self.embed(x)
+        logits = [f @ h.centers() for h in self.heads]
+        conf = F.softmax(logits[0] / self.c.t_w, dim=1).amax(dim=1)
+        return Prediction(torch.stack([lg.argmax(dim=1) for lg in logits], dim=1), conf, f)
+
+    def health_counts(self) -> Tensor:
+        return self.heads[0].hist
+

@@ -1,0 +1,153 @@
+"""SeCu: the losses and state rules behave as methods.md section 1 says, and 2 gloo workers == 1 worker."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from djc.config import from_dict
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.methods.base import DataInfo, EpochContext
+from djc.methods.secu import auto_gamma, center_loss, dual_step, entropy_delta, representation_loss
+from tests.gloo import run_gloo
+
+
+def test_center_loss_moves_only_the_assigned_centers():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_()
+    w = torch.randn(8, 5, generator=g).requires_grad_()
+    y = torch.tensor([0, 0, 2, 2, 2, 0])
+    center_loss(x, F.normalize(w, dim=0), y, t_w=0.05).backward()
+    moved = w.grad.abs().sum(0) > 0
+    assert moved.tolist() == [True, False, True, False, False]
+    assert x.grad is None  # the encoder does not learn from the center loss
+
+
+def test_center_loss_pulls_centers_towards_their_instances():
+    g = torch.Generator().manual_seed(1)
+    x = F.normalize(torch.randn(32, 8, generator=g), dim=1)
+    y = torch.randint(0, 4, (32,), generator=g)
+    w = torch.randn(8, 4, generator=g, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.5)
+
+    def alignment() -> float:
+        wn = F.normalize(w.detach(), dim=0)
+        return float(sum((x[y == k] @ wn[:, k]).sum() for k in range(4)))
+
+    before = alignment()
+    losses = []
+    for _ in range(20):
+        loss = center_loss(x, F.normalize(w, dim=0), y, 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert alignment() > before
+
+
+def test_representation_loss_targets_previous_label_and_other_view():
+    z = torch.randn(4, 3, requires_grad=True)
+    z_other = torch.randn(4, 3, requires_grad=True)
+    ybar = torch.tensor([0, 1, 2, 0])
+    # tau = 1: the target is the previous label alone, i.e. plain cross-entropy.
+    assert torch.allclose(representation_loss(z, z_other, ybar, 1.0), F.cross_entropy(z, ybar))
+    representation_loss(z, z_other, ybar, 0.2).backward()
+    assert z.grad is not None and z_other.grad is None  # the other view is a stop-gradient target
+
+
+def test_duals_rise_for_starved_clusters_and_never_go_negative():
+    rho = torch.zeros(4)
+    counts = torch.tensor([16, 0, 0, 0])
+    rho = dual_step(rho, counts, batch=16, eta=0.1, gamma=0.9)
+    assert rho[0] == 0 and (rho[1:] > 0).all()
+    # Starved clusters keep rising until the assignment rule hands them instances.
+    s = 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    s[:, 0] += 0.1  # every instance prefers cluster 0
+    assert (torch.bincount(s.argmax(1), minlength=4)[1:] == 0).all()
+    for _ in range(20):
+        y = (s + rho).argmax(1)
+        rho = dual_step(rho, torch.bincount(y, minlength=4), 16, 0.1, 0.9)
+    assert (rho >= 0).all()
+    assert (torch.bincount((s + rho).argmax(1), minlength=4)[1:] > 0).any()
+
+
+def _sum_plogp(h: np.ndarray, n: int) -> float:
+    p = h / n
+    return float(sum(v * math.log(v) for v in p if v > 0))
+
+
+def test_entropy_delta_is_the_exact_change():
+    hist = torch.tensor([5, 0, 3, 1])
+    current = torch.tensor([0, 2, -1, 3])
+    n = 10
+    delta = entropy_delta(hist, current, n)
+    base = _sum_plogp(hist.numpy(), n)
+    for i, c in enumerate(current.tolist()):
+        for k in range(4):
+            h = hist.numpy().copy()
+            if c >= 0:
+                h[c] -= 1
+            h[k] += 1
+            expect = 0.0 if k == c else _sum_plogp(h, n) - (base if c >= 0 else _sum_plogp(hist.numpy(), n))
+            assert delta[i, k].item() == pytest.approx(expect, abs=1e-6)
+
+
+def test_auto_gamma_is_the_smallest_class_share_of_the_profile():
+    assert auto_gamma(10, 1.0) == pytest.approx(1.0)
+    # exp profile, ratio 10, 10 classes: the tail class holds 0.1 / sum_c 0.1^(c/9) of the data.
+    assert auto_gamma(10, 10.0) == pytest.approx(10 * 0.1 / sum(0.1 ** (c / 9) for c in range(10)))
+    assert auto_gamma(10, 10.0) < 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
+
+N, B = 64, 16
+
+
+def _cfg(world: int, constraint: str):
+    return from_dict({
+        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "method": {"num_clusters": 4, "secu": {"num_heads": 2, "constraint": constraint, "alpha": 50.0}},
+        "data": {"batch_size": B}, "trainer": {"num_workers": world},
+    })
+
+
+def secu_steps(rank: int, world: int, constraint: str) -> dict[str, np.ndarray]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg = _cfg(world, constraint)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    opt = make_optimizer(cfg, method)
+    apply_lr(opt, 1.0)
+    g = torch.Generator().manual_seed(123)
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    for epoch in range(3):  # epoch > 0 exercises the memory (ybar) and the histogram's removals
+        method.on_epoch_start(EpochContext(epoch, 3, 1, map_train=None))
+        index = torch.randperm(N, generator=g)[:B]
+        x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+        train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
+    return {k: v.numpy() for k, v in state_tensors(method).items()}
+
+
+@pytest.mark.parametrize("constraint", ["size", "entropy"])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
+    torch.set_num_threads(1)
+    single = secu_steps(0, 1, constraint)
+    w0, w1 = run_gloo(secu_steps, 2, constraint)
+    assert set(single) == set(w0)
+    for k, v in single.items():
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
+        if v.dtype.kind in "iub":
+            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
+        else:
+            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    # The state did change: memory filled, histogram counts every remembered instance.
+    mem = single["heads.0.memory"]
+    assert (mem >= 0).sum() == single["heads.0.hist"].sum() > 0
