@@ -1,0 +1,78 @@
+"""Long-tailed class profiles (methods.md section 6) and the fixed-seed per-class subsets that realise them.
+
+Class c = 0 is the largest and sizes fall with the label, as in Cao et al.'s (LDAM) CIFAR-LT, so the published
+totals are reproduced exactly: CIFAR-10-LT ratio 100 = 12,406 images (5000 -> 50), ratio 10 = 20,431,
+CIFAR-100-LT ratio 100 = 10,847 (500 -> 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PROFILES = ("exp", "step")
+
+
+def _floor(x: float) -> int:
+    """floor(x), except that a value within float noise below an integer counts as that integer.
+
+    LDAM's `int(n_max * r ** (c / (C - 1)))` is the reference; snapping only differs from it when the exact
+    value is an integer that float rounding put an ulp below (e.g. n_max * (1/ratio) ** 1.0 for n_max / ratio
+    whole), where a bare int() would silently drop one image from the class.
+    """
+    nearest = round(x)
+    return int(nearest) if abs(x - nearest) <= 1e-9 * max(1.0, abs(x)) else math.floor(x)
+
+
+def class_counts(n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exp") -> list[int]:
+    """Images per class, in label order, class 0 the largest (n_max).
+
+    exp:  n_c = floor(n_max * r^(c / (C - 1))), r = 1 / imbalance_ratio; the last class gets floor(n_max / ratio).
+    step: the first max(1, C // 2) classes keep n_max, the rest get floor(n_max / ratio) (for odd C the tail is
+          the larger half: C = 5 -> 2 head, 3 tail; C = 1 is a single head class).
+    A ratio of 1 gives every class n_max in both profiles.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown imbalance profile {profile!r}; allowed profiles: {', '.join(PROFILES)}")
+    if not imbalance_ratio >= 1.0:  # also refuses NaN
+        raise ValueError(f"imbalance_ratio must be >= 1 (largest / smallest class), got {imbalance_ratio}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if n_max < 1:
+        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    if imbalance_ratio > n_max:
+        # floor(n_max / ratio) would be 0: an empty class is not a tail class, it is a missing one.
+        raise ValueError(f"imbalance_ratio {imbalance_ratio} exceeds n_max {n_max}: the smallest class would be empty")
+    C, r = num_classes, 1.0 / imbalance_ratio
+    if C == 1:
+        return [n_max]
+    if profile == "step":
+        head = max(1, C // 2)
+        return [n_max if c < head else _floor(n_max * r) for c in range(C)]
+    return [_floor(n_max * r ** (c / (C - 1))) for c in range(C)]
+
+
+def longtail_indices(labels: np.ndarray, counts: Sequence[int], seed: int) -> np.ndarray:
+    """Sorted indices (int64) keeping counts[c] samples of each class c.
+
+    Class c's subset comes from its own rng seeded from (seed, c), so it depends only on (seed, c, counts[c])
+    and the class's own members, never on the other classes' sizes. Each class keeps a prefix of one fixed
+    per-class order, so a larger ratio keeps a subset of a smaller ratio's images. Samples labelled -1
+    (unknown) are never kept.
+    """
+    labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if labels.size and labels.max() >= len(counts):
+        raise ValueError(f"labels go up to {int(labels.max())} but counts has only {len(counts)} classes")
+    keep = []
+    for c, n in enumerate(counts):
+        if n < 0:
+            raise ValueError(f"counts[{c}] = {n} is negative")
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n:
+            raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {n} the profile asks for")
+        keep.append(np.random.default_rng([seed, c]).permutation(idx)[:n])
+    return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,171 @@
+"""Source collections a dataset is prepared from. Nothing here downloads: the data is bundled or the user's.
+
+Every source returns a `Source`: the images (uint8 (H, W, C) arrays, or encoded bytes for files), int64 labels
+(-1 when unknown) and the class names in label order. `djc.data.prepare` turns one into a sharded dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from djc.data.shards import as_png_or_jpeg
+
+IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+
+
+class Source(NamedTuple):
+    images: Sequence[Any]  # (n, H, W, C) uint8 array, or a sequence of encoded image bytes
+    labels: np.ndarray  # (n,) int64, -1 when unknown
+    class_names: list[str]  # label order; [] when unlabeled
+
+
+# --------------------------------------------------------------------------------------------------------
+# sklearn digits
+
+
+def digits(split: str, seed: int = 0, test_fraction: float = 0.2) -> Source:
+    """scikit-learn's digits: 1,797 real 8x8 scans, 10 classes; values 0..16 -> uint8 round(v * 255 / 16).
+
+    The train/test split is drawn per class from (seed, c), so the test split is balanced (about 36 per class at
+    0.2) and the same whatever long-tail profile is later applied to the train split. Images keep their original
+    order within a split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: digits has 'train' and 'test'")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    d = load_digits()
+    x = np.round(d.images * 255.0 / 16.0).astype(np.uint8)[..., None]  # (1797, 8, 8, 1)
+    y = d.target.astype(np.int64)
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        test[np.random.default_rng([seed, c]).permutation(idx)[: round(len(idx) * test_fraction)]] = True
+    keep = test if split == "test" else ~test
+    return Source(x[keep], y[keep], [str(c) for c in range(10)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# CIFAR python-pickle release (https://www.cs.toronto.edu/~kriz/cifar.html, "python version")
+
+_CIFAR = {
+    # num_classes -> (folder, train files, test files, meta file, label key, names key)
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+         "labels", "label_names"),
+    100: ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def _key(d: dict, key: str) -> Any:
+    # The release was pickled by Python 2: loaded with encoding="bytes" its keys are bytes; re-pickled copies
+    # made by Python 3 tools have str keys. Accept both.
+    if key.encode() in d:
+        return d[key.encode()]
+    return d[key]
+
+
+def _unpickle(path: Path) -> dict:
+    # pickle runs code from the file: only ever point this at the CIFAR release you downloaded yourself.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def cifar(root: str, num_classes: int, split: str) -> Source:
+    """CIFAR-10 or CIFAR-100 (fine labels) from the python-pickle release already on disk.
+
+    `root` is the extracted folder (cifar-10-batches-py / cifar-100-python) or its parent.
+    """
+    if num_classes not in _CIFAR:
+        raise ValueError(f"CIFAR has 10 or 100 classes, got {num_classes}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: CIFAR has 'train' and 'test'")
+    folder, train, test, meta, label_key, names_key = _CIFAR[num_classes]
+    files = [*(train if split == "train" else test), meta]
+    base = Path(root).expanduser()
+    for cand in (base, base / folder):
+        if all((cand / f).is_file() for f in files):
+            base = cand
+            break
+    else:
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} ({split}) not found under {root}: expected {folder}/{{{', '.join(files)}}} "
+            f"from the python-pickle release, either in {root} or in {root}/{folder}; djc never downloads")
+    xs, ys = [], []
+    for f in files[:-1]:
+        d = _unpickle(base / f)
+        # (n, 3072) rows are the R, G, B planes of a 32x32 image, row-major: (n, 3, 32, 32) -> (n, 32, 32, 3)
+        xs.append(np.asarray(_key(d, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(np.asarray(_key(d, label_key), dtype=np.int64))
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(base / meta), names_key)]
+    return Source(np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys), names)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Image folders
+
+
+class FileImages(Sequence[bytes]):
+    """The encoded bytes of image files, read when indexed: an ImageNet-LT-sized folder never sits in memory
+    at once. PNG and JPEG files are kept byte for byte; other formats (BMP, WebP) are re-encoded as PNG."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]  # ints only: nothing here slices
+        with open(self.paths[i], "rb") as f:
+            data = f.read()
+        try:
+            return as_png_or_jpeg(data)
+        except ValueError as e:  # CorruptDataError included: name the file, not just its size
+            raise ValueError(f"{self.paths[i]}: {e}") from None
+
+
+def _images_under(d: str) -> list[str]:
+    """Image files under d, recursively (like torchvision's ImageFolder), in sorted relative-path order;
+    hidden files and folders are ignored."""
+    out = []
+    for parent, dirs, files in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out += [os.path.join(parent, f) for f in files
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)]
+    return sorted(out, key=lambda p: os.path.relpath(p, d))
+
+
+def folder(root: str) -> Source:
+    """An ImageFolder-style tree: class subfolders (sorted names -> labels 0..C-1), or one flat folder of
+    images (labels -1, no class names). Extensions .png .jpg .jpeg .bmp .webp, any case.
+
+    Images beside class subfolders would have no class: that tree is refused rather than half read.
+    """
+    base = os.path.expanduser(root)
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    entries = sorted(e for e in os.listdir(base) if not e.startswith("."))
+    classes = [e for e in entries if os.path.isdir(os.path.join(base, e))]
+    top = [e for e in entries if os.path.isfile(os.path.join(base, e)) and e.lower().endswith(IMAGE_EXTS)]
+    if classes and top:
+        raise ValueError(f"{root} holds both class subfolders ({', '.join(classes[:3])}, ...) and loose images "
+                         f"({', '.join(top[:3])}, ...): use one layout")
+    if classes:
+        paths: list[str] = []
+        labels: list[int] = []
+        for c, name in enumerate(classes):
+            found = _images_under(os.path.join(base, name))
+            paths += found
+            labels += [c] * len(found)
+    else:
+        paths, labels = [os.path.join(base, e) for e in top], [-1] * len(top)
+    if not paths:
+        raise FileNotFoundError(f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
+    return Source(FileImages(paths), np.asarray(labels, dtype=np.int64), classes)

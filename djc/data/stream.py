@@ -1,0 +1,438 @@
+"""The streaming reader (design.md contract 3): shards -> decoded batches, split over ranks x loader workers.
+
+The order of an epoch is a pure function of (seed, epoch) and the manifest; no I/O decides it:
+  1. units = the Parquet row groups of every shard, permuted by rng(seed, epoch) (shuffle=False: as written);
+  2. consecutive permuted units form windows of `window` units, and rows are permuted inside each window by
+     rng(seed, epoch, window id). With row groups about a batch long, a batch would otherwise hold the same
+     rows every epoch; a window of 16 units mixes 16 groups into every batch for 16 groups of memory;
+  3. rank r of W takes a contiguous slice of that sequence: the first N % W ranks get ceil(N / W) samples, the
+     rest floor(N / W), so every sample is read exactly once per epoch over the job, and a rank reads only
+     the windows its slice touches;
+  4. the slice is cut into batches j = 0, 1, ... of `batch_size` (the last may be partial). DataLoader worker
+     w of D builds the batches j >= start with (j - start) % D == w, in increasing j. The DataLoader
+     (batch_size=None, in order) round-robins its workers, so it yields start, start + 1, ... exactly; a
+     worker with a smaller w never has fewer batches, so this holds at the end of the epoch too.
+Resuming is therefore just (epoch, next batch): nothing about the loader's processes needs saving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from djc.data.shards import CorruptDataError, DatasetError, Manifest, decode_image, fs_path, read_manifest
+
+log = logging.getLogger(__name__)
+
+# Error classes of botocore / aiohttp that a retry can cure, matched by name so neither is imported here.
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ResponseStreamingError", "IncompleteReadError", "HTTPClientError", "ClientConnectorError",
+                    "ServerDisconnectedError", "ClientPayloadError", "ClientOSError", "ServerTimeoutError"}
+_TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                       "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+class ShardReadError(OSError):
+    """A shard that could not be read: a storage error that outlived every retry, or one no retry can cure."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a retry may cure `err`: network / timeout / throttling, not a missing or forbidden object."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (OSError, ConnectionError, TimeoutError)):
+        return True
+    names = {c.__name__ for c in type(err).__mro__}
+    if "ClientError" in names and isinstance(getattr(err, "response", None), dict):  # botocore: by error code
+        return str(err.response.get("Error", {}).get("Code", "")) in _TRANSIENT_S3_CODES  # type: ignore[attr-defined]
+    return bool(names & _TRANSIENT_NAMES) or type(err).__module__.split(".")[0] == "aiohttp"
+
+
+def with_retries(fn: Callable[[], Any], url: str, retries: int, base_s: float,
+                 on_error: Callable[[], None] | None = None) -> Any:
+    """fn() with `retries` attempts and exponential backoff (base_s, 2 base_s, ...) on transient errors.
+    Storage failures come out as DatasetError (missing shard) or ShardReadError, both naming the shard URL."""
+    for attempt in range(retries):
+        try:
+            return fn()
+        except DatasetError:  # ours (corrupt data, missing shard): no retry can help
+            raise
+        except Exception as e:
+            if on_error is not None:
+                on_error()
+            if isinstance(e, FileNotFoundError):
+                raise DatasetError(f"shard {url} is missing") from e
+            if not is_transient(e) or attempt + 1 == retries:
+                tries = f" failed {retries} times; last error" if is_transient(e) else ""
+                raise ShardReadError(f"reading shard {url}{tries}: {type(e).__name__}: {e}") from e
+            time.sleep(base_s * 2**attempt)
+    raise ShardReadError(f"reading shard {url}: retries={retries} allows no attempt")
+
+
+class _RetryingFile:
+    """A read-only file for pyarrow whose reads retry transient errors, reopening at the same offset. Every
+    storage failure leaves it as ShardReadError / DatasetError, so any other exception out of pyarrow is a
+    parse error: the shard's bytes are corrupt. pyarrow needs only read / seek / tell / close / closed / mode."""
+
+    mode = "rb"
+
+    def __init__(self, opener: Callable[[], IO[bytes]], url: str, retries: int, base_s: float,
+                 f: IO[bytes] | None = None):
+        self._opener, self.url, self._retries, self._base_s = opener, url, retries, base_s
+        self._f, self._pos, self._size, self.closed = f, 0, None, False
+
+    def _call(self, op: Callable[[IO[bytes]], Any]) -> Any:
+        def attempt() -> Any:
+            if self._f is None:
+                self._f = self._opener()
+            return op(self._f)
+
+        return with_retries(attempt, self.url, self._retries, self._base_s, on_error=self._drop)
+
+    def _drop(self) -> None:
+        try:
+            if self._f is not None:
+                self._f.close()
+        except Exception:  # a broken connection may fail to close too; it is being replaced anyway
+            pass
+        self._f = None
+
+    def read(self, n: int = -1) -> bytes:
+        # seek first: after a reopen it is needed, otherwise it is free (fsspec files seek locally)
+        data = self._call(lambda f: (f.seek(self._pos), f.read(n))[1])
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 2 and self._size is None:  # the real size, not the manifest's: a replaced file must parse
+            self._size = self._call(lambda f: f.seek(0, 2))
+        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._drop()
+        self.closed = True
+
+
+class ShardStream(IterableDataset):
+    """Batches {index (B,) int64, label (B,) int64, image (B, C, H, W) uint8, batch_id int, skipped int} of
+    rank `rank`'s slice of an epoch (order: module docstring). Call set_epoch(e) before each epoch.
+
+    Reads fetch only the row groups a worker's batches need (a small LRU of `window + 2` groups), straight
+    from the store. Transient errors are retried `retries` times with backoff 0.2 s, 0.4 s, ...; a corrupt
+    shard raises CorruptDataError naming it; an undecodable image raises CorruptDataError naming shard and
+    row, or with on_corrupt="skip" is dropped from its batch and counted (batch["skipped"], self.skipped).
+
+    cache_dir: a local copy of each shard is made on its first read (whole file, checked against the
+    manifest's sha256, written to a temp name and renamed so concurrent workers never read a partial copy),
+    and later reads use it. Files are named by their sha256, so datasets never collide; the cache is kept
+    under cache_max_bytes by deleting the least recently used copies (by mtime, refreshed on use).
+    """
+
+    RETRY_BASE_S = 0.2
+
+    def __init__(self, url_or_manifest: str | Manifest, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, window: int = 16, on_corrupt: str = "error",
+                 cache_dir: str | None = None, cache_max_bytes: int = 20 << 30, retries: int = 5):
+        m = url_or_manifest if isinstance(url_or_manifest, Manifest) else read_manifest(url_or_manifest)
+        if batch_size < 1 or window < 1 or retries < 1 or seed < 0:
+            raise ValueError(f"need batch_size, window, retries >= 1 and seed >= 0; got {batch_size}, {window}, "
+                             f"{retries}, {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        self.manifest, self.batch_size, self.rank, self.world_size = m, batch_size, rank, world_size
+        self.seed, self.shuffle, self.window, self.on_corrupt = seed, shuffle, window, on_corrupt
+        self.cache_dir, self.cache_max_bytes, self.retries = cache_dir, cache_max_bytes, retries
+        # Unit u = row group (shard[u], group[u]) of sizes[u] rows, starting at row first[u] of its shard.
+        self._shard = np.array([s for s, sh in enumerate(m.shards) for _ in sh.row_groups], dtype=np.int64)
+        self._group = np.array([g for sh in m.shards for g in range(len(sh.row_groups))], dtype=np.int64)
+        self._sizes = np.array([n for sh in m.shards for n in sh.row_groups], dtype=np.int64)
+        self._first = np.concatenate([np.cumsum([0, *sh.row_groups[:-1]]) for sh in m.shards]).astype(np.int64)
+        self._epoch, self._start, self.skipped = 0, 0, 0
+        self._plan: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._pid = -1  # per-process readers, made on first use: never shared across a fork
+
+    # --- the deterministic order --------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """The first batch the next iteration yields."""
+        return self._start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        if epoch < 0 or not 0 <= batch <= self.num_batches():
+            raise ValueError(f"position (epoch {epoch}, batch {batch}) is outside [0, {self.num_batches()}]")
+        self._epoch, self._start = int(epoch), int(batch)
+
+    def _bounds(self, rank: int) -> tuple[int, int]:
+        base, extra = divmod(self.manifest.num_samples, self.world_size)
+        lo = rank * base + min(rank, extra)
+        return lo, lo + base + (rank < extra)
+
+    def num_samples(self, rank: int | None = None) -> int:
+        lo, hi = self._bounds(self.rank if rank is None else rank)
+        return hi - lo
+
+    def num_batches(self, rank: int | None = None) -> int:
+        return -(-self.num_samples(rank) // self.batch_size)
+
+    def full_batches_all_ranks(self) -> int:
+        """min over ranks of floor(n_r / batch_size): the steps per epoch every rank can take with full batches,
+        so DDP ranks stay in lockstep (the smallest rank holds floor(N / W) samples)."""
+        return (self.manifest.num_samples // self.world_size) // self.batch_size
+
+    def positions(self, epoch: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit ids, rows within unit) of rank's slice of the epoch, computed only for the windows it touches."""
+        if self._plan is not None and self._plan[0] == (epoch, rank):
+            return self._plan[1], self._plan[2]
+        U, K, sizes = len(self._sizes), self.window, self._sizes
+        order = np.random.default_rng([self.seed, epoch]).permutation(U) if self.shuffle else np.arange(U)
+        win_start = np.concatenate([[0], np.cumsum(np.add.reduceat(sizes[order], np.arange(0, U, K)))])
+        lo, hi = self._bounds(rank)
+        us, rs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for k in range(max(0, int(np.searchsorted(win_start, lo, side="right")) - 1), len(win_start) - 1):
+            if win_start[k] >= hi:
+                break
+            units = order[k * K:(k + 1) * K]
+            u = np.repeat(units, sizes[units])  # (S,) the window's rows in unit order
+            r = np.arange(len(u)) - np.repeat(np.cumsum(sizes[units]) - sizes[units], sizes[units])
+            if self.shuffle:
+                p = np.random.default_rng([self.seed, epoch, k]).permutation(len(u))
+                u, r = u[p], r[p]
+            a, b = max(lo, win_start[k]) - win_start[k], min(hi, win_start[k + 1]) - win_start[k]
+            us.append(u[a:b])
+            rs.append(r[a:b])
+        self._plan = ((epoch, rank), np.concatenate(us), np.concatenate(rs))
+        return self._plan[1], self._plan[2]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batch": self._start, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:  # another seed is another order: the saved position means nothing
+            raise ValueError(f"stream state was saved with seed {state['seed']}, this stream has seed {self.seed}")
+        self.set_position(int(state["epoch"]), int(state["batch"]))
+
+    # --- iteration ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, D = (info.id, info.num_workers) if info is not None else (0, 1)
+        units, rows = self.positions(self._epoch, self.rank)
+        B = self.batch_size
+        for j in range(self._start + w, self.num_batches(), D):
+            yield self._batch(j, units[j * B:(j + 1) * B], rows[j * B:(j + 1) * B])
+
+    def _batch(self, j: int, units: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+        tables = {u: self._row_group(u) for u in dict.fromkeys(units.tolist())}  # held for this batch
+        idx, lab, imgs, skipped, first_where = [], [], [], 0, ""
+        for u, r in zip(units.tolist(), rows.tolist()):
+            index, label, blobs = tables[u]
+            try:
+                im = decode_image(blobs[r])
+            except CorruptDataError as e:
+                err = CorruptDataError(f"undecodable image at {self._where(u, r, index)}: {e}")
+                if self.on_corrupt == "error":
+                    raise err from e
+                skipped += 1
+                log.warning("skipped %s", err)
+                continue
+            if imgs and im.shape != imgs[0].shape:
+                raise DatasetError(f"image at {self._where(u, r, index)} is {tuple(im.shape)} (C, H, W) but "
+                                   f"{first_where} is {tuple(imgs[0].shape)}: a batch needs one size; resize "
+                                   f"the images when preparing the dataset")
+            first_where = first_where or self._where(u, r, index)
+            idx.append(int(index[r]))
+            lab.append(int(label[r]))
+            imgs.append(im)
+        self.skipped += skipped
+        shape = self.manifest.image_shape
+        empty = (0, shape[2], shape[0], shape[1]) if shape else (0, 0, 0, 0)  # every image of the batch skipped
+        return {"index": torch.tensor(idx, dtype=torch.int64), "label": torch.tensor(lab, dtype=torch.int64),
+                "image": torch.stack(imgs) if imgs else torch.zeros(empty, dtype=torch.uint8),
+                "batch_id": j, "skipped": skipped}
+
+    def _where(self, u: int, r: int, index: np.ndarray) -> str:
+        s = int(self._shard[u])
+        return f"shard {self.manifest.shard_url(s)} row {int(self._first[u]) + r} (index {int(index[r])})"
+
+    # --- reading ------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files and read groups belong to one process; a spawned DataLoader worker makes its own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_tables", "_files")} | {"_pid": -1}
+
+    def _readers(self) -> None:
+        if self._pid != os.getpid():  # first use in this process (a fresh DataLoader worker)
+            self._pid, self._fs = os.getpid(), fs_path(self.manifest.url)
+            self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray, list[bytes]]] = OrderedDict()
+            self._files: OrderedDict[int, tuple[_RetryingFile, pq.ParquetFile]] = OrderedDict()
+
+    def _row_group(self, u: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+        self._readers()
+        if u in self._tables:
+            self._tables.move_to_end(u)
+            return self._tables[u]
+        s, g, url = int(self._shard[u]), int(self._group[u]), self.manifest.shard_url(int(self._shard[u]))
+        try:
+            t = self._parquet(s).read_row_group(g, columns=["index", "label", "image"])
+        except (ShardReadError, DatasetError):
+            dead = self._files.pop(s, None)  # reopen from scratch next time
+            if dead is not None:
+                dead[0].close()
+            raise
+        except Exception as e:  # not a storage error (those are wrapped above): the bytes do not parse
+            raise CorruptDataError(f"shard {url} is corrupt: row group {g}: {type(e).__name__}: {e}") from e
+        if t.num_rows != self._sizes[u]:
+            raise CorruptDataError(f"shard {url} row group {g} has {t.num_rows} rows, manifest.json says "
+                                   f"{self._sizes[u]}")
+        entry = (t.column("index").to_numpy(), t.column("label").to_numpy(), t.column("image").to_pylist())
+        self._tables[u] = entry
+        while len(self._tables) > self.window + 2:  # a window's groups stay while the worker passes through it
+            self._tables.popitem(last=False)
+        return entry
+
+    def _parquet(self, s: int) -> pq.ParquetFile:
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s][1]
+        url, info = self.manifest.shard_url(s), self.manifest.shards[s]
+        if self.cache_dir:
+            fh, local = self._cached(s)
+            f = _RetryingFile(lambda: open(local, "rb"), url, self.retries, self.RETRY_BASE_S, f=fh)
+        else:
+            fs, root = self._fs
+            f = _RetryingFile(lambda: fs.open(f"{root}/{info.path}", "rb"), url, self.retries, self.RETRY_BASE_S)
+        try:
+            pf = pq.ParquetFile(f)
+        except (ShardReadError, DatasetError):
+            raise
+        except Exception as e:
+            f.close()
+            raise CorruptDataError(f"shard {url} is not readable Parquet: {type(e).__name__}: {e}") from e
+        self._files[s] = (f, pf)
+        while len(self._files) > self.window + 2:
+            self._files.popitem(last=False)[1][0].close()
+        return pf
+
+    def _cached(self, s: int) -> tuple[IO[bytes], str]:
+        """(open file, path) of the local copy of shard s, downloaded first if needed (class docstring)."""
+        info, url = self.manifest.shards[s], self.manifest.shard_url(s)
+        local = os.path.join(self.cache_dir or "", f"{info.sha256}.parquet")
+        for _ in range(3):  # another worker may evict the copy between our download and our open
+            try:
+                fh = open(local, "rb")  # once open, an eviction cannot take it away (POSIX unlink)
+                os.utime(local)  # mark it recently used
+                return fh, local
+            except FileNotFoundError:
+                pass
+            os.makedirs(self.cache_dir or "", exist_ok=True)
+            (fs, root), tmp = self._fs, f"{local}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with_retries(lambda: fs.get_file(f"{root}/{info.path}", tmp), url, self.retries, self.RETRY_BASE_S)
+                h = hashlib.sha256()
+                with open(tmp, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        h.update(chunk)
+                if h.hexdigest() != info.sha256:
+                    raise CorruptDataError(f"shard {url} does not match its sha256 in manifest.json; not cached")
+                os.replace(tmp, local)  # atomic: other workers see no file or the whole file
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            self._evict(keep=local)
+        raise ShardReadError(f"shard {url}: the cache in {self.cache_dir} evicts copies faster than they are read; "
+                             f"raise cache_max_bytes")
+
+    def _evict(self, keep: str) -> None:
+        files, stale = [], time.time() - 3600
+        for e in os.scandir(self.cache_dir or ""):
+            st = e.stat()
+            if e.name.endswith(".parquet"):
+                files.append((st.st_mtime, st.st_size, e.path))
+            elif e.name.endswith(".tmp") and st.st_mtime < stale:  # left by a killed worker
+                os.remove(e.path)
+        total = sum(f[1] for f in files)
+        for _, size, path in sorted(files):
+            if total <= self.cache_max_bytes:
+                break
+            if path != keep:
+                try:
+                    os.remove(path)  # a worker that has it open keeps reading it (POSIX unlink semantics)
+                except FileNotFoundError:  # another worker evicted it first
+                    pass
+                total -= size
+
+
+class StreamLoader:
+    """The main-process side: a DataLoader over a ShardStream that knows which batch comes next.
+
+    Each iteration starts fresh workers (persistent_workers=False) from the stream's current (epoch,
+    position), so state_dict() taken between two batches resumes at exactly the next one.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, *, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.next_batch, self.skipped = stream.position, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.stream.full_batches_all_ranks()
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def position(self) -> int:
+        return self.next_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+        self.next_batch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.set_position(self.stream.epoch, self.next_batch)
+        if self.next_batch >= self.stream.num_batches():
+            return
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            # fork starts workers in milliseconds and needs no pickling; spawn where fork does not exist.
+            ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            kw = dict(num_workers=self.num_workers, prefetch_factor=2, persistent_workers=False,
+                      multiprocessing_context=ctx)
+        expected = self.next_batch
+        for batch in DataLoader(self.stream, batch_size=None, pin_memory=self.pin_memory, **kw):
+            if batch["batch_id"] != expected:  # the resume contract depends on this order
+                raise RuntimeError(f"stream batch {batch['batch_id']} arrived where {expected} was due")
+            expected = self.next_batch = expected + 1
+            self.skipped += batch["skipped"]
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.stream.epoch, "batch": self.next_batch, "seed": self.stream.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+        self.next_batch = self.stream.position
