@@ -1,0 +1,170 @@
+"""djc prepare | train | eval | bench: the command line, a thin layer over the library.
+
+Errors a user can fix (bad config key, missing dataset, corrupt shard) print one clear message and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from djc.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from djc.data.shards import DatasetError
+
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _absolute(url: str) -> str:
+    # Ray workers do not share the driver's working directory: local paths travel as absolute ones.
+    return str(Path(url.removeprefix("file://")).expanduser().resolve()) if url and _is_local(url) else url
+
+
+def resolve(cfg: Config) -> Config:
+    tree = to_dict(cfg)
+    tree["data"]["train"] = _absolute(cfg.data.train)
+    tree["data"]["eval"] = {k: _absolute(v) for k, v in cfg.data.eval.items()}
+    return from_dict(tree)
+
+
+def ensure_datasets(cfg: Config) -> None:
+    """Prepare the run's datasets on first use when the config names a source; otherwise refuse clearly."""
+    from djc.data.prepare import dataset_exists, prepare
+
+    wanted = {"train": cfg.data.train, **cfg.data.eval}
+    for split, url in wanted.items():
+        if dataset_exists(url):
+            continue
+        if not cfg.data.source:
+            raise DatasetError(f"no dataset at {url} (data.{'train' if split == 'train' else 'eval.' + split}); "
+                               f"run `djc prepare` or set data.source to make it on first use")
+        print(f"[djc] preparing {cfg.data.source} {split} split at {url}", file=sys.stderr)
+        prepare(cfg.data.source, url, root=cfg.data.source_root or None, split="train" if split == "train" else "test",
+                imbalance_ratio=cfg.data.imbalance_ratio if split == "train" else 1.0,
+                profile=cfg.data.profile, seed=cfg.data.prepare_seed)
+
+
+def check_against_data(cfg: Config) -> None:
+    """Checks that need the manifest, still before any worker starts."""
+    from djc.data.shards import read_manifest
+
+    m = read_manifest(cfg.data.train)
+    if m.num_samples < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the dataset "
+                          f"({m.num_samples} samples at {cfg.data.train})")
+    for url in cfg.data.eval.values():
+        read_manifest(url)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from djc import train
+    from djc.export import write_text
+    from djc.outputs import metrics_table
+
+    cfg = resolve(load_config(args.config, args.overrides))
+    run_dir = _absolute(args.out or f"runs/{cfg.name}")
+    ensure_datasets(cfg)
+    check_against_data(cfg)
+    print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
+    write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
+    result = train.fit(cfg, run_dir)
+    print(metrics_table(result))
+    print(f"[djc] outputs in {run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from djc.data.shards import read_manifest
+    from djc.outputs import metrics_table, write_metrics
+
+    cfg = load_config(args.run_dir.rstrip("/") + "/config.yaml") if _is_local(args.run_dir) else None
+    if cfg is None:
+        import yaml
+
+        from djc.export import read_text
+
+        cfg = from_dict(yaml.safe_load(read_text(args.run_dir.rstrip("/") + "/config.yaml")))
+    result = write_metrics(args.run_dir.rstrip("/"), cfg.method.num_clusters,
+                           read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
+    print(metrics_table(result))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from djc.data.prepare import prepare
+
+    if args.source in ("folder", "cifar10", "cifar100") and not args.root:
+        raise ConfigError(f"djc prepare {args.source} needs --root DIR")
+    m = prepare(args.source, args.out, root=args.root, split=args.split, imbalance_ratio=args.imbalance_ratio,
+                profile=args.profile, seed=args.seed, overwrite=args.overwrite)
+    print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
+          f"class counts {m.class_counts}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from djc import bench
+
+    return bench.main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="djc", description="Deep clustering of long-tailed image collections")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
+    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder"])
+    pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
+    pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
+    pr.add_argument("--split", default="train", choices=["train", "test"])
+    pr.add_argument("--imbalance-ratio", type=float, default=1.0, help="largest / smallest class (1 = as is)")
+    pr.add_argument("--profile", default="exp", choices=["exp", "step"])
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train on Ray (local by default); resumes when --out holds a checkpoint")
+    tr.add_argument("config", help="run config YAML (jobs/*.yaml)")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.add_argument("--out", help="run dir (path or s3:// URL); default runs/<name>")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="recompute metrics.json and plots from a run dir's assignments")
+    ev.add_argument("run_dir")
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds)")
+    be.add_argument("which", choices=["quality"])
+    be.add_argument("--config", nargs="+", default=["jobs/digits_lt.yaml"], help="run configs to compare")
+    be.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=v,key=v - run every config also with these overrides (repeatable)")
+    be.add_argument("--seeds", type=int, default=3)
+    be.add_argument("--out", default="runs/bench")
+    be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    be.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    # Overrides may follow options (`djc train CFG --out D a.b=1`): collect every leftover key=value.
+    args, rest = p.parse_known_args(argv)
+    unknown = [r for r in rest if "=" not in r or r.startswith("-")]
+    if unknown or (rest and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"djc: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
