@@ -93,6 +93,19 @@ class Views:
         return views.eval_view(images, self.mean, self.std, out_size=self.out)
 
 
+def wrap_ddp(method: ClusteringMethod) -> nn.Module:
+    """DDP that syncs parameters and buffers once at init and never buffers again: cluster state is identical
+    by construction, and re-broadcasting a 1.28M-entry memory every step would cost more than the step."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch >= 2.15 renamed the per-forward switch; the GPU images' torch 2.11 only has the old one.
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:
+        return DDP(method, forward_sync_buffers=False)
+    return DDP(method, broadcast_buffers=False)
+
+
 def train_step(model: nn.Module, method: ClusteringMethod, opt: torch.optim.Optimizer,
                index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
     """One optimisation step. `model` is `method` or its DDP wrapper (whose forward averages gradients)."""

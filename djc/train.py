@@ -20,7 +20,7 @@ from djc import dist, export, outputs
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.stream import ShardStream, StreamLoader
-from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, train_step
+from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 
 CKPT_FILE = "state.pt"
@@ -39,7 +39,6 @@ def data_info(m: Manifest) -> DataInfo:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     # --- config and process -----------------------------------------------------------------------------
     cfg: Config = from_dict(loop_config["config"])
@@ -74,7 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"], state["step"]
         if rank == 0:
             print(f"[djc] resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method  # buffers stay identical by design
+    model = wrap_ddp(method) if world > 1 else method
 
     def map_train(fn):
         method.eval()

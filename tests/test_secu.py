@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.secu import auto_gamma, center_loss, dual_step, entropy_delta, representation_loss
 from tests.gloo import run_gloo
@@ -119,11 +119,9 @@ def _cfg(world: int, constraint: str):
 
 
 def secu_steps(rank: int, world: int, constraint: str) -> dict[str, np.ndarray]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     cfg = _cfg(world, constraint)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
