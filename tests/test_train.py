@@ -57,3 +57,15 @@ def test_train_smoke_then_resume(ray_local, tmp_path, capsys):
 def test_bad_input_exits_nonzero_with_a_clear_message(tmp_path, capsys, override, message):
     assert cli.main(["train", JOB, "--out", str(tmp_path / "r"), *override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_manifest_whose_shard_is_missing_is_refused_before_training(tmp_path, capsys):
+    from djc.data.prepare import prepare
+
+    m = prepare("digits", str(tmp_path / "ds"), imbalance_ratio=10, progress=False)
+    (tmp_path / "ds" / m.shards[0].path).unlink()
+    code = cli.main(["train", JOB, "--out", str(tmp_path / "r"), "data.source=", f"data.train={tmp_path}/ds",
+                     "data.eval={}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "shard" in err and m.shards[0].path in err and "missing" in err
