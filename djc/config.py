@@ -7,6 +7,7 @@ any worker starts. The config is frozen after parsing: derived quantities are co
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -206,22 +207,19 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`a.b=1 c=x` -> nested dict; values are parsed as YAML scalars (1 -> int, true -> bool, [1,2] -> list)."""
     tree: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, *_parse_override(item))
     return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
@@ -245,7 +243,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         tree = loaded
-    tree = _merge(tree, parse_overrides(overrides or []))
+    # Each override sets its key to its value, replacing what was there: `data.eval={}` clears the YAML's
+    # eval splits instead of merging an empty mapping into them.
+    tree = copy.deepcopy(tree)
+    for item in overrides or []:
+        _set_dotted(tree, *_parse_override(item))
     return from_dict(tree)
 
 

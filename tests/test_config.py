@@ -59,3 +59,11 @@ def test_missing_and_malformed_files(tmp_path):
 def test_override_values_are_yaml_scalars():
     assert parse_overrides(["a.b=1", "a.c=true", "d=x y", "e=[1, 2]"]) == {
         "a": {"b": 1, "c": True}, "d": "x y", "e": [1, 2]}
+
+
+def test_an_override_replaces_a_mapping_instead_of_merging_into_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  eval: {test: /a, val: /b}\n")
+    assert load_config(p, ["data.eval={}"]).data.eval == {}
+    assert load_config(p, ["data.eval={x: /c}"]).data.eval == {"x": "/c"}
+    assert load_config(p, ["data.eval.val=/d"]).data.eval == {"test": "/a", "val": "/d"}
