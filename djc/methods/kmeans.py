@@ -3,6 +3,17 @@
 Each worker holds only its rows. Lloyd steps all-reduce per-cluster sums and counts (one packed collective),
 so every worker computes the same centers. k-means++ seeding runs on rank 0 over a gathered sample (at most
 `init_sample` rows) and is broadcast, so the full data never sits on one worker.
+
+Memory, per worker, for n_local rows of dimension d and K centers (float32):
+  its own shard n_local x d; one distance block of at most MAX_ELEMS entries (2^25 = 128 MiB, i.e.
+  3,355 rows at K = 10,000); the packed sums K x (d + 1) (82 MiB at K = 10,000, d = 2,048); the gathered
+  seeding sample init_sample x d (100,000 x 2,048 = 820 MiB; all_gather puts it on every worker, rank 0 uses it)
+  and 4 bytes per global row for the sampling priorities (5 MB at 1.3M rows).
+ImageNet (1.3M rows, d = 2,048) over 8 workers is 1.3 GB of features each; seeding K = 10,000 costs
+K x init_sample x d = 2e12 multiply-adds on rank 0 (seconds on a GPU, minutes on a CPU).
+
+The seeding sample depends only on the rows' global indices (not on how the rows are split over workers), so
+k-means on W workers starts from the same centers as on 1 worker holding everything.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from torch import Tensor
 
 from djc import dist
 
+MAX_ELEMS = 2**25  # entries of one (rows x K) distance block
+
 
 class KMeansResult(NamedTuple):
     centers: Tensor  # (K, d)
@@ -21,34 +34,36 @@ class KMeansResult(NamedTuple):
 
 
 def _sq_dists(x: Tensor, c: Tensor) -> Tensor:
-    # |x|^2 - 2 x.c + |c|^2 in chunks-free form: (n, K); clamp the cancellation error at 0.
+    # |x|^2 - 2 x.c + |c|^2: (n, K); clamp the cancellation error at 0.
     return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)).clamp_min(0.0)
 
 
-def assign(x: Tensor, centers: Tensor, chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    """Nearest center and squared distance per row, in chunks so (n, K) never exceeds chunk x K."""
+def assign(x: Tensor, centers: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Nearest center and squared distance per row, in row chunks so one (rows, K) block stays under
+    MAX_ELEMS entries (chunk = MAX_ELEMS // K rows unless given)."""
+    rows = chunk or max(1, MAX_ELEMS // max(1, centers.shape[0]))
     labels, d2 = [], []
-    for part in x.split(chunk):
-        d = _sq_dists(part, centers)
-        m, a = d.min(dim=1)
+    for part in x.split(rows):
+        m, a = _sq_dists(part, centers).min(dim=1)
         labels.append(a)
         d2.append(m)
     if not labels:
-        return x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
+        return torch.zeros(0, dtype=torch.long, device=x.device), x.new_zeros(0)
     return torch.cat(labels), torch.cat(d2)
 
 
 def kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """k-means++ seeding on one process (D^2 sampling)."""
+    """k-means++ seeding on one process (D^2 sampling); `generator` is a CPU generator."""
     n = x.shape[0]
     if n < k:
         raise ValueError(f"k-means needs at least K={k} samples, got {n}")
-    first = torch.randint(n, (1,), generator=generator).item()
+    first = int(torch.randint(n, (1,), generator=generator).item())
     centers = [x[first]]
     d2 = _sq_dists(x, x[first : first + 1]).squeeze(1)
     for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-        i = torch.multinomial(p, 1, generator=generator).item()
+        total = d2.sum()
+        p = (d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)).cpu()
+        i = int(torch.multinomial(p, 1, generator=generator).item())
         centers.append(x[i])
         d2 = torch.minimum(d2, _sq_dists(x, x[i : i + 1]).squeeze(1))
     return torch.stack(centers)
@@ -68,7 +83,7 @@ def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6) -> KMeansRe
         sums = glob[:-1].view(k, d + 1)
         counts = sums[:, d:]
         new = torch.where(counts > 0, sums[:, :d] / counts.clamp_min(1), c)  # an empty cluster keeps its center
-        shift = (new - c).pow(2).sum()
+        shift = (new - c).pow(2).sum()  # from global sums: the same stopping decision on every worker
         c = new
         if shift <= tol * (c * c).sum().clamp_min(1e-12):
             break
@@ -77,21 +92,40 @@ def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6) -> KMeansRe
     return KMeansResult(c, inertia)
 
 
+def seeding_sample(x: Tensor, index: Tensor, size: int, seed: int) -> Tensor:
+    """The rows whose global index has one of the `size` smallest seeded priorities, gathered on every worker
+    and sorted by index: the same sample whatever the sharding."""
+    index = index.to(x.device)  # collectives run on the data's device (NCCL refuses CPU tensors)
+    n_total = int(dist.all_reduce_max(index.max().reshape(1) if len(index) else index.new_full((1,), -1)).item()) + 1
+    prio = torch.rand(n_total, generator=torch.Generator().manual_seed(seed))  # 4 bytes per global row
+    if size < n_total:
+        threshold = prio.kthvalue(size).values
+        keep = (prio[index.cpu()] <= threshold).to(x.device)
+    else:
+        keep = torch.ones(len(index), dtype=torch.bool, device=x.device)
+    glob_index = dist.all_gather_cat(index[keep])
+    glob = dist.all_gather_cat(x[keep])
+    return glob[glob_index.argsort()]  # indices are unique: a total order
+
+
 def kmeans(x: Tensor, k: int, *, iters: int = 50, restarts: int = 3, seed: int = 0,
-           init_sample: int = 100_000) -> KMeansResult:
-    """Distributed k-means: x is this worker's shard (n_local, d); returns identical centers on every worker."""
+           init_sample: int = 100_000, index: Tensor | None = None) -> KMeansResult:
+    """Distributed k-means: x is this worker's shard (n_local, d); returns identical centers on every worker.
+
+    `index` (n_local,) are the rows' global indices (e.g. from EpochContext.map_train); without it a row's index is
+    its position in the rank-order concatenation of the shards. Seeding depends only on (seed, indices, rows).
+    """
     x = x.float()
-    w = dist.world_size()
-    # A sample of the global data for seeding: each worker contributes its share of init_sample rows.
-    per = max(1, init_sample // w)
-    g = torch.Generator().manual_seed(seed * 7919 + dist.rank())
-    take = torch.randperm(x.shape[0], generator=g)[:per]
-    sample = dist.all_gather_cat(x[take].cpu())
+    if index is None:
+        sizes = dist.all_gather_cat(torch.tensor([x.shape[0]], device=x.device))
+        offset = int(sizes[: dist.rank()].sum().item())
+        index = torch.arange(offset, offset + x.shape[0], device=x.device)
+    sample = seeding_sample(x, index, init_sample, seed)
     best: KMeansResult | None = None
     for r in range(restarts):
         gen = torch.Generator().manual_seed(seed * 1000 + r)
-        init = kmeans_pp(sample, k, gen) if dist.is_main() else torch.zeros(k, x.shape[1])
-        init = dist.broadcast_(init.contiguous(), src=0).to(x.device)
+        init = kmeans_pp(sample, k, gen) if dist.is_main() else x.new_zeros(k, x.shape[1])
+        init = dist.broadcast_(init.contiguous(), src=0)  # rank 0's seeds, bit-identical everywhere
         res = lloyd(x, init, iters)
         if best is None or res.inertia < best.inertia:
             best = res
