@@ -74,27 +74,91 @@ class SeCuConfig(_Node):
 
 
 class DCLConfig(_Node):
-    """Debiased contrastive clustering (methods.md section 2). Fields are filled in with the method."""
+    """Debiased contrastive clustering (methods.md section 2). The DCL release trains with Adam lr 1e-3,
+    wd 1e-6 (set optim.name=adam in the job)."""
 
-    temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss
+    temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss; lower (0.2) for sharper features
+    # "cluster": tau+ per anchor = its cluster's share n_c / N (long-tailed data); "global": one tau_plus for all
+    tau_plus_mode: Literal["cluster", "global"] = "cluster"
+    tau_plus: float = Field(0.1, ge=0.0, lt=1.0)  # global tau+ (and the first step's in cluster mode): ~1 / classes
+    tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of the per-anchor tau+; a head cluster above it is cut here
+    lam: float = Field(1.0, ge=0.0)  # weight of DDC's divergence loss; 0 = contrastive learning only
+    cluster_hidden: int = Field(100, gt=0)  # hidden units h of the cluster head (DDC's 100)
+    sigma_frac: float = Field(0.15, gt=0.0)  # kernel sigma^2 as a fraction of the median squared distance (DDC)
 
 
 class StatDECConfig(_Node):
-    """StatDEC (methods.md section 3)."""
+    """StatDEC (methods.md section 3; djc's own design, docs/methods/statdec.md)."""
 
-    ema: float = Field(0.9, ge=0.0, lt=1.0)  # EMA of the pooled cluster statistics
+    temperature: float = Field(0.5, gt=0.0)  # t of the contrastive loss; lower (0.2) for sharper features
+    tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of tau+ = prior of the anchor's cluster; 0 = plain NT-Xent
+    lam: float = Field(1.0, ge=0.0)  # weight of KL(P || Q); 0 = clustering on fixed contrastive features
+    # EMA of the pooled cluster statistics per step: ~1/(1-ema) = 10 steps of samples; raise (0.99) when a tail
+    # cluster sees fewer than ~10 samples in that many steps (ImageNet-LT: 5 images in 115k)
+    ema: float = Field(0.9, ge=0.0, lt=1.0)
+    nu: float = Field(1.0, ge=0.0)  # Student-t degrees of freedom of the kernel; 0 = Gaussian (lighter tails)
+    sharpen: float = Field(2.0, ge=1.0)  # power s of the likelihood in the target p ~ pi l^s (DEC's 2)
+    # cardinality: p ~ pi l^s keeps the data's cluster sizes; balanced: DEC's p ~ q^2 / f (ablation only)
+    target: Literal["cardinality", "balanced"] = "cardinality"
+    assign: Literal["soft", "hard"] = "soft"  # statistics pooled with the target P, or with its argmax
+    var_floor: float = Field(1e-4, gt=0.0)  # least per-dimension variance: raise if a cluster collapses to a point
+    warmup_frac: float = Field(0.2, ge=0.0, le=1.0)  # share of epochs of contrastive-only training before init
+    init_over: int = Field(3, ge=1)  # k-means with init_over * K centers, merged to K (1 = plain k-means)
 
 
 class AECMConfig(_Node):
     """AE-CM (methods.md section 4)."""
 
-    code_dim: int = Field(10, gt=0)  # autoencoder code size d_code
+    code_dim: int = Field(10, gt=0)  # autoencoder code size d_code (10 on MNIST); raise for richer images
+    hidden: list[int] = Field(default_factory=lambda: [500, 500, 2000])  # encoder widths (decoder mirrors); 8x8: less
+    beta: float = Field(5.0, ge=0.0)  # weight of the input reconstruction (5 on MNIST); lower if clusters stay mixed
+    lam: float = Field(1.0, ge=0.0)  # weight of the centroid orthonormality penalty sum |U U^T - I|
+    # Dirichlet prior: 230 at a global batch of 500 on MNIST (alpha - 1 = 0.46 x batch); scale alpha - 1 with the
+    # batch. A list (alpha_mode: sorted) gives one value per cluster, matched to clusters by size.
+    alpha: float | list[float] = 230.0
+    # uniform: alpha for all (pushes to equal sizes); sorted: the list; profile: 1 + (alpha - 1) K s_k with s an
+    # exponential profile of ratio expected_imbalance (long-tailed data).
+    alpha_mode: Literal["uniform", "sorted", "profile"] = "uniform"
+    expected_imbalance: float = Field(1.0, ge=1.0)  # alpha_mode=profile: expected largest / smallest class ratio
+    init: Literal["pre", "rand"] = "pre"  # pre: pretrain AE, k-means on codes, CM alone, then joint; rand: joint only
+    pretrain_epochs: int = Field(100, ge=0)  # init=pre: autoencoder-only epochs (reconstruction)
+    cm_epochs: int = Field(100, ge=0)  # init=pre: CM-only epochs on the frozen codes after k-means
+    # init=pre, V and b after k-means: posterior = the isotropic-GMM posterior at the k-means solution (V = U / s2,
+    # b_k = -|u_k|^2 / (2 s2), s2 = inertia per dimension), sharp from step 1; pinv = the paper's V = pinv(U), b = 0,
+    # whose near-uniform gamma lost 24 ACC points in the CM-alone stage on digits-LT (docs/methods/aecm.md).
+    cm_init: Literal["posterior", "pinv"] = "posterior"
+    average_last_epoch: bool = True  # final weights = mean over the last epoch's steps (the paper's averaging epoch)
+    adam_eps: float = Field(2e-6, gt=0.0)  # the paper's 1e-3 on a loss summed over 500 samples = 2e-6 on our mean
+    constant_lr: bool = True  # the paper's constant lr; false = the optim schedule (starves the averaging epoch)
+
+    @model_validator(mode="after")
+    def _alpha_matches_mode(self) -> AECMConfig:
+        is_list = isinstance(self.alpha, list)
+        if is_list != (self.alpha_mode == "sorted"):
+            raise ValueError(f"method.aecm.alpha={self.alpha!r} does not fit method.aecm.alpha_mode="
+                             f"{self.alpha_mode!r}: 'sorted' takes a list, 'uniform' and 'profile' one number")
+        if any(a <= 0 for a in (self.alpha if is_list else [self.alpha])):
+            raise ValueError(f"method.aecm.alpha={self.alpha!r} must be > 0 (a Dirichlet parameter)")
+        return self
 
 
 class P2OTConfig(_Node):
     """P2OT (methods.md section 5)."""
 
     eps: float = Field(0.1, gt=0.0)  # entropic regularisation of the transport plan
+    lam: float = Field(1.0, gt=0.0)  # KL weight on the cluster marginal: larger = more balanced (1e6 ~ balanced OT)
+    rho0: float = Field(0.1, gt=0.0, le=1.0)  # mass transported at step 0; lower = start from fewer, surer samples
+    rho1: float = Field(1.0, gt=0.0, le=1.0)  # mass transported at the last step: rho0 + (rho1 - rho0) e^(-5 (1-t/T)^2)
+    bank_batches: int = Field(10, gt=0)  # logits bank, in global batches, that the plan is solved on
+    sinkhorn_iters: int = Field(1000, gt=0)  # cap on scaling iterations (warm-started solves converge in far fewer)
+    sinkhorn_tol: float = Field(1e-6, gt=0.0)  # relative change of the column scalings that counts as converged
+    weight_by_mass: bool = True  # targets keep each sample's transported mass; false = renormalise every row to 1
+
+    @model_validator(mode="after")
+    def _rho_grows(self) -> P2OTConfig:
+        if self.rho0 > self.rho1:
+            raise ValueError(f"method.p2ot.rho0={self.rho0} must not exceed method.p2ot.rho1={self.rho1}")
+        return self
 
 
 class KMeansConfig(_Node):

@@ -1,0 +1,198 @@
+"""Debiased contrastive clustering (Zheng, Nam, Dorigatti, Bischl, Azizi, Rezaei), methods.md section 2.
+
+  L = L_debiased + lambda L_div, one backbone f, a projection z = normalize(g(f(x))) and a cluster head
+  A = softmax(out(h)), h = BN(ReLU(Linear(f(x)))).
+  L_debiased (Chuang et al. 2020), negatives over the GLOBAL batch, M = 2 B_global - 2:
+     Ng_i = max((sum_j exp(z_i.z_j / t) - tau_i M exp(z_i.z_i+ / t)) / (1 - tau_i),  M exp(-1/t))
+     loss_i = -log(exp(z_i.z_i+ / t) / (exp(z_i.z_i+ / t) + Ng_i))
+  tau_i: one scalar tau_plus ("global"), or the share n_c(i) / N of the anchor's current cluster in the
+     replicated cardinalities, clipped to [0, tau_max] ("cluster": djc's long-tail adaptation).
+  L_div (DDC, Kampffmeyer et al. 2019) = L1 + L2 + L3 on the global batch's A and h, per view, views averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from djc import dist
+from djc.config import Config
+from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut
+from djc.models.backbones import build_backbone, projection_head
+from djc.models.norm import globalize_batchnorm
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses: pure functions of tensors.
+
+
+class Debiased(NamedTuple):
+    loss: Tensor  # scalar, mean over anchors
+    clamped: Tensor  # detached fraction of anchors whose Ng sat on the floor M exp(-1/t)
+
+
+def debiased_contrastive_loss(anchors: Tensor, z_all: Tensor, pos_index: Tensor, self_index: Tensor,
+                              temperature: float, tau_plus: float | Tensor) -> Debiased:
+    """anchors (A, D) and z_all (R, D) L2-normalised; pos_index / self_index (A,) the rows of z_all holding
+    each anchor's positive and the anchor itself; the other M = R - 2 rows are its negatives.
+    tau_plus: a scalar, or (A,) per anchor, in [0, 1). tau_plus = 0 is NT-Xent exactly."""
+    t = temperature
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    # Every logit shifted by the largest possible cosine (1/t): exp() <= 1 at any t, and the shift cancels in
+    # pos / (pos + Ng) because the floor moves with it (M e^{-1/t} -> M e^{-2/t}). t = 0.05 keeps e^{-40}.
+    logits = (anchors @ z_all.T - 1.0) / t  # (A, R)
+    pos_logit = logits[rows, pos_index]
+    neg = torch.ones_like(logits, dtype=torch.bool)
+    neg[rows, pos_index] = False
+    neg[rows, self_index] = False
+    m = z_all.shape[0] - 2
+    neg_sum = torch.where(neg, logits.exp(), torch.zeros_like(logits)).sum(dim=1)  # (A,)
+    pos = pos_logit.exp()
+    ng = (neg_sum - tau_plus * m * pos) / (1.0 - tau_plus)
+    floor = m * math.exp(-2.0 / t)  # M e^{-1/t}, shifted: no negative can be less similar than cos = -1
+    clamped = ng < floor
+    ng = torch.where(clamped, torch.full_like(ng, floor), ng)
+    loss = torch.log(pos + ng) - pos_logit  # -log(pos / (pos + Ng))
+    return Debiased(loss.mean(), clamped.float().mean().detach())
+
+
+def gaussian_kernel(h: Tensor, sigma_frac: float) -> Tensor:
+    """G_ij = exp(-|h_i - h_j|^2 / (2 sigma^2)), sigma^2 = sigma_frac * median |h_i - h_j|^2 (detached, DDC's
+    0.15): the bandwidth follows the feature scale, so no kernel width is tuned per dataset. (B, B)."""
+    sq = (h * h).sum(dim=1)
+    d2 = (sq[:, None] - 2.0 * h @ h.T + sq[None, :]).clamp_min(0.0)  # no sqrt: cdist's gradient is NaN at 0
+    sigma2 = (sigma_frac * d2.detach().median()).clamp_min(1e-12)
+    return torch.exp(-d2 / (2.0 * sigma2))
+
+
+def cs_divergence(a: Tensor, g: Tensor, eps: float = 1e-9) -> Tensor:
+    """d_cs(A, G) = 2 / (K (K - 1)) sum_{p<q} a_p^T G a_q / sqrt(a_p^T G a_p a_q^T G a_q), columns a_p of
+    A (B, K). 0 when the clusters' kernel densities do not overlap, 1 when every column is the same."""
+    k = a.shape[1]
+    nom = a.T @ g @ a  # (K, K)
+    d = nom.diagonal()
+    ratio = nom.clamp_min(eps) / (d[:, None] * d[None, :]).clamp_min(eps * eps).sqrt()
+    iu = torch.triu_indices(k, k, offset=1, device=a.device)
+    return 2.0 / (k * (k - 1)) * ratio[iu[0], iu[1]].sum()
+
+
+class DDC(NamedTuple):
+    l1: Tensor  # cluster separation and compactness in the kernel's space
+    l2: Tensor  # orthogonality of the assignment vectors of different samples
+    l3: Tensor  # closeness of assignments to the simplex corners, through the same kernel
+
+    @property
+    def total(self) -> Tensor:
+        return self.l1 + self.l2 + self.l3
+
+
+def ddc_loss(a: Tensor, h: Tensor, sigma_frac: float) -> DDC:
+    """DDC's divergence terms on a batch of assignments A (B, K) (rows on the simplex) and hidden h (B, H)."""
+    b = a.shape[0]
+    g = gaussian_kernel(h, sigma_frac)
+    s = a.sum(dim=0)
+    # 2 / (B (B - 1)) sum_{i<j} a_i^T a_j = (|sum_i a_i|^2 - sum_i |a_i|^2) / (B (B - 1)), without the B x B matrix.
+    l2 = (s @ s - (a * a).sum()) / (b * (b - 1))
+    # M_iq = exp(-|a_i - e_q|^2) = exp(-(|a_i|^2 - 2 a_iq + 1)).
+    m = torch.exp(-((a * a).sum(dim=1, keepdim=True) - 2.0 * a + 1.0))
+    return DDC(cs_divergence(a, g), l2, cs_divergence(m, g))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State: the evaluated head's cluster cardinalities, replicated on every worker.
+
+
+class Cardinality(nn.Module):
+    """Per-instance last label and the histogram of those labels over the N instances: n_k exactly, from
+    global (index, label) pairs. n_c / N estimates the chance that a negative shares the anchor's class."""
+
+    def __init__(self, num_clusters: int, num_samples: int):
+        super().__init__()
+        self.register_buffer("memory", torch.full((num_samples,), -1, dtype=torch.int32))  # label per index
+        self.register_buffer("hist", torch.zeros(num_clusters, dtype=torch.long))  # n_k over remembered ones
+
+    def tau_plus(self, y: Tensor, fallback: float, tau_max: float) -> Tensor:
+        """(B,) n_{y_i} / N clipped to [0, tau_max]; `fallback` while no instance is counted (first step).
+        A tensor condition, not an `if`: no host sync per step."""
+        total = self.hist.sum()
+        share = self.hist.float()[y] / total.clamp_min(1)
+        return torch.where(total > 0, share.clamp(0.0, tau_max), torch.full_like(share, fallback))
+
+    @torch.no_grad()
+    def update(self, index: Tensor, y: Tensor) -> None:
+        k = self.hist.shape[0]
+        old = self.memory[index].long()
+        self.hist.add_(torch.bincount(y, minlength=k) - torch.bincount(old[old >= 0], minlength=k))
+        self.memory[index] = y.to(self.memory.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method.
+
+
+class DCL(ClusteringMethod):
+    def __init__(self, cfg: Config, info: DataInfo):
+        super().__init__()
+        self.c = cfg.method.dcl
+        k = cfg.method.num_clusters
+        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.backbone = bb.net
+        self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+        hid = self.c.cluster_hidden
+        self.cluster_hidden = globalize_batchnorm(
+            nn.Sequential(nn.Linear(bb.feat_dim, hid), nn.ReLU(inplace=True), nn.BatchNorm1d(hid)))
+        self.cluster_out = nn.Linear(hid, k)
+        self.card = Cardinality(k, info.num_samples)
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f = self.backbone(x)
+        h = self.cluster_hidden(f)
+        return F.normalize(self.proj(f), dim=1), h, F.softmax(self.cluster_out(h), dim=1)
+
+    def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
+        c, b = self.c, x1.shape[0]
+        z, h, a = self._heads(torch.cat([x1, x2]))  # one pass: BN statistics over both views, (2b, .)
+        d, e = z.shape[1], h.shape[1]
+        # ONE gather (with gradient) for the contrastive negatives and DDC's global batch: (W * 2b, D + H + K),
+        # rows in blocks [worker w: view 1 (b rows), view 2 (b rows)].
+        glob = dist.all_gather_with_grad(torch.cat([z, h, a], dim=1))
+        w = glob.shape[0] // (2 * b)
+        z_all = glob[:, :d]
+        j = torch.arange(2 * b, device=z.device)
+        off = dist.rank() * 2 * b  # this worker's block
+        with torch.no_grad():
+            y = (a[:b] + a[b:]).argmax(dim=1)  # (b,) the anchor's current cluster, both views agreeing
+        if c.tau_plus_mode == "cluster":
+            tau: float | Tensor = self.card.tau_plus(y, c.tau_plus, c.tau_max).repeat(2)  # (2b,)
+        else:
+            tau = c.tau_plus
+        deb = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, c.temperature, tau)
+        # DDC per view on the global batch; DDC's terms are permutation invariant, so the block order is fine.
+        views = glob.view(w, 2, b, -1)
+        div = [ddc_loss(views[:, v, :, d + e:].reshape(w * b, -1), views[:, v, :, d:d + e].reshape(w * b, -1),
+                        c.sigma_frac) for v in (0, 1)]
+        ddc = DDC(*(0.5 * (p + q) for p, q in zip(div[0], div[1])))
+        # Each worker returns the SAME global DDC value: the gather's backward sums the W workers' gradients and
+        # DDP averages them, so W * L_div / W = the 1-process gradient. The contrastive part is a local mean.
+        loss = deb.loss + c.lam * ddc.total
+        logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
+                "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
+                "tau_plus": torch.as_tensor(tau, dtype=z.dtype).mean().detach()}
+        return StepOut(loss, logs, torch.stack([index, y], dim=1))
+
+    @torch.no_grad()
+    def update_state(self, update: Tensor) -> None:
+        glob = dist.all_gather_cat(update)  # (B_global, 2): every worker counts every (index, label)
+        self.card.update(glob[:, 0], glob[:, 1])
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        z, _, a = self._heads(x)
+        conf, y = a.max(dim=1)
+        return Prediction(y[:, None], conf, z)
+
+    def health_counts(self) -> Tensor:
+        return self.card.hist

@@ -1,0 +1,197 @@
+"""Debiased contrastive clustering: the losses behave as methods.md section 2 says, and 2 gloo workers == 1."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from djc.config import from_dict
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.methods.base import DataInfo
+from djc.methods.dcl import Cardinality, cs_divergence, ddc_loss, debiased_contrastive_loss, gaussian_kernel
+from tests.gloo import run_gloo
+
+
+def _pairs(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, d, generator=g), dim=1), F.normalize(torch.randn(b, d, generator=g), dim=1)
+
+
+def _simclr_layout(z1: torch.Tensor, z2: torch.Tensor):
+    """Anchors are both views; z_all = [z1; z2]; the positive of row i is row i +- B."""
+    b = z1.shape[0]
+    z = torch.cat([z1, z2])
+    j = torch.arange(2 * b)
+    return z, z, (j + b) % (2 * b), j
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR's NT-Xent, written independently: cross-entropy over the 2B - 1 others, target the other view."""
+    z = torch.cat([z1, z2])
+    sim = z @ z.T / t
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool), float("-inf"))
+    b = z1.shape[0]
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+    return F.cross_entropy(sim, target)
+
+
+@pytest.mark.parametrize("t", [0.5, 0.1])
+def test_tau_plus_zero_is_nt_xent(t):
+    z1, z2 = _pairs(12, 8, 0)
+    out = debiased_contrastive_loss(*_simclr_layout(z1, z2), temperature=t, tau_plus=0.0)
+    assert out.loss.item() == pytest.approx(nt_xent_reference(z1, z2, t).item(), rel=1e-5)
+    assert out.clamped.item() == 0.0  # at tau+ = 0 every negative is >= e^{-1/t}: the floor never binds
+
+
+def test_floor_holds_when_the_debiased_estimate_goes_below_it():
+    # Positive identical to the anchor, every negative opposite: neg_sum = M e^{-1/t}, so with tau+ = 0.5 the
+    # estimate (neg_sum - tau+ M e^{1/t}) / (1 - tau+) < 0 and Ng must be the floor M e^{-1/t}.
+    t = 0.5
+    e = torch.zeros(4)
+    e[0] = 1.0
+    anchors = e[None]  # (1, D)
+    z_all = torch.stack([e, e, -e, -e, -e, -e])  # row 0 the anchor, row 1 its positive, M = 4 negatives
+    out = debiased_contrastive_loss(anchors, z_all, torch.tensor([1]), torch.tensor([0]), t, 0.5)
+    m = z_all.shape[0] - 2
+    raw = (m * math.exp(-1 / t) - 0.5 * m * math.exp(1 / t)) / 0.5
+    assert raw < m * math.exp(-1 / t)
+    expect = -math.log(math.exp(1 / t) / (math.exp(1 / t) + m * math.exp(-1 / t)))
+    assert out.loss.item() == pytest.approx(expect, rel=1e-5)
+    assert out.clamped.item() == 1.0
+
+
+def test_per_anchor_tau_plus_matches_the_scalar_row_by_row():
+    z1, _ = _pairs(6, 8, 1)
+    z2 = F.normalize(z1 + 0.2 * _pairs(6, 8, 5)[0], dim=1)  # positives closer than the negatives
+    z, z_all, pos, self_ = _simclr_layout(z1, z2)
+    taus = torch.linspace(0.0, 0.3, 12)
+    per = debiased_contrastive_loss(z, z_all, pos, self_, 0.5, taus).loss
+    rows = [debiased_contrastive_loss(z[i : i + 1], z_all, pos[i : i + 1], self_[i : i + 1], 0.5,
+                                      float(taus[i])).loss for i in range(12)]
+    assert per.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+    # With positives more similar than the negatives, a larger tau+ removes more mass than it rescales away:
+    # the estimated Ng, and with it the loss, goes down.
+    lo = debiased_contrastive_loss(z, z_all, pos, self_, 0.5, 0.0).loss
+    hi = debiased_contrastive_loss(z, z_all, pos, self_, 0.5, 0.2).loss
+    assert hi < lo
+
+
+def test_debiased_loss_decreases_under_gradient_steps():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(16, 8, generator=g)
+    w = torch.nn.Linear(8, 8)
+    opt = torch.optim.Adam(w.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        x1 = base + 0.3 * torch.randn(16, 8, generator=g)
+        x2 = base + 0.3 * torch.randn(16, 8, generator=g)
+        z1, z2 = F.normalize(w(x1), dim=1), F.normalize(w(x2), dim=1)
+        loss = debiased_contrastive_loss(*_simclr_layout(z1, z2), temperature=0.5, tau_plus=0.1).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+
+
+def _block_kernel(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, None] == labels[None]).float()
+
+
+def test_ddc_terms_at_their_extremes():
+    k, per = 3, 4
+    y = torch.arange(k).repeat_interleave(per)  # (12,)
+    onehot = F.one_hot(y, k).float()
+    g = _block_kernel(y)
+    # Perfectly separated one-hot assignments under a block kernel: no cross-cluster kernel mass, d_cs = 0.
+    assert cs_divergence(onehot, g).item() == pytest.approx(0.0, abs=1e-6)
+    # Identical assignments for every sample: every column is the same vector, d_cs is maximal (= 1).
+    same = torch.full((12, k), 1.0 / k)
+    assert cs_divergence(same, g).item() == pytest.approx(1.0, abs=1e-6)
+    soft = F.softmax(torch.randn(12, k, generator=torch.Generator().manual_seed(3)), dim=1)
+    assert 0.0 < cs_divergence(soft, g).item() < 1.0
+    # L2: orthogonal one-hot rows (B <= K) give 0; identical one-hot rows give the maximum 1.
+    eye = torch.eye(4)
+    assert ddc_loss(eye, torch.randn(4, 5), 0.15).l2.item() == pytest.approx(0.0, abs=1e-7)
+    ones = F.one_hot(torch.zeros(4, dtype=torch.long), 4).float()
+    assert ddc_loss(ones, torch.randn(4, 5), 0.15).l2.item() == pytest.approx(1.0, abs=1e-6)
+    # L2 equals its definition 2 / (B (B - 1)) sum_{i<j} a_i^T a_j.
+    iu = torch.triu_indices(12, 12, 1)
+    expect = 2.0 / (12 * 11) * (soft @ soft.T)[iu[0], iu[1]].sum()
+    assert ddc_loss(soft, torch.randn(12, 5), 0.15).l2.item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+def test_gaussian_kernel_bandwidth_follows_the_median():
+    h = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
+    g = gaussian_kernel(h, 0.15)
+    d2 = torch.cdist(h, h).square()
+    sigma2 = 0.15 * d2.median()
+    assert torch.allclose(g, torch.exp(-d2 / (2 * sigma2)), atol=1e-5)
+    assert torch.allclose(gaussian_kernel(3.0 * h, 0.15), g, atol=1e-5)  # scale-free
+
+
+def test_cardinality_shares_fall_back_then_follow_the_counts():
+    card = Cardinality(3, 10)
+    y = torch.tensor([0, 1, 2])
+    assert card.tau_plus(y, 0.1, 0.5).tolist() == pytest.approx([0.1, 0.1, 0.1])  # nothing counted yet
+    card.update(torch.arange(8), torch.tensor([0, 0, 0, 0, 0, 0, 1, 2]))
+    assert card.hist.tolist() == [6, 1, 1]
+    assert card.tau_plus(y, 0.1, 0.5).tolist() == pytest.approx([0.5, 1 / 8, 1 / 8])  # 6/8 clipped to 0.5
+    card.update(torch.tensor([0, 1]), torch.tensor([2, 2]))  # relabelled instances move, not duplicate
+    assert card.hist.tolist() == [4, 1, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
+
+N, B = 64, 16
+
+
+def _cfg(world: int, mode: str):
+    return from_dict({
+        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "method": {"name": "dcl", "num_clusters": 4, "dcl": {"tau_plus_mode": mode, "cluster_hidden": 12}},
+        # SGD, not the release's Adam: Adam turns the ~1e-9 float noise in the gradient of a bias that a
+        # BatchNorm cancels (proj.0.bias) into full lr-sized steps of random sign, on 1 and 2 workers alike.
+        "optim": {"name": "sgd", "lr": 0.1},
+        "data": {"batch_size": B}, "trainer": {"num_workers": world},
+    })
+
+
+def dcl_steps(rank: int, world: int, mode: str) -> dict[str, np.ndarray]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg = _cfg(world, mode)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    opt = make_optimizer(cfg, method)
+    apply_lr(opt, 1.0)
+    # Seed 123 lands step 3 (global mode) on a non-smooth point of the network (ReLU / max-pool): a 1e-7 change
+    # of the weights moves one conv's gradient by 10% even on one process, so no two summation orders can agree
+    # there. Seed 7 is smooth at that scale.
+    g = torch.Generator().manual_seed(7)
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    for _ in range(3):  # steps 2 and 3 read the counts of the earlier steps (per-anchor tau+)
+        index = torch.randperm(N, generator=g)[:B]
+        x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+        train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
+    return {k: v.numpy() for k, v in state_tensors(method).items()}
+
+
+@pytest.mark.parametrize("mode", ["cluster", "global"])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode):
+    torch.set_num_threads(1)
+    single = dcl_steps(0, 1, mode)
+    w0, w1 = run_gloo(dcl_steps, 2, mode)
+    assert set(single) == set(w0)
+    for k, v in single.items():
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
+        if v.dtype.kind in "iub":
+            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
+        else:
+            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    assert single["card.hist"].sum() == (single["card.memory"] >= 0).sum() > 0
