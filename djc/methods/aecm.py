@@ -1,0 +1,185 @@
+"""AE-CM: an autoencoder with the clustering module on its code (Boubekki et al., Machine Learning 2021),
+methods.md section 4.
+
+Encoder d - 500 - 500 - 2000 - d_code (widths: method.aecm.hidden) and a mirrored decoder (LeakyReLU 0.2), the
+CM (djc/methods/cm.py) on the code c. Per step, with n the GLOBAL batch and every sum over this worker's samples:
+  joint     L = [sum_i |c_i - c~_i|^2 + sum_ik gamma_ik (1 - gamma_ik) + beta sum_i |x_i - x^_i|^2] / n_local
+                + [lambda sum_kl |(U U^T - I)_kl| + E4(mean_i gamma_i)] / n
+  CM alone  L = [E1 + E2 + E3](sg(c)) / n_local + E4 / n                      (init "pre", after k-means)
+  pretrain  L = sum_i |x_i - x^_i|^2 / n_local                                 (init "pre", first epochs)
+That is the paper's summed loss divided by n: the mean over workers of these local losses equals the one-process
+loss, and E4 reads mean_i gamma_ik from a with-gradient all-reduce of the local sums (it sits inside a log).
+The last epoch averages the weights after each of its steps; `on_train_end` swaps the average in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from djc import dist
+from djc.config import Config
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
+from djc.methods.kmeans import kmeans
+
+PRETRAIN, CM_ONLY, JOINT = 0, 1, 2
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with LeakyReLU(0.2) between them, none after the last (the code and the output are linear)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(0.2))
+    return nn.Sequential(*layers)
+
+
+def copy_vector_(vec: Tensor, params: list[nn.Parameter]) -> None:
+    """In place, unlike torch's vector_to_parameters (which makes the parameters views of `vec`)."""
+    offset = 0
+    for p in params:
+        p.data.copy_(vec[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int) -> int:
+    if init == "rand" or epoch >= pretrain_epochs + cm_epochs:
+        return JOINT
+    return PRETRAIN if epoch < pretrain_epochs else CM_ONLY
+
+
+class AECM(ClusteringMethod):
+    views = "plain"  # an autoencoder reconstructs the non-augmented input
+
+    def __init__(self, cfg: Config, info: DataInfo):
+        super().__init__()
+        c = cfg.method.aecm
+        self.c, self.k, self.seed, self.km = c, cfg.method.num_clusters, cfg.seed, cfg.method.kmeans
+        if c.init == "pre" and cfg.optim.epochs <= c.pretrain_epochs + c.cm_epochs:
+            raise ValueError(f"optim.epochs={cfg.optim.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
+                             f"{c.pretrain_epochs} + method.aecm.cm_epochs={c.cm_epochs}")
+        h, w, ch = info.image_shape
+        d = h * w * ch
+        self.encoder = mlp([d, *c.hidden, c.code_dim])
+        self.decoder = mlp([c.code_dim, *reversed(c.hidden), d])
+        self.cm = CM(c.code_dim, self.k)
+        alpha = alpha_vector(c.alpha if isinstance(c.alpha, float) else list(c.alpha), self.k, c.alpha_mode,
+                             c.expected_imbalance)
+        self.register_buffer("alpha", alpha)  # (K,) ascending
+        # (stage, averaging): set at each epoch start; a buffer so that a checkpoint restores it.
+        self.register_buffer("phase", torch.tensor([stage_at(0, c.init, c.pretrain_epochs, c.cm_epochs), 0]))
+        self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
+        numel = sum(p.numel() for p in self.parameters())
+        self.register_buffer("avg_sum", torch.zeros(numel))  # sum of the weight vector after each averaged step
+        self.register_buffer("avg_count", torch.zeros((), dtype=torch.long))
+        self._phase: tuple[int, int] | None = None  # host copy of `phase`: no device sync per step
+        self._frozen: Tensor | None = None  # the AE's weights while the CM trains alone
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_phase", None))
+
+    def _stage(self) -> tuple[int, int]:
+        if self._phase is None:
+            s, a = self.phase.tolist()
+            self._phase = (int(s), int(a))
+        return self._phase
+
+    def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
+        stage, _ = self._stage()
+        x = x1.flatten(1)  # x2 is the same plain view
+        b, k = x.shape[0], self.k
+        code = self.encoder(x)
+        recon = (x - self.decoder(code)).pow(2).sum()
+        c_in = code.detach() if stage == CM_ONLY else code
+        gamma = self.cm(c_in)  # (b, K)
+        with torch.no_grad():
+            counts = torch.bincount(gamma.argmax(1), minlength=k).to(gamma.dtype)
+        # One collective, with gradient: [sum_i gamma_i (K), n_local, argmax counts (K, no grad)].
+        glob = dist.all_reduce_sum_with_grad(torch.cat([gamma.sum(0), gamma.new_full((1,), b), counts]))
+        n = glob[k].detach()
+        e4 = dirichlet_prior(glob[:k] / n, self.alpha)
+        u = self.cm.u
+        zero = code.new_zeros(())
+        if stage == JOINT:
+            e1 = (code - gamma @ u).pow(2).sum()
+            e2 = (gamma * (1 - gamma)).sum()  # |u_k| = 1 under the orthonormality penalty
+            e3, orth = zero, orthonormality(u)
+        else:
+            e1, e2, e3 = cm_terms(c_in, gamma, u)
+            orth = zero
+        logs = {"recon": recon / b, "e1": e1 / b, "e2": e2 / b, "e3": e3 / b, "orth": orth / n, "prior": e4 / n}
+        if stage == PRETRAIN:
+            loss = logs["recon"]
+        elif stage == CM_ONLY:
+            loss = logs["e1"] + logs["e2"] + logs["e3"] + logs["prior"]
+        else:
+            loss = logs["e1"] + logs["e2"] + self.c.beta * logs["recon"] + self.c.lam * logs["orth"] + logs["prior"]
+        # Every parameter takes part (with a zero gradient in the staged phases) so that DDP's reducer sees all.
+        loss = loss + 0.0 * sum(p.sum() for p in self.parameters())
+        update = glob[k + 1 :].detach().round().long()  # global argmax counts of this step
+        return StepOut(loss, {name: v.detach() for name, v in logs.items()}, update)
+
+    def _autoencoder(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters()) + list(self.decoder.parameters())
+
+    @torch.no_grad()
+    def update_state(self, update: Tensor) -> None:
+        self.hist.add_(update)
+        if self._frozen is not None:
+            # CM alone: the AE's gradient is 0, but Adam's momentum from pretraining would keep moving it (on
+            # digits, <1e-3 per weight over ~20 steps took the reconstruction error from 1.2 to 21): put it back.
+            copy_vector_(self._frozen, self._autoencoder())
+        if self._stage()[1]:
+            self.avg_sum.add_(torch.nn.utils.parameters_to_vector(self.parameters()))
+            self.avg_count.add_(1)
+
+    @torch.no_grad()
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        c = self.c
+        stage = stage_at(ctx.epoch, c.init, c.pretrain_epochs, c.cm_epochs)
+        averaging = int(c.average_last_epoch and ctx.epoch == ctx.epochs - 1)
+        if c.init == "pre" and ctx.epoch == c.pretrain_epochs:
+            self._init_cm(ctx)
+        self.phase.copy_(torch.tensor([stage, averaging]))
+        self._phase = (stage, averaging)
+        # Not a buffer: restored after every step, the AE at each CM-alone epoch start IS the snapshot (resume too).
+        self._frozen = (torch.nn.utils.parameters_to_vector(self._autoencoder()).clone()
+                        if stage == CM_ONLY else None)
+        self.hist.zero_()
+        if averaging:
+            self.avg_sum.zero_()
+            self.avg_count.zero_()
+
+    @torch.no_grad()
+    def _init_cm(self, ctx: EpochContext) -> None:
+        """k-means on the codes of the whole training set (sharded), U = centers, V = pinv(U) (or the GMM posterior)."""
+        codes, index = ctx.map_train(lambda x, i: self.encoder(x.flatten(1)))
+        km = kmeans(codes, self.k, iters=self.km.iters, restarts=self.km.restarts, seed=self.seed, index=index)
+        var = None  # pinv
+        if self.c.cm_init == "posterior":  # the per-dimension variance around the centers, over every worker
+            var = km.inertia / float(dist.all_reduce_sum(codes.new_tensor([codes.numel()])).item())
+        self.cm.init_from_centers(km.centers, var)
+        for p in self.cm.parameters():  # pinv on rank 0's numbers everywhere: identical by construction
+            dist.broadcast_(p.data)
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        if int(self.avg_count) > 0:
+            copy_vector_(self.avg_sum / self.avg_count, list(self.parameters()))
+
+    def param_groups(self) -> list[dict]:
+        # The paper's Adam (eps rescaled to our per-sample loss) at a constant lr: a cosine schedule would make the
+        # averaging epoch's steps vanish.
+        return [{"params": list(self.parameters()), "eps": self.c.adam_eps, "fixed_lr": self.c.constant_lr}]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        code = self.encoder(x.flatten(1))
+        gamma = self.cm(code)
+        conf, y = gamma.max(dim=1)
+        # OOD score: the sample's soft distortion sum_k gamma_k |c - u_k|^2, its negative log-likelihood up to
+        # constants under the isotropic mixture the CM fits.
+        return Prediction(y.unsqueeze(1), conf, code, soft_distortion(code, gamma, self.cm.u))
+
+    def health_counts(self) -> Tensor:
+        return self.hist

@@ -1,0 +1,150 @@
+"""P2OT: progressive partial optimal transport for imbalanced clustering (Zhang, Ren, He, ICLR 2024),
+methods.md section 5.
+
+Pseudo-labels come from a partial, unbalanced OT between the samples of a logits bank and K clusters plus a
+virtual cluster:
+  cost C = -log softmax(logits) (float64), virtual column cost 0;  kernel Q = exp(-C / eps)
+  row marginal 1/n (hard); virtual column 1 - rho (hard); real columns rho/K, KL-relaxed with weight lambda:
+      a = (1/n) / (Q b);  b_k = (rho/K / (Q^T a)_k)^(lambda / (lambda + eps));  b_virtual = (1 - rho) / (Q^T a)_virtual
+  plan P = diag(a) Q diag(b), total mass 1, mass rho on the real clusters.
+  rho(t) = rho0 + (rho1 - rho0) exp(-5 (1 - t/T)^2) over the global step t of T.
+Loss: soft cross-entropy of each view's logits against the other view's targets n P_i[:K] (row mass in [0, 1] =
+the sample's confidence), mean over this worker's samples and the two directions.
+Distribution: the bank is replicated and filled from all-gathered logits, so every worker solves the same global
+problem (no collective inside the Sinkhorn loop) and keeps its own rows' targets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from djc import dist
+from djc.config import Config
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.models.backbones import build_backbone, projection_head
+
+TINY = 1e-300  # floor of (Q^T a): a cluster no sample can reach gets a huge but finite scaling, not inf * 0
+
+
+class OTResult(NamedTuple):
+    plan: Tensor  # (n, K + 1) float64; column K is the virtual cluster; rows sum to 1/n
+    duals: Tensor  # (K + 1,) column scalings b: the warm start of the next solve
+    iters: int
+
+
+def partial_ot(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
+               tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
+    """Scaling iterations of P2OT's partial OT on (n, K) logits, in float64, until the column scalings change by
+    less than `tol` (relative) or `iters` run out."""
+    logp = F.log_softmax(logits.double(), dim=1)
+    n, k = logp.shape
+    q = torch.cat([torch.exp(logp / eps), logp.new_ones(n, 1)], dim=1)  # (n, K + 1); exp(-0 / eps) = 1 virtual
+    row = 1.0 / n
+    col = torch.cat([logp.new_full((k,), rho / k), logp.new_full((1,), 1.0 - rho)])
+    power = lam / (lam + eps)  # 1 / 1.1 = 0.909 at the defaults; -> 1 (balanced) as lam -> inf
+    b = warm_start.to(logp) if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))
+    done = 0
+    for done in range(1, iters + 1):
+        a = row / (q @ b)
+        new = col / (q.T @ a).clamp_min(TINY)
+        new[:k] = new[:k].pow(power)
+        change = (new - b).norm() / new.norm()
+        b = new
+        if change < tol:
+            break
+    a = row / (q @ b)  # last row scaling: every row holds exactly 1/n
+    return OTResult(a.unsqueeze(1) * q * b.unsqueeze(0), b, done)
+
+
+def rho_schedule(step: int, total: int, rho0: float, rho1: float = 1.0) -> float:
+    """rho0 at t = 0 (plus (rho1 - rho0) e^-5 = 0.6% of the gap), rho1 at t = T."""
+    t = min(1.0, step / max(1, total))
+    return rho0 + (rho1 - rho0) * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """mean_i -sum_k target_ik log softmax(logits)_ik; a row's mass weights its sample."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class P2OTUpdate(NamedTuple):
+    logits: Tensor  # (B_global, K) the second view's detached logits, for the bank
+    duals: Tensor  # (K + 1,) warm start for the next step
+    counts: Tensor  # (K,) global argmax counts of the first view
+
+
+class P2OT(ClusteringMethod):
+    def __init__(self, cfg: Config, info: DataInfo):
+        super().__init__()
+        self.c, self.k = cfg.method.p2ot, cfg.method.num_clusters
+        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.backbone = bb.net
+        self.head = projection_head(bb.feat_dim, cfg.model.proj_hidden, self.k)  # (B, K) logits
+        rows = self.c.bank_batches * cfg.data.batch_size  # 10 x global batch
+        self.register_buffer("bank", torch.zeros(rows, self.k))  # ring of detached global logits
+        self.register_buffer("duals", torch.full((self.k + 1,), 1.0 / (self.k + 1), dtype=torch.float64))
+        # [global step t, rows ever written to the bank, total steps T]: one host read per step.
+        self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
+        self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
+
+    def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
+        b, k, c = x1.shape[0], self.k, self.c
+        z = self.head(self.backbone(torch.cat([x1, x2])))  # one pass: BN statistics over both views
+        z1, z2 = z[:b], z[b:]
+        with torch.no_grad():
+            me = float(dist.rank())
+            mine = torch.full((b, 1), me, dtype=torch.float64, device=z.device)
+            glob = dist.all_gather_cat(torch.cat([z1.detach().double(), z2.detach().double(), mine], dim=1))
+            offset = int((glob[:, -1] < me).sum())  # rank-order concatenation: our rows start here
+            step, written, total = self.counters.tolist()
+            m, bg = self.bank.shape[0], glob.shape[0]
+            slots = (written + torch.arange(bg, device=z.device)) % m  # the oldest rows, overwritten in turn
+            n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
+            rho = rho_schedule(step, total, c.rho0, c.rho1)
+            duals, targets, iters = self.duals, [], 0
+            for v in range(2):
+                mem = self.bank.to(torch.float64, copy=True)
+                mem[slots] = glob[:, v * k : (v + 1) * k]
+                res = partial_ot(mem[:n], rho, c.eps, c.lam, c.sinkhorn_iters, c.sinkhorn_tol, warm_start=duals)
+                duals, iters = res.duals, iters + res.iters
+                t = res.plan[slots[offset : offset + b], :k] * n  # (b, K), row mass = confidence in [0, 1]
+                if not c.weight_by_mass:
+                    t = t / t.sum(1, keepdim=True).clamp_min(1e-12)
+                targets.append(t.to(z.dtype))
+            counts = torch.bincount(glob[:, :k].argmax(1), minlength=k)
+        loss = 0.5 * (soft_cross_entropy(z1, targets[1]) + soft_cross_entropy(z2, targets[0]))
+        logs = {"rho": z.new_tensor(rho), "mass": 0.5 * (targets[0].sum(1).mean() + targets[1].sum(1).mean()),
+                "sinkhorn_iters": z.new_tensor(iters / 2)}
+        return StepOut(loss, logs, P2OTUpdate(glob[:, k : 2 * k].float(), duals, counts))
+
+    @torch.no_grad()
+    def update_state(self, update: P2OTUpdate) -> None:
+        # Every input is global (gathered in forward), so every worker writes the same rows.
+        m, bg = self.bank.shape[0], update.logits.shape[0]
+        written = int(self.counters[1])
+        slots = (written + torch.arange(bg, device=self.bank.device)) % m
+        self.bank[slots] = update.logits
+        self.duals.copy_(update.duals)
+        self.hist.add_(update.counts)
+        self.counters[0] += 1
+        self.counters[1] += bg
+
+    @torch.no_grad()
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        self.counters[2] = ctx.epochs * ctx.steps_per_epoch  # T of the rho schedule
+        self.hist.zero_()
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        f = self.backbone(x)
+        p = F.softmax(self.head(f), dim=1)
+        conf, y = p.max(dim=1)
+        return Prediction(y.unsqueeze(1), conf, f)
+
+    def health_counts(self) -> Tensor:
+        return self.hist

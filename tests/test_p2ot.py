@@ -1,0 +1,138 @@
+"""P2OT's partial OT and its method behave as methods.md section 5 says, and 2 gloo workers == 1 worker."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from djc.config import from_dict
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.methods.base import DataInfo, EpochContext
+from djc.methods.p2ot import partial_ot, rho_schedule, soft_cross_entropy
+
+SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
+
+
+def _imbalanced_logits(scale: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((s,), k) for k, s in enumerate(SIZES)])
+    return scale * F.one_hot(y, len(SIZES)).float() + torch.randn(len(y), len(SIZES), generator=g), y
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.5, 1.0])
+def test_plan_marginals_match_their_definitions(rho):
+    logits, _ = _imbalanced_logits(3.0)
+    n, k = logits.shape
+    res = partial_ot(logits, rho=rho)
+    p = res.plan
+    assert p.dtype == torch.float64 and p.shape == (n, k + 1) and (p >= 0).all()
+    torch.testing.assert_close(p.sum(1), torch.full((n,), 1.0 / n, dtype=torch.float64))  # row marginal 1/n
+    assert (p[:, :k].sum(1) <= 1.0 / n + 1e-15).all()
+    assert p[:, :k].sum().item() == pytest.approx(rho, abs=1e-4)  # mass rho on the real clusters
+    assert p[:, k].sum().item() == pytest.approx(1.0 - rho, abs=1e-4)  # the rest on the virtual one
+
+
+def test_small_rho_transports_the_most_confident_samples():
+    logits, _ = _imbalanced_logits(3.0)
+    p = partial_ot(logits, rho=0.1).plan
+    mass = p[:, :-1].sum(1)
+    conf = F.softmax(logits.double(), 1).amax(1)
+    top = mass.argsort(descending=True)[:100]
+    assert conf[top].mean() > conf.mean() + 0.05
+
+
+def test_large_lambda_reduces_to_balanced_ot():
+    logits, _ = _imbalanced_logits(6.0)
+    for rho in (0.5, 1.0):
+        p = partial_ot(logits, rho=rho, lam=1e6).plan
+        torch.testing.assert_close(p[:, :-1].sum(0), torch.full((5,), rho / 5, dtype=torch.float64), rtol=2e-3,
+                                   atol=1e-5)
+
+
+def test_kl_relaxation_assigns_the_true_imbalanced_sizes():
+    logits, y = _imbalanced_logits(6.0)
+    n = len(y)
+    relaxed = partial_ot(logits, rho=1.0, lam=1.0).plan[:, :-1].sum(0) * n
+    balanced = partial_ot(logits, rho=1.0, lam=1e6).plan[:, :-1].sum(0) * n
+    sizes = torch.tensor(SIZES, dtype=torch.float64)
+    assert ((relaxed - sizes).abs() / sizes).max() < 0.15, relaxed  # 500 .. 50 kept within 15%
+    assert ((balanced - sizes).abs() / sizes).max() > 1.5  # balanced OT forces 200 each: the tail quadruples
+
+
+def test_warm_start_converges_faster_to_the_same_plan():
+    logits, _ = _imbalanced_logits(3.0)
+    cold = partial_ot(logits, rho=1.0)
+    warm = partial_ot(logits + 0.01, rho=1.0, warm_start=cold.duals)
+    ref = partial_ot(logits + 0.01, rho=1.0)
+    assert warm.iters < ref.iters / 3
+    torch.testing.assert_close(warm.plan, ref.plan, rtol=1e-3, atol=1e-8)
+
+
+def test_rho_schedule_grows_from_rho0_to_one():
+    assert rho_schedule(0, 100, 0.1) == pytest.approx(0.1 + 0.9 * math.exp(-5))
+    assert rho_schedule(100, 100, 0.1) == pytest.approx(1.0)
+    assert rho_schedule(50, 100, 0.1) == pytest.approx(0.1 + 0.9 * math.exp(-1.25))
+    values = [rho_schedule(t, 100, 0.1) for t in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_soft_cross_entropy_weights_rows_by_their_mass():
+    z = torch.randn(4, 3)
+    t = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    assert torch.allclose(soft_cross_entropy(z, t), F.cross_entropy(z, t.argmax(1)))
+    assert torch.allclose(soft_cross_entropy(z, 0.5 * t), 0.5 * F.cross_entropy(z, t.argmax(1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
+# bank_batches = 2 and 4 steps: the bank fills, then wraps.
+
+N, B, STEPS = 64, 16, 4
+
+
+def _cfg(world: int):
+    return from_dict({
+        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32},
+        "method": {"name": "p2ot", "num_clusters": 4, "p2ot": {"bank_batches": 2}},
+        "optim": {"name": "sgd", "lr": 0.1},
+        "data": {"batch_size": B}, "trainer": {"num_workers": world},
+    })
+
+
+def p2ot_steps(rank: int, world: int) -> dict[str, np.ndarray]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg = _cfg(world)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    opt = make_optimizer(cfg, method)
+    apply_lr(opt, 1.0)
+    g = torch.Generator().manual_seed(123)
+    lo, hi = rank * B // world, (rank + 1) * B // world
+    method.on_epoch_start(EpochContext(0, 2, STEPS, map_train=None))
+    for _ in range(STEPS):
+        index = torch.randperm(N, generator=g)[:B]
+        x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+        train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
+    return {k: v.numpy() for k, v in state_tensors(method).items()}
+
+
+def test_two_workers_equal_one_worker_on_the_concatenated_batch():
+    from tests.gloo import run_gloo
+
+    torch.set_num_threads(1)
+    single = p2ot_steps(0, 1)
+    w0, w1 = run_gloo(p2ot_steps, 2)
+    assert set(single) == set(w0)
+    for k, v in single.items():
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
+        if v.dtype.kind in "iub":
+            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
+        else:
+            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    assert single["counters"].tolist() == [STEPS, STEPS * B, 2 * STEPS]
+    assert (single["bank"] != 0).all()  # 4 global batches through a 2-batch ring: full, every row written
