@@ -175,7 +175,10 @@ def ensure_ray(cfg: Config) -> None:
     # A laptop run: keep Ray and gloo on loopback, and give every worker a thread so 2 cores are shared fairly.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": a new instance even when a `ray start` head runs on this machine (ray.init() would
+    # silently join the latest one found under $RAY_TMPDIR instead of the one the user asked for).
+    ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+             _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}})
 
 

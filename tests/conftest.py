@@ -14,7 +14,7 @@ def ray_local():
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
     yield ray
     ray.shutdown()
