@@ -1,8 +1,10 @@
 """Batched augmentation views in pure torch, on whatever device the images are on.
 
 The loader only decodes to uint8 (B, C, H, W); every random op below works on the whole batch with per-sample
-parameters, so one view costs a handful of kernels instead of B PIL pipelines on the CPU. Each op matches its
-torchvision.transforms.v2.functional counterpart per image (tests/test_views.py checks this), except:
+parameters, so one view costs a handful of kernels instead of B PIL pipelines on the CPU. A view is its random
+choices (`sample_params`, drawn from torchvision's distributions) applied by `apply_params`. Each op, and the
+whole chain under the same choices, matches torchvision.transforms.v2.functional per image, and the choices
+match torchvision's samplers in distribution (tests/test_views.py checks both), except:
 
 - ColorJitter runs in the fixed order brightness, contrast, saturation, hue; torchvision permutes the four
   per image. The factor distributions are the same.
