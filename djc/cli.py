@@ -98,12 +98,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from djc.data.prepare import prepare
 
-    if args.source in ("folder", "cifar10", "cifar100") and not args.root:
+    if args.source in ("folder", "cifar10", "cifar100", "imagenet-lt") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
+    if args.source == "imagenet-lt":
+        return _prepare_imagenet_lt(args)
     m = prepare(args.source, args.out, root=args.root, split=args.split, imbalance_ratio=args.imbalance_ratio,
                 profile=args.profile, seed=args.seed, overwrite=args.overwrite)
     print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
           f"class counts {m.class_counts}")
+    return 0
+
+
+def _prepare_imagenet_lt(args: argparse.Namespace) -> int:
+    from djc.data.imagenet_lt import prepare_imagenet_lt
+
+    if not args.split_file:
+        raise ConfigError("djc prepare imagenet-lt needs --split-file ImageNet_LT_<split>.txt")
+    m = prepare_imagenet_lt(args.root, args.split_file, args.out, size=args.size, quality=args.quality,
+                            rows_per_shard=args.rows_per_shard, seed=args.seed, workers=args.workers,
+                            max_shards=args.max_shards, overwrite=args.overwrite)
+    if m is None:
+        print(f"[djc] stopped after --max-shards {args.max_shards}; run the same command again to continue")
+    else:
+        print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
+              f"{m.num_classes} classes, {max(m.class_counts)} -> {min(m.class_counts)} images")
     return 0
 
 
@@ -118,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
-    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder"])
+    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder", "imagenet-lt"])
     pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
     pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
     pr.add_argument("--split", default="train", choices=["train", "test"])
@@ -126,6 +144,13 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--profile", default="exp", choices=["exp", "step"])
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--overwrite", action="store_true")
+    il = pr.add_argument_group("imagenet-lt", "images re-encoded once as size x size JPEGs, in parallel, resumable")
+    il.add_argument("--split-file", help="ImageNet_LT_{train,val,test}.txt: 'relative/path label' per line")
+    il.add_argument("--size", type=int, default=256, help="short side resized to this, then centre-cropped square")
+    il.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    il.add_argument("--rows-per-shard", type=int, default=1024)
+    il.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU)")
+    il.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (resume later)")
     pr.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train on Ray (local by default); resumes when --out holds a checkpoint")
