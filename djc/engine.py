@@ -158,6 +158,18 @@ def train_step(model: nn.Module, method: ClusteringMethod, opt: torch.optim.Opti
     return out
 
 
+def state_bytes(method: ClusteringMethod, num_samples: int) -> dict[str, int]:
+    """Bytes every worker holds for the method (all of it is replicated): parameters, per-instance buffers (first
+    dimension N, keyed by the dataset index) and the other buffers. Gradients and SGD momentum add the
+    parameters' size twice more."""
+    out = {"parameters": sum(p.numel() * p.element_size() for p in method.parameters()),
+           "per_instance": 0, "other_buffers": 0}
+    for b in method.buffers():
+        key = "per_instance" if b.dim() >= 1 and b.shape[0] == num_samples else "other_buffers"
+        out[key] += b.numel() * b.element_size()
+    return out
+
+
 def state_tensors(method: ClusteringMethod) -> dict[str, Any]:
     """Every parameter and buffer, by name: what the equivalence test compares."""
     return {k: v.detach().clone() for k, v in method.state_dict().items()}

@@ -178,3 +178,26 @@ def test_precision_and_memory_format_follow_the_device():
     method, *_ = _setup("secu", memory_format="channels_last")
     conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("n", [115_846, 1_281_167])  # ImageNet-LT train, ImageNet-1k train
+def test_per_instance_state_for_imagenet_sizes(n, capsys):
+    """SeCu's 10 heads keep one int32 label per instance each: 10 x 4 bytes per image, replicated per worker."""
+    from djc.engine import state_bytes
+
+    cfg = from_dict({"model": {"backbone": "mlp", "width": 8, "proj_dim": 128},
+                     "method": {"num_clusters": 1000, "secu": {"num_heads": 10}}, "data": {"batch_size": 1024}})
+    method = build_method(cfg, DataInfo(n, (4, 4, 3), 1000))
+    size = state_bytes(method, n)
+    assert size["per_instance"] == n * 10 * 4
+    centers = 128 * 1000 * sum(range(1, 11)) * 4  # D x K (h + 1) float32 over 10 heads
+    assert size["parameters"] >= centers and size["other_buffers"] >= centers  # + W_prev, the epoch snapshot
+    # One state update over a global batch of 1024: memories and histograms stay consistent.
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:1024]
+    labels = torch.stack([torch.randint(0, 1000 * (h + 1), (1024,)) for h in range(10)], 1)
+    method.update_state(torch.cat([index[:, None], labels], 1))
+    assert all(int(hd.hist.sum()) == 1024 == int((hd.memory >= 0).sum()) for hd in method.heads)
+    with capsys.disabled():
+        print(f"\n[memory] SeCu, N={n:,}, 10 heads, K=1000, D=128: per-instance "
+              f"{size['per_instance'] / 2**20:.1f} MiB, parameters {size['parameters'] / 2**20:.1f} MiB, "
+              f"other buffers {size['other_buffers'] / 2**20:.1f} MiB per worker")
