@@ -126,6 +126,10 @@ def _prepare_imagenet_lt(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "throughput":
+        from djc import bench_throughput
+
+        return bench_throughput.main(args)
     from djc import bench
 
     return bench.main(args)
@@ -163,14 +167,21 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds)")
-    be.add_argument("which", choices=["quality"])
+    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds), throughput (the "
+                                      "training step against a plain PyTorch loop)")
+    be.add_argument("which", choices=["quality", "throughput"])
     be.add_argument("--config", nargs="+", default=["jobs/digits_lt.yaml"], help="run configs to compare")
     be.add_argument("--variant", action="append", default=[],
                     help="NAME:key=v,key=v - run every config also with these overrides (repeatable)")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
+    tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
+    tp.add_argument("--batch-size", type=int, default=0, help="per model; 0 = the device's default")
+    tp.add_argument("--steps", type=int, default=0, help="timed steps per round; 0 = the device's default")
+    tp.add_argument("--rounds", type=int, default=0, help="alternating rounds of both loops; 0 = default")
+    tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     be.set_defaults(func=cmd_bench)
     return p
 

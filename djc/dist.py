@@ -56,9 +56,14 @@ def count_traffic() -> Iterator[dict[str, int]]:
         _traffic = outer
 
 
-def _count(name: str, x: Tensor, times: int = 1) -> None:
+def count_payload(name: str, nbytes: int) -> None:
+    """Adds to `count_traffic`'s tally; for a fast path that skips a helper on one process (GlobalBatchNorm)."""
     if _traffic is not None:
-        _traffic[name] = _traffic.get(name, 0) + times * x.numel() * x.element_size()
+        _traffic[name] = _traffic.get(name, 0) + nbytes
+
+
+def _count(name: str, x: Tensor, times: int = 1) -> None:
+    count_payload(name, times * x.numel() * x.element_size())
 
 
 def _comm_device(x: Tensor) -> torch.device:

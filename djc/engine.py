@@ -121,6 +121,8 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def to_device(method: ClusteringMethod, cfg: Config, device: torch.device) -> ClusteringMethod:
     """The method on `device`, with the step's precision, memory format and (optional) compiled backbone."""
     t = cfg.trainer
+    if device.type == "cuda":  # fixed shapes every step: let cuDNN time its algorithms once (process-wide)
+        torch.backends.cudnn.benchmark = True
     method = method.to(device)
     method.amp_dtype = amp_dtype(t.precision, device)
     backbone = getattr(method, "backbone", None)  # AE-CM's small MLPs have none and stay float32
