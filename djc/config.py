@@ -196,7 +196,7 @@ class TrainerConfig(_Node):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(20, gt=0)  # steps between host-synced loss logs
     # Autocast dtype of the backbone (heads, cluster statistics and losses stay float32): auto = bf16 on GPUs,
-    # fp32 on CPUs; bf16 on a CPU runs (tested) but only pays off on CPUs with bf16 units.
+    # fp32 on CPUs (bf16 runs on a CPU too: tests/test_engine.py).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"  # conv weights; auto = NHWC on GPUs
     compile: bool = False  # torch.compile the backbone: minutes of start-up, for long GPU runs
