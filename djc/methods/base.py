@@ -62,7 +62,7 @@ class ClusteringMethod(nn.Module):
     # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).
     views: str = "two"
-    # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by engine.set_precision; None = float32.
+    # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by engine.to_device; None = float32.
     # Only `encode` uses it: projection heads, cluster statistics, Sinkhorn and every loss stay float32/64.
     amp_dtype: torch.dtype | None = None
 

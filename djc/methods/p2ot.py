@@ -10,8 +10,9 @@ virtual cluster:
   rho(t) = rho0 + (rho1 - rho0) exp(-5 (1 - t/T)^2) over the global step t of T.
 Loss: soft cross-entropy of each view's logits against the other view's targets n P_i[:K] (row mass in [0, 1] =
 the sample's confidence), mean over this worker's samples and the two directions.
-Distribution: the bank is replicated and filled from all-gathered logits, so every worker solves the same global
-problem (no collective inside the Sinkhorn loop) and keeps its own rows' targets.
+Distribution: the bank is replicated and filled from all-gathered logits (equal local batches, as the training
+loop makes them: one gather, no size exchange), so every worker solves the same global problem (no collective
+inside the Sinkhorn loop) and keeps its own rows' targets.
 """
 
 from __future__ import annotations
