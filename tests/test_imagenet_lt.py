@@ -6,6 +6,7 @@ import collections
 import os
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,7 +57,7 @@ def tree(tmp_path_factory) -> Path:
     return root
 
 
-def _prepare(root: Path, out: Path, *extra: str, split: str = "train") -> int:
+def _prepare(root: Path, out: Path | str, *extra: str, split: str = "train") -> int:
     return cli.main(["prepare", "imagenet-lt", "--root", str(root), "--split-file",
                      str(root / f"ImageNet_LT_{split}.txt"), "--out", str(out), "--size", "24",
                      "--rows-per-shard", "4", *extra])
@@ -115,10 +116,12 @@ def test_prepare_reproduces_the_list_and_resumes_without_rewriting_shards(tree, 
     assert sorted(index) == list(range(m.num_samples))
     assert collections.Counter(labels) == dict(enumerate(TRAIN_COUNTS)) and all(colour_ok)
 
-    # The balanced test list (val/ folder) in one process.
-    assert _prepare(tree, tmp_path / "test", "--workers", "1", split="test") == 0
-    t = read_manifest(str(tmp_path / "test"))
+    # The balanced test list (val/ folder), in one process, to another file system.
+    assert _prepare(tree, "memory://djc-test/imagenet-lt-test", "--workers", "1", split="test") == 0
+    t = read_manifest("memory://djc-test/imagenet-lt-test")
     assert list(t.class_counts) == [3, 3, 3, 3] and t.provenance["split"] == "test"
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/djc-test/imagenet-lt-test/manifest.json") and not fs.exists("/djc-test/imagenet-lt-test/_prepare")
 
 
 def test_bad_lists_fail_naming_the_file(tree, tmp_path, capsys):

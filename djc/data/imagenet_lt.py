@@ -194,7 +194,7 @@ def prepare_imagenet_lt(root: str, split_file: str, out_url: str, *, size: int =
 
     order = np.random.default_rng(seed).permutation(n)
     num_shards = -(-n // rows_per_shard)
-    fs.invalidate_cache(path)
+    fs.invalidate_cache()  # s3fs caches listings: see what an interrupted run left
     present = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     receipts = {p.rsplit("/", 1)[-1] for p in fs.ls(work, detail=False)}
     done = {s for s in range(num_shards)
