@@ -98,8 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from djc.data.prepare import prepare
 
-    if args.source in ("folder", "cifar10", "cifar100") and not args.root:
+    if args.source in ("folder", "cifar10", "cifar100", "imagenet-lt") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
+    if args.source == "imagenet-lt":
+        return _prepare_imagenet_lt(args)
     m = prepare(args.source, args.out, root=args.root, split=args.split, imbalance_ratio=args.imbalance_ratio,
                 profile=args.profile, seed=args.seed, overwrite=args.overwrite)
     print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
@@ -107,7 +109,27 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_imagenet_lt(args: argparse.Namespace) -> int:
+    from djc.data.imagenet_lt import prepare_imagenet_lt
+
+    if not args.split_file:
+        raise ConfigError("djc prepare imagenet-lt needs --split-file ImageNet_LT_<split>.txt")
+    m = prepare_imagenet_lt(args.root, args.split_file, args.out, size=args.size, quality=args.quality,
+                            rows_per_shard=args.rows_per_shard, seed=args.seed, workers=args.workers,
+                            max_shards=args.max_shards, overwrite=args.overwrite)
+    if m is None:
+        print(f"[djc] stopped after --max-shards {args.max_shards}; run the same command again to continue")
+    else:
+        print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
+              f"{m.num_classes} classes, {max(m.class_counts)} -> {min(m.class_counts)} images")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "throughput":
+        from djc import bench_throughput
+
+        return bench_throughput.main(args)
     from djc import bench
 
     return bench.main(args)
@@ -118,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
-    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder"])
+    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder", "imagenet-lt"])
     pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
     pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
     pr.add_argument("--split", default="train", choices=["train", "test"])
@@ -126,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--profile", default="exp", choices=["exp", "step"])
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--overwrite", action="store_true")
+    il = pr.add_argument_group("imagenet-lt", "images re-encoded once as size x size JPEGs, in parallel, resumable")
+    il.add_argument("--split-file", help="ImageNet_LT_{train,val,test}.txt: 'relative/path label' per line")
+    il.add_argument("--size", type=int, default=256, help="short side resized to this, then centre-cropped square")
+    il.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
+    il.add_argument("--rows-per-shard", type=int, default=1024)
+    il.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU)")
+    il.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (resume later)")
     pr.set_defaults(func=cmd_prepare)
 
     tr = sub.add_parser("train", help="train on Ray (local by default); resumes when --out holds a checkpoint")
@@ -138,15 +167,22 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and seeds)")
-    be.add_argument("which", choices=["quality"])
-    be.add_argument("--config", nargs="+", help="run configs to compare (default: the five digits_lt jobs)")
+    be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
+                                      "seeds), throughput (the training step against a plain PyTorch loop)")
+    be.add_argument("which", choices=["quality", "throughput"])
+    be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: the five digits_lt jobs)")
     be.add_argument("--data", action="append", default=[],
-                    help="NAME:key=v,key=v - a data set as overrides applied to every config (repeatable; "
-                         "default: lt10 as configured, and balanced digits)")
+                    help="quality: NAME:key=v,key=v - a data set as overrides applied to every config "
+                         "(repeatable; default: lt10 as configured, and balanced digits)")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
+    tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
+    tp.add_argument("--batch-size", type=int, default=0, help="per model; 0 = the device's default")
+    tp.add_argument("--steps", type=int, default=0, help="timed steps per round; 0 = the device's default")
+    tp.add_argument("--rounds", type=int, default=0, help="alternating rounds of both loops; 0 = default")
+    tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     be.set_defaults(func=cmd_bench)
     return p
 

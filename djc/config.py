@@ -195,6 +195,11 @@ class TrainerConfig(_Node):
     checkpoint_every: int = Field(1, gt=0)  # epochs between checkpoints
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(20, gt=0)  # steps between host-synced loss logs
+    # Autocast dtype of the backbone (heads, cluster statistics and losses stay float32): auto = bf16 on GPUs,
+    # fp32 on CPUs (bf16 runs on a CPU too: tests/test_engine.py).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"  # conv weights; auto = NHWC on GPUs
+    compile: bool = False  # torch.compile the backbone: minutes of start-up, for long GPU runs
     ray_address: str = ""  # "" = join RAY_ADDRESS if set, else start a local Ray instance
     # Seconds between Ray Train's controller polls of the workers. Every ray.train.report waits for the next
     # poll: Ray's 2 s default cost 1.8 s per epoch (a 150-epoch digits job spent 4.5 min waiting); 0.1 s costs

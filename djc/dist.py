@@ -8,6 +8,9 @@ exactly the gradient of one worker on the concatenated batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -35,54 +38,112 @@ def barrier() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Accounting: the payload each worker puts into collectives, per helper, for `djc bench throughput`.
+
+_traffic: dict[str, int] | None = None
+
+
+@contextmanager
+def count_traffic() -> Iterator[dict[str, int]]:
+    """Within the block, bytes each worker contributes per helper name: an all-reduce counts its tensor, a gather
+    this worker's rows, a with-gradient helper its forward and its backward. Counted on one process too, where
+    the helpers are identities: what W > 1 workers would send."""
+    global _traffic
+    outer, _traffic = _traffic, {}
+    try:
+        yield _traffic
+    finally:
+        _traffic = outer
+
+
+def count_payload(name: str, nbytes: int) -> None:
+    """Adds to `count_traffic`'s tally; for a fast path that skips a helper on one process (GlobalBatchNorm)."""
+    if _traffic is not None:
+        _traffic[name] = _traffic.get(name, 0) + nbytes
+
+
+def _count(name: str, x: Tensor, times: int = 1) -> None:
+    count_payload(name, times * x.numel() * x.element_size())
+
+
+def _comm_device(x: Tensor) -> torch.device:
+    """Where the backend can read `x`: NCCL only moves CUDA tensors, so CPU results (metrics, predictions that
+    were moved off the GPU) travel through the GPU; gloo takes them where they are."""
+    if x.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+# --------------------------------------------------------------------------------------------------------
 # No-gradient collectives: cluster statistics, per-instance memory, metrics.
 
 
 @torch.no_grad()
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over workers (a new tensor; no gradient). Pack several statistics into one tensor to pay one call."""
+    _count("all_reduce_sum", x)
     if not is_distributed():
         return x.clone()
-    y = x.clone()
+    y = x.to(_comm_device(x), copy=True)
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
+    return y.to(x.device)
 
 
 @torch.no_grad()
 def all_reduce_max(x: Tensor) -> Tensor:
+    _count("all_reduce_max", x)
     if not is_distributed():
         return x.clone()
-    y = x.clone()
+    y = x.to(_comm_device(x), copy=True)
     dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    return y
+    return y.to(x.device)
 
 
 @torch.no_grad()
 def all_gather_cat(x: Tensor) -> Tensor:
     """Concatenate every worker's `x` along dim 0, in rank order (no gradient).
 
-    Local sizes may differ: sizes are exchanged first and rows padded, so any batch split works.
+    Local sizes may differ: sizes are exchanged first (a host sync) and rows padded, so any split works. For
+    per-step state updates, where every worker holds the same batch size, use `all_gather_same_size`.
     """
+    _count("all_gather_cat", x)
     if not is_distributed():
         return x.clone()
-    w = world_size()
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    w, dev = world_size(), _comm_device(x)
+    n = torch.tensor([x.shape[0]], device=dev, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(w)]
     dist.all_gather(sizes, n)
     counts = [int(s.item()) for s in sizes]
     m = max(counts)
-    padded = x.new_zeros((m, *x.shape[1:]))
+    padded = x.new_zeros((m, *x.shape[1:]), device=dev)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(w)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0).to(x.device)
+
+
+@torch.no_grad()
+def all_gather_same_size(x: Tensor) -> Tensor:
+    """Concatenate every worker's `x` along dim 0, in rank order (no gradient), when every worker's `x` has the
+    same shape (the training loop's equal local batches): one collective and no host sync, so it can run every
+    step. This worker's rows start at `rank() * x.shape[0]`."""
+    _count("all_gather_same_size", x)
+    if not is_distributed():
+        return x.clone()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 @torch.no_grad()
 def broadcast_(x: Tensor, src: int = 0) -> Tensor:
     """In place: every worker receives rank `src`'s values (used to make replicated state identical at init)."""
+    _count("broadcast", x)
     if is_distributed():
-        dist.broadcast(x, src=src)
+        y = x if _comm_device(x) == x.device else x.to(_comm_device(x))
+        dist.broadcast(y, src=src)
+        if y is not x:
+            x.copy_(y)
     return x
 
 
@@ -132,6 +193,7 @@ class _AllGatherCat(torch.autograd.Function):
 
 def all_reduce_sum_with_grad(x: Tensor) -> Tensor:
     """Sum over workers; the backward sums gradients over workers too. Identity on one process."""
+    _count("all_reduce_sum_with_grad", x, 2 if x.requires_grad else 1)
     return _AllReduceSum.apply(x) if is_distributed() else x
 
 
@@ -140,4 +202,5 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
 
     Row offset of this worker's samples in the result is `rank() * x.shape[0]` (offset contrastive labels by it).
     """
+    _count("all_gather_with_grad", x, 2 if x.requires_grad else 1)
     return _AllGatherCat.apply(x) if is_distributed() else x

@@ -83,14 +83,57 @@ class Views:
         self.mean, self.std = mean, std
         self.out = a.out_size or image_side
         self.seed = cfg.seed
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std copied once per device
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
+        return self._stats[device]
 
     def train(self, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
         # Seeded by (seed, step, rank): reproducible and resumable without saving generator state.
         g = torch.Generator(device=images.device).manual_seed((self.seed * 1_000_003 + step) * 4099 + rank)
-        return views.two_views(images, self.specs, self.mean, self.std, generator=g, out_size=self.out)
+        return views.two_views(images, self.specs, *self._on(images.device), generator=g, out_size=self.out)
 
     def eval(self, images: Tensor) -> Tensor:
-        return views.eval_view(images, self.mean, self.std, out_size=self.out)
+        return views.eval_view(images, *self._on(images.device), out_size=self.out)
+
+    def for_method(self, method: ClusteringMethod, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
+        """The two inputs of a training step: augmented views, or the plain view twice for autoencoders."""
+        if method.views == "plain":
+            x = self.eval(images)
+            return x, x
+        return self.train(images, step, rank)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device placement: precision, memory format, compilation (trainer.precision / memory_format / compile).
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """trainer.precision -> the backbone's autocast dtype; "auto" is bf16 on CUDA (no loss scaling needed, unlike
+    fp16) and float32 elsewhere."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def to_device(method: ClusteringMethod, cfg: Config, device: torch.device) -> ClusteringMethod:
+    """The method on `device`, with the step's precision, memory format and (optional) compiled backbone."""
+    t = cfg.trainer
+    if device.type == "cuda":  # fixed shapes every step: let cuDNN time its algorithms once (process-wide)
+        torch.backends.cudnn.benchmark = True
+    method = method.to(device)
+    method.amp_dtype = amp_dtype(t.precision, device)
+    backbone = getattr(method, "backbone", None)  # AE-CM's small MLPs have none and stay float32
+    if backbone is not None and (t.memory_format == "channels_last" or (t.memory_format == "auto"
+                                                                        and device.type == "cuda")):
+        # Conv weights in NHWC: cuDNN's bf16 tensor-core kernels want it, and a conv with NHWC weights returns
+        # NHWC whatever its input, so the batch is converted by the first conv. 2D tensors are unaffected.
+        backbone.to(memory_format=torch.channels_last)
+    if backbone is not None and t.compile:
+        backbone.compile()  # in place: parameter names, checkpoints and DDP see the same module
+    return method
 
 
 def wrap_ddp(method: ClusteringMethod) -> nn.Module:
@@ -114,6 +157,18 @@ def train_step(model: nn.Module, method: ClusteringMethod, opt: torch.optim.Opti
     out.loss.backward()
     opt.step()
     method.update_state(out.update)
+    return out
+
+
+def state_bytes(method: ClusteringMethod, num_samples: int) -> dict[str, int]:
+    """Bytes every worker holds for the method (all of it is replicated): parameters, per-instance buffers (first
+    dimension N, keyed by the dataset index) and the other buffers. Gradients and SGD momentum add the
+    parameters' size twice more."""
+    out = {"parameters": sum(p.numel() * p.element_size() for p in method.parameters()),
+           "per_instance": 0, "other_buffers": 0}
+    for b in method.buffers():
+        key = "per_instance" if b.dim() >= 1 and b.shape[0] == num_samples else "other_buffers"
+        out[key] += b.numel() * b.element_size()
     return out
 
 

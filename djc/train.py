@@ -21,7 +21,7 @@ from djc import dist, export, outputs
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.stream import ShardStream, StreamLoader
-from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, train_step, wrap_ddp
+from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 
 CKPT_FILE = "state.pt"
@@ -62,7 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     views = Views(cfg, manifest.mean, manifest.std, info.image_shape[0])
 
     # --- model and cluster state ------------------------------------------------------------------------
-    method = build_method(cfg, info).to(device)
+    method = to_device(build_method(cfg, info), cfg, device)  # precision, memory format, compile
     opt = make_optimizer(cfg, method)
 
     # --- resume -----------------------------------------------------------------------------------------
@@ -95,12 +95,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t0, sums, n = time.time(), None, 0
         for batch in loader:
             apply_lr(opt, lr_factor(cfg, step, steps_per_epoch))
-            images = batch["image"].to(device, non_blocking=True)
-            if method.views == "plain":  # autoencoders reconstruct the input itself
-                x1 = x2 = views.eval(images)
-            else:
-                x1, x2 = views.train(images, step, rank)
-            out = train_step(model, method, opt, batch["index"].to(device), x1, x2)
+            # non_blocking: a blocking host -> GPU copy synchronises the stream
+            x1, x2 = views.for_method(method, batch["image"].to(device, non_blocking=True), step, rank)
+            out = train_step(model, method, opt, batch["index"].to(device, non_blocking=True), x1, x2)
             logs = torch.stack([out.loss.detach(), *out.logs.values()])
             sums = logs if sums is None else sums + logs
             n, step = n + 1, step + 1
@@ -128,7 +125,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _epoch_metrics(cfg: Config, method, names, sums, n, epoch, step, seconds, opt) -> dict[str, float]:
     # Sums over workers, then divide: one collective for every logged scalar.
-    vals = dist.all_reduce_sum(torch.cat([sums.float().cpu(), torch.tensor([float(n)])])) / dist.world_size()
+    vals = dist.all_reduce_sum(torch.cat([sums.float(), sums.new_full((1,), n, dtype=torch.float)])).cpu()
+    vals = vals / dist.world_size()
     out = {"epoch": epoch + 1, "step": step, "seconds": round(seconds, 3),
            "loss": float(vals[0] / vals[-1]), "lr": opt.param_groups[0]["lr"]}
     out.update({k: float(v / vals[-1]) for k, v in zip(names, vals[1:-1])})

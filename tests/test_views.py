@@ -183,3 +183,58 @@ def test_secu_view_specs() -> None:
     assert V.secu_view_specs("imagenet")[1].crop_scale_min == 0.08
     with pytest.raises(ValueError):
         V.secu_view_specs("mnist")
+
+
+# ---------------------------------------------------------------- whole views against torchvision
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(a.numpy(), b.numpy()).statistic)
+
+
+def test_a_whole_view_equals_torchvision_per_image_under_the_same_choices() -> None:
+    u8 = _u8(12, side=40, seed=3)[..., :36]  # 40 x 36: crops both up- and downsampled to 32
+    spec = V.ViewSpec(crop_scale_min=0.2, gray_p=0.4, blur_p=0.5, solarize_p=0.5)
+    out = 32
+    p = V.sample_params(12, 40, 36, out, spec, torch.Generator().manual_seed(5))
+    assert p.flip.any() and p.gray.any() and p.blur.any() and p.solarize.any() and (p.brightness == 1).any()
+    ours = V.augment(u8, spec, MEAN, STD, torch.Generator().manual_seed(5), out_size=out)
+    k = V.blur_kernel_size(out)
+    ref = []
+    for i, im in enumerate(u8.float() / 255):
+        im = TF.resized_crop(im, *p.boxes[i].tolist(), size=[out, out], antialias=False)
+        im = TF.hflip(im) if p.flip[i] else im
+        im = TF.adjust_brightness(im, float(p.brightness[i]))
+        im = TF.adjust_contrast(im, float(p.contrast[i]))
+        im = TF.adjust_saturation(im, float(p.saturation[i]))
+        im = TF.adjust_hue(im, float(p.hue[i]))
+        im = TF.rgb_to_grayscale(im, 3) if p.gray[i] else im
+        im = TF.gaussian_blur(im, [k, k], [float(p.sigma[i])] * 2) if p.blur[i] else im
+        im = TF.solarize(im, 0.5) if p.solarize[i] else im
+        ref.append(TF.normalize(im, list(MEAN), list(STD)))
+    torch.testing.assert_close(ours, torch.stack(ref), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_random_choices_follow_torchvision_samplers(view: int) -> None:
+    spec = V.secu_view_specs("cifar10")[view]
+    n, out = 20_000, 96
+    p = V.sample_params(n, out, out, out, spec, torch.Generator().manual_seed(view))
+    rates = {"flip": p.flip, "gray": p.gray, "blur": p.blur, "solarize": p.solarize, "jitter": p.brightness != 1}
+    expect = {"flip": 0.5, "gray": spec.gray_p, "blur": spec.blur_p, "solarize": spec.solarize_p,
+              "jitter": spec.jitter_p}
+    for name, mask in rates.items():
+        assert abs(mask.float().mean().item() - expect[name]) < 0.015, name
+    torch.manual_seed(view)
+    jit = [T1.ColorJitter.get_params([1 - spec.brightness, 1 + spec.brightness], [1 - spec.contrast,
+                                     1 + spec.contrast], [1 - spec.saturation, 1 + spec.saturation],
+                                     [-spec.hue, spec.hue])[1:] for _ in range(n)]
+    ref = torch.tensor(jit)  # (n, 4) brightness, contrast, saturation, hue
+    on = rates["jitter"]
+    for j, ours in enumerate((p.brightness, p.contrast, p.saturation, p.hue)):
+        assert _ks(ours[on], ref[:, j]) < 0.03, j
+    lo, hi = 0.1 * out / 224, 2.0 * out / 224  # BYOL's sigma range, scaled to the side
+    sig = torch.tensor([T1.GaussianBlur.get_params(lo, hi) for _ in range(n)])
+    assert _ks(p.sigma[p.blur], sig) < 0.03

@@ -17,14 +17,16 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "djc-dataset/1"
 MANIFEST = "manifest.json"
@@ -71,6 +73,8 @@ def decode_array(data: bytes, where: str = "image") -> np.ndarray:
 
 def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
     """uint8 (C, H, W) tensor of encoded image bytes; CorruptDataError (naming `where`) when they do not decode."""
+    import torch  # here, not at the top: `djc prepare`'s encoding processes start without torch (seconds each)
+
     return torch.from_numpy(decode_array(data, where)).permute(2, 0, 1).contiguous()
 
 
@@ -238,7 +242,20 @@ class _Stats:
         self.shapes.add(a.shape)
         x = a.reshape(-1, a.shape[2]).astype(np.int64)  # (H*W, C)
         acc = np.concatenate([x.sum(0), (x * x).sum(0), [x.shape[0]]]).astype(object)
-        self.s[a.shape[2]] = self.s[a.shape[2]] + acc if a.shape[2] in self.s else acc
+        self._add_sums(a.shape[2], acc)
+
+    def _add_sums(self, c: int, acc: np.ndarray) -> None:
+        self.s[c] = self.s[c] + acc if c in self.s else acc
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able (exact ints): what a parallel writer's workers send and a resumable writer stores."""
+        return {"sums": {str(c): [int(v) for v in acc] for c, acc in self.s.items()},
+                "shapes": sorted(list(s) for s in self.shapes)}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        for c, acc in state["sums"].items():
+            self._add_sums(int(c), np.array([int(v) for v in acc], dtype=object))
+        self.shapes.update(tuple(s) for s in state["shapes"])
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         if not self.s:
@@ -308,29 +325,51 @@ def write_dataset(out_url: str, images: Sequence[Any], labels: Sequence[int] | n
                 raise DatasetError(f"source sample {int(i)} cannot be stored: {e}") from e
             encodings.add(image_encoding(blob))
             blobs.append(blob)
-        table = pa.table({"index": pa.array(np.arange(lo, lo + len(rows)), pa.int64()),
-                          "label": pa.array(y[rows], pa.int64()), "image": pa.array(blobs, pa.binary())})
-        sink = pa.BufferOutputStream()
-        # Images are compressed already; statistics on them would only bloat the footer.
-        pq.write_table(table, sink, row_group_size=rows_per_group, write_statistics=["index", "label"],
-                       compression={"index": "snappy", "label": "snappy", "image": "none"})
-        buf = sink.getvalue().to_pybytes()
-        meta = pq.ParquetFile(pa.BufferReader(buf)).metadata
         path = f"shard-{s:05d}.parquet"
+        buf, info = shard_bytes(path, lo, y[rows], blobs, rows_per_group)
         with fs.open(f"{root}/{path}", "wb") as f:
             f.write(buf)
-        shards.append(ShardInfo(path, len(rows), tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
-                                hashlib.sha256(buf).hexdigest(), len(buf)))
+        shards.append(info)
         if progress is not None:
             progress(lo + len(rows), n)
 
+    return write_manifest(url, name=name, class_names=class_names, labels=y, stats=stats, encodings=encodings,
+                          shards=shards, provenance=provenance)
+
+
+def shard_bytes(path: str, first_index: int, labels: np.ndarray, blobs: list[bytes],
+                rows_per_group: int) -> tuple[bytes, ShardInfo]:
+    """One Parquet shard (index first_index.., label, image) and its manifest entry."""
+    table = pa.table({"index": pa.array(np.arange(first_index, first_index + len(blobs)), pa.int64()),
+                      "label": pa.array(labels, pa.int64()), "image": pa.array(blobs, pa.binary())})
+    sink = pa.BufferOutputStream()
+    # Images are compressed already; statistics on them would only bloat the footer.
+    pq.write_table(table, sink, row_group_size=rows_per_group, write_statistics=["index", "label"],
+                   compression={"index": "snappy", "label": "snappy", "image": "none"})
+    buf = sink.getvalue().to_pybytes()
+    meta = pq.ParquetFile(pa.BufferReader(buf)).metadata
+    groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+    return buf, ShardInfo(path, len(blobs), groups, hashlib.sha256(buf).hexdigest(), len(buf))
+
+
+def write_atomic(url: str, data: bytes) -> None:
+    """`data` at `url` all or nothing: a temporary name, then one rename (local) / one PUT of the final key (S3)."""
+    fs, path = fs_path(url)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def write_manifest(url: str, *, name: str, class_names: Sequence[str], labels: np.ndarray, stats: _Stats,
+                   encodings: set[str | None], shards: list[ShardInfo], provenance: dict[str, Any]) -> Manifest:
+    """The manifest of written shards, written last and atomically: until it exists the URL is no dataset."""
+    C, y = len(class_names), np.asarray(labels, dtype=np.int64)
     mean, std = stats.mean_std()
-    m = Manifest(url=url, format=FORMAT, name=name, num_samples=n, num_classes=C, class_names=tuple(class_names),
+    m = Manifest(url=url, format=FORMAT, name=name, num_samples=len(y), num_classes=C,
+                 class_names=tuple(class_names),
                  class_counts=tuple(int(c) for c in np.bincount(y[y >= 0], minlength=C)),
                  image=ImageInfo(next(iter(stats.shapes)) if len(stats.shapes) == 1 else None,
-                                 encodings.pop() if len(encodings) == 1 else "mixed", tuple(mean), tuple(std)),
+                                 next(iter(encodings)) if len(encodings) == 1 else "mixed", tuple(mean), tuple(std)),
                  shards=tuple(shards), provenance=dict(provenance), created_by=f"djc {_version()}")
-    tmp = f"{root}/{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(tmp, m.to_json().encode())
-    fs.mv(tmp, f"{root}/{MANIFEST}")  # one rename (local) / one PUT of the final key (S3): all or nothing
+    write_atomic(f"{url}/{MANIFEST}", m.to_json().encode())
     return m

@@ -1,8 +1,10 @@
 """Batched augmentation views in pure torch, on whatever device the images are on.
 
 The loader only decodes to uint8 (B, C, H, W); every random op below works on the whole batch with per-sample
-parameters, so one view costs a handful of kernels instead of B PIL pipelines on the CPU. Each op matches its
-torchvision.transforms.v2.functional counterpart per image (tests/test_views.py checks this), except:
+parameters, so one view costs a handful of kernels instead of B PIL pipelines on the CPU. A view is its random
+choices (`sample_params`, drawn from torchvision's distributions) applied by `apply_params`. Each op, and the
+whole chain under the same choices, matches torchvision.transforms.v2.functional per image, and the choices
+match torchvision's samplers in distribution (tests/test_views.py checks both), except:
 
 - ColorJitter runs in the fixed order brightness, contrast, saturation, hue; torchvision permutes the four
   per image. The factor distributions are the same.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +102,10 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float] = (0.
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=dev, dtype=torch.float32)
-    boxes = torch.stack([top, left, h, w], dim=1)  # (n, 4)
-    return torch.where(valid.any(dim=1, keepdim=True), boxes, fallback).long()
+    ok = valid.any(dim=1)
+    # Tensor.where with a Python scalar fills on the device: no host -> device copy (a stream sync on a GPU)
+    return torch.stack([top.where(ok, (height - fh) // 2), left.where(ok, (width - fw) // 2), h.where(ok, fh),
+                        w.where(ok, fw)], dim=1).long()  # (n, 4)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, out_size: int) -> Tensor:
@@ -213,64 +216,91 @@ def _to_unit(images: Tensor) -> Tensor:
     return images.float()  # already in [0, 1]
 
 
-def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def _normalise(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    # Tensors already on x's device pass through as_tensor untouched; Python numbers are copied in (a stream
+    # sync on a GPU): the training loop's Views hands over device tensors.
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 
-def _factor(n: int, x: Tensor, g: torch.Generator | None, amount: float, on: Tensor) -> Tensor:
+class ViewParams(NamedTuple):
+    """Every random choice of one view of a batch, per sample (B,): drawn first, then applied in one pass."""
+
+    boxes: Tensor  # (B, 4) long crop boxes (top, left, h, w)
+    flip: Tensor  # bool
+    brightness: Tensor  # ColorJitter factors; 1 where jitter is not applied
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor  # in turns, 0 where jitter is not applied
+    gray: Tensor  # bool
+    blur: Tensor  # bool; always false below _BLUR_MIN_SIDE
+    sigma: Tensor  # blur sigma in px of the output
+    solarize: Tensor  # bool
+
+
+def _factor(u: Tensor, amount: float, on: Tensor) -> Tensor:
     # ColorJitter's U(max(0, 1 - a), 1 + a); 1 (the identity) where jitter is not applied
     lo = max(0.0, 1.0 - amount)
-    f = lo + (1.0 + amount - lo) * _rand(n, x, g)
-    return torch.where(on, f, torch.ones_like(f))
+    return torch.where(on, lo + (1.0 + amount - lo) * u, torch.ones_like(u))
 
 
-def augment(images: Tensor, spec: ViewSpec, mean: Sequence[float], std: Sequence[float],
-            generator: torch.Generator | None = None, out_size: int | None = None) -> Tensor:
-    """uint8 (or [0, 1] float) (B, C, H, W) on any device -> normalised float32 (B, C, out, out).
+def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
+                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> ViewParams:
+    """One view's random choices for n images of (height, width) cropped to (out, out).
 
-    Every random number comes from `generator` (on the images' device) in a fixed order, whatever the spec's
-    probabilities, so a seed fixes the view.
-    """
-    x = _to_unit(images)
-    B, C, H, W = x.shape
-    out = out_size if out_size is not None else min(H, W)
-    boxes = crop_boxes(B, H, W, (spec.crop_scale_min, 1.0), generator=generator, device=x.device)
-    x = resized_crop(x, boxes, out)  # (B, C, out, out)
-
-    u = _rand(B, x, generator, 6)  # flip, jitter, gray, blur, solarize, spare: one draw per sample each
-    if spec.hflip:
-        x = hflip(x, u[:, 0] < 0.5)
-
+    Every number comes from `generator` (on `device`) in a fixed order, whatever the spec's probabilities, so a
+    seed fixes the view."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    boxes = crop_boxes(n, height, width, (spec.crop_scale_min, 1.0), generator=generator, device=dev)
+    u = torch.rand((n, 6), generator=generator, device=dev)  # flip, jitter, gray, blur, solarize, spare
+    f = torch.rand((5, n), generator=generator, device=dev)  # brightness, contrast, saturation, hue, sigma
     on = u[:, 1] < spec.jitter_p
-    x = adjust_brightness(x, _factor(B, x, generator, spec.brightness, on))
-    x = adjust_contrast(x, _factor(B, x, generator, spec.contrast, on))
-    sat = _factor(B, x, generator, spec.saturation, on)
-    hue = (2 * _rand(B, x, generator) - 1) * spec.hue
-    if C == 3:  # one channel has no saturation or hue
-        x = adjust_hue(adjust_saturation(x, sat), torch.where(on, hue, torch.zeros_like(hue)))
-
-    x = random_grayscale(x, u[:, 2] < spec.gray_p)
-
-    sigma = (0.1 + 1.9 * _rand(B, x, generator)) * out / _BLUR_REF_SIDE
-    if out >= _BLUR_MIN_SIDE and spec.blur_p > 0:
-        # unblurred samples get sigma -> 0, whose kernel is an exact delta (softmax underflows to one-hot)
-        sigma = torch.where(u[:, 3] < spec.blur_p, sigma, torch.full_like(sigma, 1e-6))
-        x = gaussian_blur(x, sigma, blur_kernel_size(out))
-
-    x = solarize(x, u[:, 4] < spec.solarize_p)
-    return _normalise(x, mean, std)
+    return ViewParams(
+        boxes=boxes, flip=(u[:, 0] < 0.5) & spec.hflip,
+        brightness=_factor(f[0], spec.brightness, on), contrast=_factor(f[1], spec.contrast, on),
+        saturation=_factor(f[2], spec.saturation, on),
+        hue=torch.where(on, (2 * f[3] - 1) * spec.hue, torch.zeros_like(f[3])),
+        gray=u[:, 2] < spec.gray_p, blur=(u[:, 3] < spec.blur_p) & (out >= _BLUR_MIN_SIDE),
+        sigma=(0.1 + 1.9 * f[4]) * out / _BLUR_REF_SIDE, solarize=u[:, 4] < spec.solarize_p)
 
 
-def two_views(images: Tensor, specs: tuple[ViewSpec, ViewSpec], mean: Sequence[float], std: Sequence[float],
+def apply_params(x: Tensor, p: ViewParams, out: int) -> Tensor:
+    """[0, 1] float (B, C, H, W) -> the view (B, C, out, out) in [0, 1], before normalisation."""
+    x = resized_crop(x, p.boxes, out)
+    x = hflip(x, p.flip)
+    x = adjust_brightness(x, p.brightness)
+    x = adjust_contrast(x, p.contrast)
+    if x.shape[1] == 3:  # one channel has no saturation or hue
+        x = adjust_hue(adjust_saturation(x, p.saturation), p.hue)
+    x = random_grayscale(x, p.gray)
+    if out >= _BLUR_MIN_SIDE:
+        # unblurred samples get sigma -> 0, whose kernel is an exact delta (softmax underflows to one-hot), so
+        # the whole batch shares one conv
+        x = gaussian_blur(x, torch.where(p.blur, p.sigma, torch.full_like(p.sigma, 1e-6)), blur_kernel_size(out))
+    return solarize(x, p.solarize)
+
+
+def augment(images: Tensor, spec: ViewSpec, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+            generator: torch.Generator | None = None, out_size: int | None = None) -> Tensor:
+    """uint8 (or [0, 1] float) (B, C, H, W) on any device -> normalised float32 (B, C, out, out)."""
+    x = _to_unit(images)
+    B, _, H, W = x.shape
+    out = out_size if out_size is not None else min(H, W)
+    p = sample_params(B, H, W, out, spec, generator, x.device)
+    return _normalise(apply_params(x, p, out), mean, std)
+
+
+def two_views(images: Tensor, specs: tuple[ViewSpec, ViewSpec], mean: Sequence[float] | Tensor,
+              std: Sequence[float] | Tensor,
               generator: torch.Generator | None = None, out_size: int | None = None) -> tuple[Tensor, Tensor]:
     """The two views of a batch, drawn one after the other from the same generator."""
     return (augment(images, specs[0], mean, std, generator, out_size),
             augment(images, specs[1], mean, std, generator, out_size))
 
 
-def eval_view(images: Tensor, mean: Sequence[float], std: Sequence[float], out_size: int | None = None) -> Tensor:
+def eval_view(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+              out_size: int | None = None) -> Tensor:
     """Deterministic view: resize to (out, out) if the size differs (bilinear, antialiased), normalise."""
     x = _to_unit(images)
     if out_size is not None and tuple(x.shape[-2:]) != (out_size, out_size):

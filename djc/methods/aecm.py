@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
 from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
 from djc.methods.kmeans import kmeans
 
@@ -93,7 +93,7 @@ class AECM(ClusteringMethod):
         c_in = code.detach() if stage == CM_ONLY else code
         gamma = self.cm(c_in)  # (b, K)
         with torch.no_grad():
-            counts = torch.bincount(gamma.argmax(1), minlength=k).to(gamma.dtype)
+            counts = cluster_counts(gamma.argmax(1), k).to(gamma.dtype)
         # One collective, with gradient: [sum_i gamma_i (K), n_local, argmax counts (K, no grad)].
         glob = dist.all_reduce_sum_with_grad(torch.cat([gamma.sum(0), gamma.new_full((1,), b), counts]))
         n = glob[k].detach()

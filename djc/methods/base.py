@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 
@@ -48,10 +49,30 @@ class EpochContext:
     map_train: Callable[[Callable[[Tensor, Tensor], Tensor]], tuple[Tensor, Tensor]]
 
 
+def cluster_counts(y: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
+    """(K,) int64 counts of the labels y (B,) in [0, K), only where `keep` (B,) is true if given.
+
+    bincount without its host syncs: CUDA's bincount reads y.max() to size its output, and `y[y >= 0]` needs the
+    mask's count, so both stall the step; index_add_ into a (K,) tensor does not (integer adds: deterministic)."""
+    ones = torch.ones_like(y, dtype=torch.long) if keep is None else keep.long()
+    return torch.zeros(k, dtype=torch.long, device=y.device).index_add_(0, y, ones)
+
+
 class ClusteringMethod(nn.Module):
     # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).
     views: str = "two"
+    # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by engine.to_device; None = float32.
+    # Only `encode` uses it: projection heads, cluster statistics, Sinkhorn and every loss stay float32/64.
+    amp_dtype: torch.dtype | None = None
+
+    def encode(self, x: Tensor) -> Tensor:
+        """backbone(x) under autocast at `amp_dtype` (one code path: the device type comes from x), returned as
+        float32, so what the method computes from the features is full precision whatever the step's dtype."""
+        if self.amp_dtype is None:
+            return self.backbone(x)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+            return self.backbone(x).float()
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:  # pragma: no cover - interface
         raise NotImplementedError

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut
+from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 from djc.models.norm import globalize_batchnorm
 
@@ -125,7 +125,7 @@ class Cardinality(nn.Module):
     def update(self, index: Tensor, y: Tensor) -> None:
         k = self.hist.shape[0]
         old = self.memory[index].long()
-        self.hist.add_(torch.bincount(y, minlength=k) - torch.bincount(old[old >= 0], minlength=k))
+        self.hist.add_(cluster_counts(y, k) - cluster_counts(old.clamp_min(0), k, keep=old >= 0))
         self.memory[index] = y.to(self.memory.dtype)
 
 
@@ -148,7 +148,7 @@ class DCL(ClusteringMethod):
         self.card = Cardinality(k, info.num_samples)
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        f = self.backbone(x)
+        f = self.encode(x)
         h = self.cluster_hidden(f)
         return F.normalize(self.proj(f), dim=1), h, F.softmax(self.cluster_out(h), dim=1)
 
@@ -180,12 +180,12 @@ class DCL(ClusteringMethod):
         loss = deb.loss + c.lam * ddc.total
         logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
                 "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
-                "tau_plus": torch.as_tensor(tau, dtype=z.dtype).mean().detach()}
+                "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau)}
         return StepOut(loss, logs, torch.stack([index, y], dim=1))
 
     @torch.no_grad()
     def update_state(self, update: Tensor) -> None:
-        glob = dist.all_gather_cat(update)  # (B_global, 2): every worker counts every (index, label)
+        glob = dist.all_gather_same_size(update)  # (B_global, 2): every worker counts every (index, label)
         self.card.update(glob[:, 0], glob[:, 1])
 
     @torch.no_grad()

@@ -10,8 +10,9 @@ virtual cluster:
   rho(t) = rho0 + (rho1 - rho0) exp(-5 (1 - t/T)^2) over the global step t of T.
 Loss: soft cross-entropy of each view's logits against the other view's targets n P_i[:K] (row mass in [0, 1] =
 the sample's confidence), mean over this worker's samples and the two directions.
-Distribution: the bank is replicated and filled from all-gathered logits, so every worker solves the same global
-problem (no collective inside the Sinkhorn loop) and keeps its own rows' targets.
+Distribution: the bank is replicated and filled from all-gathered logits (equal local batches, as the training
+loop makes them: one gather, no size exchange), so every worker solves the same global problem (no collective
+inside the Sinkhorn loop) and keeps its own rows' targets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from djc import dist
 from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 
 TINY = 1e-300  # floor of (Q^T a): a cluster no sample can reach gets a huge but finite scaling, not inf * 0
@@ -88,27 +89,34 @@ class P2OT(ClusteringMethod):
         rows = self.c.bank_batches * cfg.data.batch_size  # 10 x global batch
         self.register_buffer("bank", torch.zeros(rows, self.k))  # ring of detached global logits
         self.register_buffer("duals", torch.full((self.k + 1,), 1.0 / (self.k + 1), dtype=torch.float64))
-        # [global step t, rows ever written to the bank, total steps T]: one host read per step.
+        # [global step t, rows ever written to the bank, total steps T], checkpointed.
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
         self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
+        # Host copy of `counters`, advanced in step with it: the slots, the bank fill and rho are host numbers,
+        # and reading them from the device would stall every step. Read back once after a checkpoint load.
+        self._host: list[int] | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host", None))
+
+    def _counters(self) -> list[int]:
+        if self._host is None:
+            self._host = [int(v) for v in self.counters.tolist()]
+        return self._host
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         b, k, c = x1.shape[0], self.k, self.c
-        z = self.head(self.backbone(torch.cat([x1, x2])))  # one pass: BN statistics over both views
+        z = self.head(self.encode(torch.cat([x1, x2])))  # one pass: BN statistics over both views
         z1, z2 = z[:b], z[b:]
         with torch.no_grad():
-            me = float(dist.rank())
-            mine = torch.full((b, 1), me, dtype=torch.float64, device=z.device)
-            glob = dist.all_gather_cat(torch.cat([z1.detach().double(), z2.detach().double(), mine], dim=1))
-            offset = int((glob[:, -1] < me).sum())  # rank-order concatenation: our rows start here
-            step, written, total = self.counters.tolist()
+            glob = dist.all_gather_same_size(torch.cat([z1.detach().double(), z2.detach().double()], dim=1))
+            offset = dist.rank() * b  # rank-order concatenation of equal local batches: our rows start here
+            step, written, total = self._counters()
             m, bg = self.bank.shape[0], glob.shape[0]
             slots = (written + torch.arange(bg, device=z.device)) % m  # the oldest rows, overwritten in turn
             n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
             rho = rho_schedule(step, total, c.rho0, c.rho1)
             duals, targets, iters = self.duals, [], 0
+            mem = self.bank.to(torch.float64, copy=True)  # one float64 copy; each view overwrites the same slots
             for v in range(2):
-                mem = self.bank.to(torch.float64, copy=True)
                 mem[slots] = glob[:, v * k : (v + 1) * k]
                 res = partial_ot(mem[:n], rho, c.eps, c.lam, c.sinkhorn_iters, c.sinkhorn_tol, warm_start=duals)
                 duals, iters = res.duals, iters + res.iters
@@ -116,32 +124,35 @@ class P2OT(ClusteringMethod):
                 if not c.weight_by_mass:
                     t = t / t.sum(1, keepdim=True).clamp_min(1e-12)
                 targets.append(t.to(z.dtype))
-            counts = torch.bincount(glob[:, :k].argmax(1), minlength=k)
+            counts = cluster_counts(glob[:, :k].argmax(1), k)
         loss = 0.5 * (soft_cross_entropy(z1, targets[1]) + soft_cross_entropy(z2, targets[0]))
-        logs = {"rho": z.new_tensor(rho), "mass": 0.5 * (targets[0].sum(1).mean() + targets[1].sum(1).mean()),
-                "sinkhorn_iters": z.new_tensor(iters / 2)}
+        # new_full fills on the device; new_tensor would copy a host number in, a stream sync on a GPU
+        logs = {"rho": z.new_full((), rho), "mass": 0.5 * (targets[0].sum(1).mean() + targets[1].sum(1).mean()),
+                "sinkhorn_iters": z.new_full((), iters / 2)}
         return StepOut(loss, logs, P2OTUpdate(glob[:, k : 2 * k].float(), duals, counts))
 
     @torch.no_grad()
     def update_state(self, update: P2OTUpdate) -> None:
         # Every input is global (gathered in forward), so every worker writes the same rows.
         m, bg = self.bank.shape[0], update.logits.shape[0]
-        written = int(self.counters[1])
-        slots = (written + torch.arange(bg, device=self.bank.device)) % m
+        host = self._counters()
+        slots = (host[1] + torch.arange(bg, device=self.bank.device)) % m
         self.bank[slots] = update.logits
         self.duals.copy_(update.duals)
         self.hist.add_(update.counts)
         self.counters[0] += 1
         self.counters[1] += bg
+        host[0], host[1] = host[0] + 1, host[1] + bg
 
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:
         self.counters[2] = ctx.epochs * ctx.steps_per_epoch  # T of the rho schedule
+        self._counters()[2] = ctx.epochs * ctx.steps_per_epoch
         self.hist.zero_()
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        f = self.backbone(x)
+        f = self.encode(x)
         p = F.softmax(self.head(f), dim=1)
         conf, y = p.max(dim=1)
         return Prediction(y.unsqueeze(1), conf, f)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class SeCu(ClusteringMethod):
                        for hd in self.heads]
 
     def embed(self, x: Tensor) -> Tensor:
-        return F.normalize(self.proj(self.backbone(x)), dim=1)
+        return F.normalize(self.proj(self.encode(x)), dim=1)
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         b = x1.shape[0]
@@ -142,15 +142,15 @@ class SeCu(ClusteringMethod):
 
     @torch.no_grad()
     def update_state(self, update: Tensor) -> None:
-        glob = dist.all_gather_cat(update)  # (B_global, 1 + H): every worker sees every (index, label)
+        glob = dist.all_gather_same_size(update)  # (B_global, 1 + H): every worker sees every (index, label)
         index, bsz = glob[:, 0], glob.shape[0]
         for h, head in enumerate(self.heads):
             y = glob[:, 1 + h]
             k = head.num_clusters
-            counts = torch.bincount(y, minlength=k)
+            counts = cluster_counts(y, k)
             head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h]))
             old = head.memory[index].long()
-            head.hist.add_(counts - torch.bincount(old[old >= 0], minlength=k))
+            head.hist.add_(counts - cluster_counts(old.clamp_min(0), k, keep=old >= 0))
             head.memory[index] = y.to(head.memory.dtype)
 
     @torch.no_grad()

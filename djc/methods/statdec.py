@@ -259,7 +259,7 @@ class StatDEC(ClusteringMethod):
                              c.target, c.assign == "hard")
 
     def embed(self, x: Tensor) -> Tensor:
-        return F.normalize(self.proj(self.backbone(x)), dim=1)
+        return F.normalize(self.proj(self.encode(x)), dim=1)
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         c, b = self.c, x1.shape[0]

@@ -2,7 +2,9 @@
 
 torch's SyncBatchNorm only runs on accelerators, yet the equivalence property (W workers == 1 worker on the
 concatenated batch) needs batch statistics over the global batch everywhere, CPU tests included. The mean and
-variance here come from all-reduced sums (with gradient), so on one process this is exactly BatchNorm.
+variance here come from all-reduced sums (with gradient), so on one process this is exactly BatchNorm, and on one
+process it runs as BatchNorm: the fused kernel, not the ~10 elementwise ops of the sums (1.6x the time of a
+ResNet-18 step on CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
+        if dist.world_size() == 1:  # the global batch is the local one
+            # what W > 1 workers all-reduce below: (sum x, sum x^2, count), forward and backward, float32
+            dist.count_payload("all_reduce_sum_with_grad", 2 * 4 * (2 * x.shape[1] + 1))
+            if self.track_running_stats and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 0.1
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, m, self.eps)
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
         xf = x.float()

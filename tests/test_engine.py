@@ -1,0 +1,203 @@
+"""The training step on the hot path: no host syncs per step, and bf16 autocast confined to the backbone.
+
+Both are checked on the CPU with a dispatch mode that sees every op a real step runs (views, forward, backward,
+optimiser, state update): the ops that make a host wait for a GPU are the same ops on any device.
+"""
+
+from __future__ import annotations
+
+import traceback
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from djc.config import from_dict
+from djc.engine import Views, amp_dtype, build_method, make_optimizer, to_device, train_step
+from djc.methods.base import DataInfo, EpochContext
+
+aten = torch.ops.aten
+METHODS = ["secu", "dcl", "statdec", "aecm", "p2ot"]
+N, B, SIDE = 64, 16, 16  # 16 px: the blur runs too
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that stall the host on a GPU, with the source line that ran them: reading a value (.item(),
+    bool(), int(), .tolist()), outputs sized by values (boolean masks, nonzero, bincount, unique), and tensors
+    made from host data (a blocking host -> device copy).
+
+    Two CPU-only reads are left out, because on CUDA they do not happen: F.one_hot checks its labels' range on the
+    CPU (CUDA relies on the scatter's device assert), and `t[i] = 0` lifts the 0 to a CPU tensor (CUDA fills it
+    on the device)."""
+
+    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten._unique2,
+               aten.unique_dim, aten.unique_consecutive, aten.lift_fresh}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []  # the source line of each syncing op
+        self._lifted: dict[int, int] = {}  # id of a lifted scalar -> its entry in calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (aten.index_put.default, aten.index_put_.default) and id(args[2]) in self._lifted:
+            self.calls[self._lifted.pop(id(args[2]))] = ""  # `t[i] = scalar`
+        bool_index = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if func.overloadpacket in self.SYNCING or bool_index:
+            line = next((f.line for f in reversed(traceback.extract_stack()) if f.name != "__torch_dispatch__"
+                         and ("/djc/" in f.filename or f.filename.endswith("test_engine.py"))), "?")
+            if "one_hot(" in line:
+                return out
+            if func == aten.lift_fresh.default and out.dim() == 0:
+                self._lifted[id(out)] = len(self.calls)
+            self.calls.append(line)
+        return out
+
+    @property
+    def syncs(self) -> list[str]:
+        return [c for c in self.calls if c]
+
+
+def _cfg(name: str, **trainer):
+    return from_dict({
+        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
+                   "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}},
+        "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": {"epochs": 10},
+    })
+
+
+def _setup(name: str, **trainer):
+    cfg = _cfg(name, **trainer)
+    method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device("cpu"))
+    opt = make_optimizer(cfg, method)  # SGD: Adam's step counter is a host tensor by design
+    views = Views(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
+    method.on_epoch_start(EpochContext(0, 10, N // B, map_train=None))
+    if name == "statdec":  # statistics ready: the KL term and the pooled EMA run too
+        method.pool.reset(torch.rand(4, 1 + 2 * 16) + 0.5)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randperm(N, generator=g)[:B], torch.randint(0, 256, (B, 3, SIDE, SIDE), generator=g,
+                                                                  dtype=torch.uint8)) for _ in range(3)]
+    return method, opt, views, batches
+
+
+def _step(method, opt, views, batch, step: int):
+    index, images = batch
+    x1, x2 = views.for_method(method, images, step, 0)
+    out = train_step(method, method, opt, index, x1, x2)
+    torch.stack([out.loss.detach(), *out.logs.values()])  # what the loop accumulates
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_training_step_never_waits_on_the_device(name):
+    torch.manual_seed(0)
+    method, opt, views, batches = _setup(name)
+    for step in range(2):  # epoch 0 fills the memories, so the next step takes the update's every branch
+        _step(method, opt, views, batches[step], step)
+    with HostSyncs() as mode:
+        out = _step(method, opt, views, batches[2], 2)
+    if name == "p2ot":
+        # The Sinkhorn loop decides convergence on the host: one read per scaling iteration, nothing else.
+        assert set(mode.syncs) == {"if change < tol:"}
+        assert len(mode.syncs) == round(2 * float(out.logs["sinkhorn_iters"]))
+    else:
+        assert mode.syncs == []
+    # The detector itself sees a host read, a boolean mask and a tensor from host data.
+    with HostSyncs() as mode:
+        x = torch.randn(4)
+        float(x.sum()), x[x > 0], x + torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert len(mode.syncs) == 3
+
+
+class DtypesByRegion(TorchDispatchMode):
+    """Floating output dtypes of every op, split into those run inside the backbone and the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = False
+        self.dtypes: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.dtypes[self.inside].add(t.dtype)
+        return out
+
+
+@contextmanager
+def _watch(module: torch.nn.Module, mode: DtypesByRegion):
+    pre = module.register_forward_pre_hook(lambda *a: setattr(mode, "inside", True))
+    post = module.register_forward_hook(lambda *a: setattr(mode, "inside", False))
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_runs_the_backbone_only_and_the_step_trains(name):
+    torch.manual_seed(0)
+    method, opt, views, batches = _setup(name, precision="bf16")
+    assert method.amp_dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    index, images = batches[0]
+    x1, x2 = views.for_method(method, images, 0, 0)
+    mode = DtypesByRegion()
+    region = _watch(method.backbone, mode) if hasattr(method, "backbone") else _watch(method.encoder, mode)
+    with region, mode:
+        out = method(index, x1, x2)
+    if name == "aecm":  # its small MLPs have no backbone: everything stays float32
+        assert mode.dtypes[True] == {torch.float32}
+    else:
+        assert torch.bfloat16 in mode.dtypes[True]
+    # Projection heads, cluster statistics, Sinkhorn and losses: float32 (float64 where asked), never bf16.
+    assert mode.dtypes[False] <= {torch.float32, torch.float64}, mode.dtypes[False]
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    method.update_state(out.update)
+    changed = [k for k, v in method.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("backbone" in k or "encoder" in k for k in changed)
+    assert all(torch.isfinite(v.float()).all() for v in method.state_dict().values())
+
+
+def test_precision_and_memory_format_follow_the_device():
+    assert amp_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("fp32", torch.device("cuda")) is None
+    assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    method, *_ = _setup("secu")
+    conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous() and method.amp_dtype is None  # auto on a CPU: the plain path
+    method, *_ = _setup("secu", memory_format="channels_last")
+    conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("n", [115_846, 1_281_167])  # ImageNet-LT train, ImageNet-1k train
+def test_per_instance_state_for_imagenet_sizes(n, capsys):
+    """SeCu's 10 heads keep one int32 label per instance each: 10 x 4 bytes per image, replicated per worker."""
+    from djc.engine import state_bytes
+
+    cfg = from_dict({"model": {"backbone": "mlp", "width": 8, "proj_dim": 128},
+                     "method": {"num_clusters": 1000, "secu": {"num_heads": 10}}, "data": {"batch_size": 1024}})
+    method = build_method(cfg, DataInfo(n, (4, 4, 3), 1000))
+    size = state_bytes(method, n)
+    assert size["per_instance"] == n * 10 * 4
+    centers = 128 * 1000 * sum(range(1, 11)) * 4  # D x K (h + 1) float32 over 10 heads
+    assert size["parameters"] >= centers and size["other_buffers"] >= centers  # + W_prev, the epoch snapshot
+    # One state update over a global batch of 1024: memories and histograms stay consistent.
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:1024]
+    labels = torch.stack([torch.randint(0, 1000 * (h + 1), (1024,)) for h in range(10)], 1)
+    method.update_state(torch.cat([index[:, None], labels], 1))
+    assert all(int(hd.hist.sum()) == 1024 == int((hd.memory >= 0).sum()) for hd in method.heads)
+    with capsys.disabled():
+        print(f"\n[memory] SeCu, N={n:,}, 10 heads, K=1000, D=128: per-instance "
+              f"{size['per_instance'] / 2**20:.1f} MiB, parameters {size['parameters'] / 2**20:.1f} MiB, "
+              f"other buffers {size['other_buffers'] / 2**20:.1f} MiB per worker")
