@@ -10,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from djc.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from djc import storage
+from djc.config import Config, ConfigError, from_dict, has_credentials, load_config, to_dict, to_yaml
 from djc.data.shards import DatasetError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, storage.StorageError)
 
 
 def _is_local(url: str) -> bool:
@@ -67,7 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from djc.outputs import metrics_table
 
     cfg = resolve(load_config(args.config, args.overrides))
-    run_dir = _absolute(args.out or f"runs/{cfg.name}")
+    run_dir = _absolute(_out_url(args.out or f"runs/{cfg.name}"))
+    storage.configure(cfg.storage)
+    storage.require_bucket(run_dir)
     ensure_datasets(cfg)
     check_against_data(cfg)
     print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
@@ -76,6 +79,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(metrics_table(result))
     print(f"[djc] outputs in {run_dir}")
     return 0
+
+
+def _out_url(url: str) -> str:
+    if has_credentials(url):  # it would be printed, and stored by Ray in its run state
+        raise ConfigError(f"--out {url.split('://')[0]}://...@... holds credentials; give them through the "
+                          f"environment or an AWS profile instead")
+    return url.rstrip("/")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -89,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from djc.export import read_text
 
         cfg = from_dict(yaml.safe_load(read_text(args.run_dir.rstrip("/") + "/config.yaml")))
+    storage.configure(cfg.storage)
     result = write_metrics(args.run_dir.rstrip("/"), cfg.method.num_clusters,
                            read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
     print(metrics_table(result))
@@ -100,8 +111,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.source in ("folder", "cifar10", "cifar100") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
-    m = prepare(args.source, args.out, root=args.root, split=args.split, imbalance_ratio=args.imbalance_ratio,
-                profile=args.profile, seed=args.seed, overwrite=args.overwrite)
+    m = prepare(args.source, _out_url(args.out), root=args.root, split=args.split,
+                imbalance_ratio=args.imbalance_ratio, profile=args.profile, seed=args.seed, overwrite=args.overwrite)
     print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
           f"class counts {m.class_counts}")
     return 0
