@@ -119,6 +119,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "data":
+        from djc import bench_data
+
+        return bench_data.main(args)
     from djc import bench
 
     return bench.main(args)
@@ -149,13 +153,19 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds)")
-    be.add_argument("which", choices=["quality"])
+    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds); data (local disk "
+                                      "vs S3 vs cache, read and training step rates)")
+    be.add_argument("which", choices=["quality", "data"])
     be.add_argument("--config", nargs="+", default=["jobs/digits_lt.yaml"], help="run configs to compare")
     be.add_argument("--variant", action="append", default=[],
                     help="NAME:key=v,key=v - run every config also with these overrides (repeatable)")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
+    be.add_argument("--samples", type=int, default=4096, help="data: images in the benchmark dataset")
+    be.add_argument("--batch-size", type=int, default=128, help="data: batch size of reads and steps")
+    be.add_argument("--steps", type=int, default=10, help="data: training steps timed per source and round")
+    be.add_argument("--rounds", type=int, default=3, help="data: interleaved rounds of every measurement (best kept)")
+    be.add_argument("--loader-workers", type=int, default=0, help="data: DataLoader processes (data.loader_workers)")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     be.set_defaults(func=cmd_bench)
     return p
