@@ -153,12 +153,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="benchmarks: quality (methods against k-means over seeds); data (local disk "
-                                      "vs S3 vs cache, read and training step rates)")
+    be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
+                                      "seeds); data (local disk vs S3 vs cache, read and training step rates)")
     be.add_argument("which", choices=["quality", "data"])
-    be.add_argument("--config", nargs="+", default=["jobs/digits_lt.yaml"], help="run configs to compare")
-    be.add_argument("--variant", action="append", default=[],
-                    help="NAME:key=v,key=v - run every config also with these overrides (repeatable)")
+    be.add_argument("--config", nargs="+", help="run configs to compare (default: the five digits_lt jobs)")
+    be.add_argument("--data", action="append", default=[],
+                    help="NAME:key=v,key=v - a data set as overrides applied to every config (repeatable; "
+                         "default: lt10 as configured, and balanced digits)")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("--samples", type=int, default=4096, help="data: images in the benchmark dataset")

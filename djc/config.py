@@ -218,6 +218,11 @@ class TrainerConfig(_Node):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(20, gt=0)  # steps between host-synced loss logs
     ray_address: str = ""  # "" = join RAY_ADDRESS if set, else start a local Ray instance
+    # Seconds between Ray Train's controller polls of the workers. Every ray.train.report waits for the next
+    # poll: Ray's 2 s default cost 1.8 s per epoch (a 150-epoch digits job spent 4.5 min waiting); 0.1 s costs
+    # 0.1 s. Raise it on clusters with hundreds of workers.
+    poll_interval_s: float = Field(0.1, gt=0.0)
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # INFO shows Ray's per-report lines
 
 
 class EvalConfig(_Node):

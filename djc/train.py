@@ -7,6 +7,7 @@ torch and is tested without Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -42,6 +43,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- config and process -----------------------------------------------------------------------------
     cfg: Config = from_dict(loop_config["config"])
+    # Ray configures the workers' root logger at INFO, which prints two lines per report and per checkpoint;
+    # djc prints its own progress line per epoch.
+    logging.getLogger().setLevel(cfg.trainer.ray_log_level)
     run_dir: str = loop_config["run_dir"]
     storage.configure(cfg.storage)  # this process's S3 settings; credentials stay in its environment
     rank, world = dist.rank(), dist.world_size()
@@ -178,6 +182,9 @@ def ensure_ray(cfg: Config) -> None:
     # A laptop run: keep Ray and gloo on loopback, and give every worker a thread so 2 cores are shared fairly.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # nothing but this process can reach a loopback instance
+    # One machine is never preempted; the watcher only adds an actor and an error line at start-up.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": a new instance even when a `ray start` head runs on this machine (ray.init() would
     # silently join the latest one found under $RAY_TMPDIR instead of the one the user asked for).
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
@@ -191,6 +198,8 @@ def build_trainer(cfg: Config, run_dir: str):
 
     t = cfg.trainer
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
+    # Read by Ray in this process when the run starts and passed on to the controller (unless the user set it).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(t.poll_interval_s))
     # A run dir on S3 reaches Ray as fsspec's filesystem, so checkpoints use djc's endpoint and credentials.
     storage_path, storage_fs = storage.ray_storage(run_dir)
     return TorchTrainer(
@@ -202,6 +211,7 @@ def build_trainer(cfg: Config, run_dir: str):
             name="train", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level=t.ray_log_level),
         ),
     )
 

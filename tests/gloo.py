@@ -57,3 +57,23 @@ def run_gloo(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> li
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world)]
+
+
+def assert_two_workers_equal_one(fn: Callable, *args: Any, rtol: float = 1e-4, atol: float = 1e-5) -> dict:
+    """The equivalence property (design.md contract 4): fn(rank, world, *args) -> {name: array} of every parameter
+    and buffer after some steps. Both workers must hold the same state, equal to one process's on the
+    concatenated batches: integers exactly, floats to `rtol` / `atol`. Returns the one-process state."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    single = fn(0, 1, *args)
+    w0, w1 = run_gloo(fn, 2, *args)
+    assert set(single) == set(w0) == set(w1)
+    for k, v in single.items():
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
+        if v.dtype.kind in "iub":
+            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
+        else:
+            np.testing.assert_allclose(w0[k], v, rtol=rtol, atol=atol, err_msg=f"{k}: 2 workers != 1 worker")
+    return single

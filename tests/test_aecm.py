@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.cm import (ClusteringModule, alpha_vector, cm_terms, dirichlet_prior, orthonormality,
                             soft_distortion)
-from tests.gloo import run_gloo
+from tests.gloo import assert_two_workers_equal_one
 
 
 def test_e1_e2_e3_sum_to_the_soft_kmeans_distortion():
@@ -107,11 +107,9 @@ DATA = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(7))
 
 
 def aecm_run(rank: int, world: int, init: str = "pre", record: bool = False) -> dict[str, np.ndarray]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     cfg = _cfg(world, init)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 3))
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 0.0)  # constant_lr: the groups keep their lr whatever the schedule says
     mine = torch.arange(rank, N, world)  # this worker's slice of the training set, interleaved
@@ -189,14 +187,5 @@ def test_pre_init_puts_u_on_the_code_centers(cm_init):
 
 @pytest.mark.parametrize("init", ["pre", "rand"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(init):
-    torch.set_num_threads(1)
-    single = aecm_run(0, 1, init)
-    w0, w1 = run_gloo(aecm_run, 2, init)
-    assert set(single) == set(w0)
-    for k, v in single.items():
-        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
-        if v.dtype.kind in "iub":
-            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
-        else:
-            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    single = assert_two_workers_equal_one(aecm_run, init)
     assert single["hist"].sum() == STEPS * B  # the last epoch's argmax counts cover the global batches

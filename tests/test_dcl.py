@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo
 from djc.methods.dcl import Cardinality, cs_divergence, ddc_loss, debiased_contrastive_loss, gaussian_kernel
-from tests.gloo import run_gloo
+from tests.gloo import assert_two_workers_equal_one
 
 
 def _pairs(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,11 +163,9 @@ def _cfg(world: int, mode: str):
 
 
 def dcl_steps(rank: int, world: int, mode: str) -> dict[str, np.ndarray]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     cfg = _cfg(world, mode)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     # Seed 123 lands step 3 (global mode) on a non-smooth point of the network (ReLU / max-pool): a 1e-7 change
@@ -184,14 +182,5 @@ def dcl_steps(rank: int, world: int, mode: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("mode", ["cluster", "global"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode):
-    torch.set_num_threads(1)
-    single = dcl_steps(0, 1, mode)
-    w0, w1 = run_gloo(dcl_steps, 2, mode)
-    assert set(single) == set(w0)
-    for k, v in single.items():
-        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
-        if v.dtype.kind in "iub":
-            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
-        else:
-            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    single = assert_two_workers_equal_one(dcl_steps, mode)
     assert single["card.hist"].sum() == (single["card.memory"] >= 0).sum() > 0

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.p2ot import partial_ot, rho_schedule, soft_cross_entropy
+from tests.gloo import assert_two_workers_equal_one
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
 
@@ -104,11 +105,9 @@ def _cfg(world: int):
 
 
 def p2ot_steps(rank: int, world: int) -> dict[str, np.ndarray]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     cfg = _cfg(world)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
@@ -122,17 +121,6 @@ def p2ot_steps(rank: int, world: int) -> dict[str, np.ndarray]:
 
 
 def test_two_workers_equal_one_worker_on_the_concatenated_batch():
-    from tests.gloo import run_gloo
-
-    torch.set_num_threads(1)
-    single = p2ot_steps(0, 1)
-    w0, w1 = run_gloo(p2ot_steps, 2)
-    assert set(single) == set(w0)
-    for k, v in single.items():
-        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
-        if v.dtype.kind in "iub":
-            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
-        else:
-            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    single = assert_two_workers_equal_one(p2ot_steps)
     assert single["counters"].tolist() == [STEPS, STEPS * B, 2 * STEPS]
     assert (single["bank"] != 0).all()  # 4 global batches through a 2-batch ring: full, every row written

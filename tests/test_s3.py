@@ -62,8 +62,9 @@ def test_server_restart_mid_epoch_loses_and_repeats_nothing(s3_server, s3_url, m
     finally:
         restart.join()
     assert got == expected  # the same batches in the same order: nothing lost, nothing repeated
+    # The outage was met by djc's retries (how many depends on timing: botocore waits up to 1 s itself).
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert len(retries) >= 2 and "EndpointConnectionError" in retries[0]  # the outage was met, and outlived
+    assert retries and "EndpointConnectionError" in retries[0]
 
 
 def test_corrupt_shard_and_undecodable_image_on_s3(bucket):

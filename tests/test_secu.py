@@ -13,7 +13,7 @@ from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.secu import auto_gamma, center_loss, dual_step, entropy_delta, representation_loss
-from tests.gloo import run_gloo
+from tests.gloo import assert_two_workers_equal_one
 
 
 def test_center_loss_moves_only_the_assigned_centers():
@@ -136,16 +136,7 @@ def secu_steps(rank: int, world: int, constraint: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("constraint", ["size", "entropy"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
-    torch.set_num_threads(1)
-    single = secu_steps(0, 1, constraint)
-    w0, w1 = run_gloo(secu_steps, 2, constraint)
-    assert set(single) == set(w0)
-    for k, v in single.items():
-        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
-        if v.dtype.kind in "iub":
-            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
-        else:
-            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.
     mem = single["heads.0.memory"]
     assert (mem >= 0).sum() == single["heads.0.hist"].sum() > 0

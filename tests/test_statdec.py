@@ -11,12 +11,12 @@ from scipy.stats import multivariate_normal, multivariate_t
 from sklearn.metrics import roc_auc_score
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step
+from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, pooled_stats,
                                  pooled_sums)
 from djc.metrics import cluster_acc, match_clusters
-from tests.gloo import run_gloo
+from tests.gloo import assert_two_workers_equal_one
 
 
 @pytest.mark.parametrize("hard", [False, True])
@@ -171,11 +171,9 @@ def _cfg(world: int, target: str):
 
 
 def statdec_steps(rank: int, world: int, target: str) -> dict[str, np.ndarray]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     cfg = _cfg(world, target)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    model = DDP(method, broadcast_buffers=False) if world > 1 else method
+    model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(11)
@@ -201,14 +199,5 @@ def statdec_steps(rank: int, world: int, target: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("target", ["cardinality", "balanced"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(target):
-    torch.set_num_threads(1)
-    single = statdec_steps(0, 1, target)
-    w0, w1 = run_gloo(statdec_steps, 2, target)
-    assert set(single) == set(w0)
-    for k, v in single.items():
-        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"{k} differs between workers")
-        if v.dtype.kind in "iub":
-            np.testing.assert_array_equal(w0[k], v, err_msg=f"{k}: 2 workers != 1 worker")
-        else:
-            np.testing.assert_allclose(w0[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{k}: 2 workers != 1 worker")
+    single = assert_two_workers_equal_one(statdec_steps, target)
     assert single["pool.ready"] and single["pool.sums"][:, 0].sum() == pytest.approx(1.0, rel=1e-5)

@@ -69,3 +69,22 @@ def test_a_manifest_whose_shard_is_missing_is_refused_before_training(tmp_path, 
     assert code == 2
     err = capsys.readouterr().err
     assert "shard" in err and m.shards[0].path in err and "missing" in err
+
+
+def test_bench_quality_tabulates_methods_and_baselines_per_data_set(ray_local, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "quality", "--config", JOB, "--data", f"tiny:data.train={tmp_path}/data/train",
+                     "--seeds", "1", "--out", str(out), *_small(tmp_path, 1)[1:]])
+    assert code == 0
+    table = (out / "quality.md").read_text().splitlines()
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in table[2:]}
+    for split in ("train", "test"):
+        for method in ("secu", "kmeans-pixels", "kmeans-features (secu)"):
+            assert ("tiny", split, method) in rows
+    assert "± 0.000" in table[2]  # one seed: std 0
+    assert "1 runs in" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_malformed_data_set(capsys):
+    assert cli.main(["bench", "quality", "--data", "no-colon"]) == 2
+    assert "NAME:key=v" in capsys.readouterr().err
