@@ -10,10 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from djc.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml
+from djc import storage
+from djc.config import Config, ConfigError, from_dict, has_credentials, load_config, to_dict, to_yaml
 from djc.data.shards import DatasetError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, storage.StorageError)
 
 
 def _is_local(url: str) -> bool:
@@ -67,7 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from djc.outputs import metrics_table
 
     cfg = resolve(load_config(args.config, args.overrides))
-    run_dir = _absolute(args.out or f"runs/{cfg.name}")
+    run_dir = _absolute(_out_url(args.out or f"runs/{cfg.name}"))
+    storage.configure(cfg.storage)
+    storage.require_bucket(run_dir)
     ensure_datasets(cfg)
     check_against_data(cfg)
     print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
@@ -76,6 +79,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(metrics_table(result))
     print(f"[djc] outputs in {run_dir}")
     return 0
+
+
+def _out_url(url: str) -> str:
+    if has_credentials(url):  # it would be printed, and stored by Ray in its run state
+        raise ConfigError(f"--out {url.split('://')[0]}://...@... holds credentials; give them through the "
+                          f"environment or an AWS profile instead")
+    return url.rstrip("/")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -89,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from djc.export import read_text
 
         cfg = from_dict(yaml.safe_load(read_text(args.run_dir.rstrip("/") + "/config.yaml")))
+    storage.configure(cfg.storage)
     result = write_metrics(args.run_dir.rstrip("/"), cfg.method.num_clusters,
                            read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
     print(metrics_table(result))
@@ -102,8 +113,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
     if args.source == "imagenet-lt":
         return _prepare_imagenet_lt(args)
-    m = prepare(args.source, args.out, root=args.root, split=args.split, imbalance_ratio=args.imbalance_ratio,
-                profile=args.profile, seed=args.seed, overwrite=args.overwrite)
+    m = prepare(args.source, _out_url(args.out), root=args.root, split=args.split,
+                imbalance_ratio=args.imbalance_ratio, profile=args.profile, seed=args.seed, overwrite=args.overwrite)
     print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
           f"class counts {m.class_counts}")
     return 0
@@ -130,6 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from djc import bench_throughput
 
         return bench_throughput.main(args)
+    if args.which == "data":
+        from djc import bench_data
+
+        return bench_data.main(args)
     from djc import bench
 
     return bench.main(args)
@@ -168,8 +183,9 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
-                                      "seeds), throughput (the training step against a plain PyTorch loop)")
-    be.add_argument("which", choices=["quality", "throughput"])
+                                      "seeds), throughput (the training step against a plain PyTorch loop), data "
+                                      "(local disk vs S3 vs cache, read and training step rates)")
+    be.add_argument("which", choices=["quality", "throughput", "data"])
     be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: the five digits_lt jobs)")
     be.add_argument("--data", action="append", default=[],
                     help="quality: NAME:key=v,key=v - a data set as overrides applied to every config "
@@ -177,12 +193,18 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    # Shared by throughput and data; 0 = the benchmark's own default (throughput: the device's).
+    be.add_argument("--batch-size", type=int, default=0, help="throughput: per model (0: device default); "
+                                                              "data: reads and steps (0: 128)")
+    be.add_argument("--steps", type=int, default=0, help="timed steps per round and source (0: default; data: 10)")
+    be.add_argument("--rounds", type=int, default=0, help="interleaved rounds of every measurement (0: default; "
+                                                          "data: 3, best kept)")
     tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
     tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
-    tp.add_argument("--batch-size", type=int, default=0, help="per model; 0 = the device's default")
-    tp.add_argument("--steps", type=int, default=0, help="timed steps per round; 0 = the device's default")
-    tp.add_argument("--rounds", type=int, default=0, help="alternating rounds of both loops; 0 = default")
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
+    da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
+    da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")
     be.set_defaults(func=cmd_bench)
     return p
 

@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 NEEDS_K_LE_BATCH = {"secu", "dcl", "p2ot"}
 
 
+def has_credentials(url: str) -> bool:
+    """Whether a URL carries user:secret@ in its authority (s3://KEY:SECRET@bucket, http://u:p@host)."""
+    scheme, sep, rest = url.partition("://")
+    return bool(sep) and "@" in rest.split("/", 1)[0]
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the offending key."""
 
@@ -41,6 +47,22 @@ class DataConfig(_Node):
     window: int = Field(16, gt=0)  # row groups shuffled together; larger = better mixing, more memory
     on_corrupt: Literal["error", "skip"] = "error"  # skip = drop undecodable images and count them
     cache_dir: str = ""  # local disk cache of remote shards for later epochs ("" = off)
+    # Bound of cache_dir: least recently used shards are deleted past it (it may be exceeded by one shard
+    # per process downloading at that moment). Shared by every worker on a node that uses the same dir.
+    cache_max_gb: float = Field(20.0, gt=0.0)
+    # Batches whose row groups are fetched ahead, in background threads, while the current one decodes:
+    # hides storage latency (S3 ~10-50 ms a request) from the loader. 0 = read on demand.
+    prefetch_batches: int = Field(4, ge=0)
+    retries: int = Field(5, gt=0)  # attempts per shard read on transient storage errors (backoff 0.2 s, 0.4 s, ...)
+
+
+class StorageConfig(_Node):
+    """Where object storage is and who we are there. Names only: credentials come from the environment,
+    an AWS profile or an instance role, never from here, because this config is printed and stored."""
+
+    endpoint_url: str = ""  # S3-compatible endpoint (http://127.0.0.1:9000); "" = AWS_ENDPOINT_URL or AWS itself
+    region: str = ""  # "" = AWS_REGION / AWS_DEFAULT_REGION / the profile's region
+    profile: str = ""  # a named profile of ~/.aws/{config,credentials}; "" = AWS_PROFILE or the default chain
 
 
 class AugmentConfig(_Node):
@@ -223,9 +245,16 @@ class Config(_Node):
     optim: OptimConfig = OptimConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        urls = {"data.train": self.data.train, "storage.endpoint_url": self.storage.endpoint_url,
+                **{f"data.eval.{k}": v for k, v in self.data.eval.items()}}
+        for key, url in urls.items():
+            if has_credentials(url):
+                raise ValueError(f"{key} holds credentials (user:secret@host); the config is printed and stored, "
+                                 f"so give them through the environment or an AWS profile instead")
         w, b = self.trainer.num_workers, self.data.batch_size
         if b % w:
             raise ValueError(f"data.batch_size={b} must be divisible by trainer.num_workers={w}")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from djc import dist, export, outputs
+from djc import dist, export, outputs, storage
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.stream import ShardStream, StreamLoader
@@ -47,6 +47,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # djc prints its own progress line per epoch.
     logging.getLogger().setLevel(cfg.trainer.ray_log_level)
     run_dir: str = loop_config["run_dir"]
+    storage.configure(cfg.storage)  # this process's S3 settings; credentials stay in its environment
     rank, world = dist.rank(), dist.world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))))
@@ -56,7 +57,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     info = data_info(manifest)
     stream = ShardStream(manifest, batch_size=cfg.data.batch_size // world, rank=rank, world_size=world,
                          seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
-                         cache_dir=cfg.data.cache_dir or None)
+                         cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
+                         retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches)
     loader = StreamLoader(stream, num_workers=cfg.data.loader_workers)
     steps_per_epoch = loader.steps_per_epoch
     views = Views(cfg, manifest.mean, manifest.std, info.image_shape[0])
@@ -156,8 +158,9 @@ def _report_with_checkpoint(cfg: Config, method, opt, loader, epoch: int, step: 
     with tempfile.TemporaryDirectory() as d:
         torch.save({"method": method.state_dict(), "optimizer": opt.state_dict(), "stream": loader.state_dict(),
                     "epoch": epoch, "step": step, "config": to_dict(cfg)}, Path(d) / CKPT_FILE)
-        # Ray copies the directory into storage and only then records it as the latest checkpoint, so a
-        # reader never sees a partial one.
+        # Ray copies the directory into storage and only then records it as the latest checkpoint (in
+        # checkpoint_manager_snapshot.json, rewritten whole: on S3 one PUT), so a reader never sees a partial
+        # one; a restart resumes from the checkpoint that snapshot names.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -195,13 +198,15 @@ def build_trainer(cfg: Config, run_dir: str):
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
     # Read by Ray in this process when the run starts and passed on to the controller (unless the user set it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(t.poll_interval_s))
+    # A run dir on S3 reaches Ray as fsspec's filesystem, so checkpoints use djc's endpoint and credentials.
+    storage_path, storage_fs = storage.ray_storage(run_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=run_dir,
+            name="train", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level=t.ray_log_level),
@@ -211,6 +216,7 @@ def build_trainer(cfg: Config, run_dir: str):
 
 def fit(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Run training to completion (resuming if `run_dir` holds a checkpoint) and return metrics.json."""
+    storage.configure(cfg.storage)
     ensure_ray(cfg)
     build_trainer(cfg, run_dir).fit()
     return export.read_json(f"{run_dir}/metrics.json")

@@ -1,11 +1,20 @@
 """Shared fixtures: one local Ray session for every test that starts Ray workers (each fit costs ~15 s of
-start-up, so the suite shares one session and few fits)."""
+start-up, so the suite shares one session and few fits), and a real S3 server on loopback."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+from djc.loopback_s3 import LoopbackS3
+
+# Credentials for the loopback S3 server, in the environment before any Ray worker starts (workers inherit it,
+# which is how they reach storage in production too). Distinctive values, so a test can prove that nothing
+# djc or Ray writes contains them; and no test can reach a real AWS account with a user's own keys.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIADJCTESTKEYID0001", "AWS_SECRET_ACCESS_KEY": "djc-test-SECRET-f00d"}
+os.environ.pop("AWS_PROFILE", None)
+os.environ.update(S3_CREDENTIALS, AWS_DEFAULT_REGION="us-east-1")
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +27,23 @@ def ray_local():
              runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, found by this process through AWS_ENDPOINT_URL (standard AWS settings)."""
+    server = LoopbackS3().start()
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    server.use(S3_CREDENTIALS)
+    yield server
+    server.stop()
+    if before is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = before
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh bucket for one test: s3://djc-<random>."""
+    return s3_server.new_bucket()

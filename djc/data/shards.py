@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from djc.storage import StorageError, require_bucket
+
 if TYPE_CHECKING:
     import torch
 
@@ -178,7 +180,11 @@ def read_manifest(url: str) -> Manifest:
     try:
         raw = fs.cat_file(f"{root}/{MANIFEST}")
     except FileNotFoundError:
+        require_bucket(url)  # a missing bucket is named as such, not as a missing manifest
         raise DatasetError(f"no dataset at {url}: {MANIFEST} not found") from None
+    except PermissionError as e:
+        raise StorageError(f"access denied reading {murl} (check the AWS credentials / storage.profile): "
+                           f"{e}") from None
     try:
         d = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -296,6 +302,7 @@ def write_dataset(out_url: str, images: Sequence[Any], labels: Sequence[int] | n
     if rows_per_shard < 1 or rows_per_group < 1:
         raise ValueError("rows_per_shard and rows_per_group must be >= 1")
     url = _strip(out_url)
+    require_bucket(url)  # before makedirs, which would create a bucket named by a typo
     fs, root = fs_path(url)
     if fs.exists(f"{root}/{MANIFEST}"):
         if not overwrite:

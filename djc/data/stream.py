@@ -21,10 +21,11 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -77,6 +78,8 @@ def with_retries(fn: Callable[[], Any], url: str, retries: int, base_s: float,
             if not is_transient(e) or attempt + 1 == retries:
                 tries = f" failed {retries} times; last error" if is_transient(e) else ""
                 raise ShardReadError(f"reading shard {url}{tries}: {type(e).__name__}: {e}") from e
+            log.warning("reading shard %s: %s: %s; retry %d of %d in %.1f s", url, type(e).__name__, e,
+                        attempt + 1, retries - 1, base_s * 2**attempt)
             time.sleep(base_s * 2**attempt)
     raise ShardReadError(f"reading shard {url}: retries={retries} allows no attempt")
 
@@ -89,9 +92,9 @@ class _RetryingFile:
     mode = "rb"
 
     def __init__(self, opener: Callable[[], IO[bytes]], url: str, retries: int, base_s: float,
-                 f: IO[bytes] | None = None):
+                 size: int | None = None):
         self._opener, self.url, self._retries, self._base_s = opener, url, retries, base_s
-        self._f, self._pos, self._size, self.closed = f, 0, None, False
+        self._f, self._pos, self._size, self.closed = None, 0, size, False
 
     def _call(self, op: Callable[[IO[bytes]], Any]) -> Any:
         def attempt() -> Any:
@@ -129,30 +132,78 @@ class _RetryingFile:
         self.closed = True
 
 
+_Group = tuple[np.ndarray, np.ndarray, list[bytes]]  # (index, label, image bytes) of one row group
+_COLUMNS = ["index", "label", "image"]
+FETCH_THREADS = 4  # concurrent row-group reads per process: ~4 requests in flight cover S3's per-request latency
+
+
+class _Prefetcher:
+    """The row groups of a known sequence of batches, fetched `ahead` batches early by FETCH_THREADS threads.
+
+    Each group is read once and dropped after the last batch that needs it, so memory holds the groups of the
+    current batch, of the next `ahead` batches, and those in between that a later batch still needs (the
+    window's, at most `window` groups). ahead=0 reads on demand in the calling thread."""
+
+    def __init__(self, fetch: Callable[[int], _Group], batches: list[np.ndarray], ahead: int):
+        self.fetch, self.ahead = fetch, ahead
+        self.needs = [list(dict.fromkeys(b.tolist())) for b in batches]  # unit ids per batch, first-use order
+        self.last = {u: k for k, us in enumerate(self.needs) for u in us}  # batch after which u can go
+        self.live: dict[int, Future | _Group | None] = {}
+        self.requested = 0  # batches whose groups are requested
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="djc-fetch") if ahead > 0 else None
+
+    def take(self, k: int) -> dict[int, _Group]:
+        while self.requested < min(k + 1 + self.ahead, len(self.needs)):
+            for u in self.needs[self.requested]:
+                if u not in self.live:
+                    self.live[u] = self.pool.submit(self.fetch, u) if self.pool is not None else None
+            self.requested += 1
+        out = {}
+        for u in self.needs[k]:
+            v = self.live[u]
+            if v is None:
+                v = self.live[u] = self.fetch(u)
+            out[u] = v.result() if isinstance(v, Future) else v
+            if self.last[u] == k:
+                del self.live[u]
+        return out
+
+    def __enter__(self) -> _Prefetcher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:  # an early stop (break, error) abandons what was fetched ahead
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class ShardStream(IterableDataset):
     """Batches {index (B,) int64, label (B,) int64, image (B, C, H, W) uint8, batch_id int, skipped int} of
     rank `rank`'s slice of an epoch (order: module docstring). Call set_epoch(e) before each epoch.
 
-    Reads fetch only the row groups a worker's batches need (a small LRU of `window + 2` groups), straight
-    from the store. Transient errors are retried `retries` times with backoff 0.2 s, 0.4 s, ...; a corrupt
+    Reads fetch only the row groups a worker's batches need, straight from the store: per shard its footer
+    once, then one ranged read per row group (one GET on S3; nothing is downloaded first). The groups of the
+    next `prefetch_batches` batches are read in background threads while the current batch decodes
+    (_Prefetcher). Transient errors are retried `retries` times with backoff 0.2 s, 0.4 s, ...; a corrupt
     shard raises CorruptDataError naming it; an undecodable image raises CorruptDataError naming shard and
     row, or with on_corrupt="skip" is dropped from its batch and counted (batch["skipped"], self.skipped).
 
-    cache_dir: a local copy of each shard is made on its first read (whole file, checked against the
-    manifest's sha256, written to a temp name and renamed so concurrent workers never read a partial copy),
-    and later reads use it. Files are named by their sha256, so datasets never collide; the cache is kept
-    under cache_max_bytes by deleting the least recently used copies (by mtime, refreshed on use).
+    cache_dir: a local copy of each shard is made on its first read (whole file, in the prefetch threads,
+    checked against the manifest's sha256, written to a temp name and renamed so concurrent workers never
+    read a partial copy), and later reads use it. Files are named by their sha256, so datasets never
+    collide; the cache is kept under cache_max_bytes by deleting the least recently used copies (by mtime,
+    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded.
     """
 
     RETRY_BASE_S = 0.2
 
     def __init__(self, url_or_manifest: str | Manifest, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, window: int = 16, on_corrupt: str = "error",
-                 cache_dir: str | None = None, cache_max_bytes: int = 20 << 30, retries: int = 5):
+                 cache_dir: str | None = None, cache_max_bytes: int = 20 << 30, retries: int = 5,
+                 prefetch_batches: int = 4):
         m = url_or_manifest if isinstance(url_or_manifest, Manifest) else read_manifest(url_or_manifest)
-        if batch_size < 1 or window < 1 or retries < 1 or seed < 0:
-            raise ValueError(f"need batch_size, window, retries >= 1 and seed >= 0; got {batch_size}, {window}, "
-                             f"{retries}, {seed}")
+        if batch_size < 1 or window < 1 or retries < 1 or seed < 0 or prefetch_batches < 0:
+            raise ValueError(f"need batch_size, window, retries >= 1 and seed, prefetch_batches >= 0; got "
+                             f"{batch_size}, {window}, {retries}, {seed}, {prefetch_batches}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if on_corrupt not in ("error", "skip"):
@@ -160,6 +211,7 @@ class ShardStream(IterableDataset):
         self.manifest, self.batch_size, self.rank, self.world_size = m, batch_size, rank, world_size
         self.seed, self.shuffle, self.window, self.on_corrupt = seed, shuffle, window, on_corrupt
         self.cache_dir, self.cache_max_bytes, self.retries = cache_dir, cache_max_bytes, retries
+        self.prefetch_batches = prefetch_batches
         # Unit u = row group (shard[u], group[u]) of sizes[u] rows, starting at row first[u] of its shard.
         self._shard = np.array([s for s, sh in enumerate(m.shards) for _ in sh.row_groups], dtype=np.int64)
         self._group = np.array([g for sh in m.shards for g in range(len(sh.row_groups))], dtype=np.int64)
@@ -242,11 +294,14 @@ class ShardStream(IterableDataset):
         w, D = (info.id, info.num_workers) if info is not None else (0, 1)
         units, rows = self.positions(self._epoch, self.rank)
         B = self.batch_size
-        for j in range(self._start + w, self.num_batches(), D):
-            yield self._batch(j, units[j * B:(j + 1) * B], rows[j * B:(j + 1) * B])
+        todo = [(j, units[j * B:(j + 1) * B], rows[j * B:(j + 1) * B])
+                for j in range(self._start + w, self.num_batches(), D)]
+        self._readers()
+        with _Prefetcher(self._row_group, [u for _, u, _ in todo], self.prefetch_batches) as groups:
+            for k, (j, u, r) in enumerate(todo):
+                yield self._batch(j, u, r, groups.take(k))
 
-    def _batch(self, j: int, units: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-        tables = {u: self._row_group(u) for u in dict.fromkeys(units.tolist())}  # held for this batch
+    def _batch(self, j: int, units: np.ndarray, rows: np.ndarray, tables: dict[int, _Group]) -> dict[str, Any]:
         idx, lab, imgs, skipped, first_where = [], [], [], 0, ""
         for u, r in zip(units.tolist(), rows.tolist()):
             index, label, blobs = tables[u]
@@ -279,100 +334,110 @@ class ShardStream(IterableDataset):
         return f"shard {self.manifest.shard_url(s)} row {int(self._first[u]) + r} (index {int(index[r])})"
 
     # --- reading ------------------------------------------------------------------------------------------
+    # Called from the prefetch threads: per-shard state is made once under that shard's lock, and every
+    # row-group read opens its own file, so no file position is shared between threads.
     def __getstate__(self) -> dict[str, Any]:
-        # Open files and read groups belong to one process; a spawned DataLoader worker makes its own.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_tables", "_files")} | {"_pid": -1}
+        # Filesystems, locks and footers belong to one process; a spawned DataLoader worker makes its own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_lock", "_shards")} | {"_pid": -1}
 
     def _readers(self) -> None:
         if self._pid != os.getpid():  # first use in this process (a fresh DataLoader worker)
             self._pid, self._fs = os.getpid(), fs_path(self.manifest.url)
-            self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray, list[bytes]]] = OrderedDict()
-            self._files: OrderedDict[int, tuple[_RetryingFile, pq.ParquetFile]] = OrderedDict()
+            self._lock = threading.Lock()  # guards _shards itself
+            self._shards: dict[int, tuple[threading.Lock, list[Any]]] = {}  # shard -> (lock, [footer, size])
 
-    def _row_group(self, u: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-        self._readers()
-        if u in self._tables:
-            self._tables.move_to_end(u)
-            return self._tables[u]
+    def _row_group(self, u: int) -> _Group:
+        """(index, label, image bytes) of unit u: one ranged read of its row group's bytes."""
         s, g, url = int(self._shard[u]), int(self._group[u]), self.manifest.shard_url(int(self._shard[u]))
+        meta, size = self._footer(s)
+        f = _RetryingFile(self._opener(s, size), url, self.retries, self.RETRY_BASE_S, size=size)
         try:
-            t = self._parquet(s).read_row_group(g, columns=["index", "label", "image"])
+            # pre_buffer coalesces the row group's column chunks into one read: one GET on S3.
+            t = pq.ParquetFile(f, metadata=meta, pre_buffer=True).read_row_group(g, columns=_COLUMNS)
         except (ShardReadError, DatasetError):
-            dead = self._files.pop(s, None)  # reopen from scratch next time
-            if dead is not None:
-                dead[0].close()
             raise
         except Exception as e:  # not a storage error (those are wrapped above): the bytes do not parse
             raise CorruptDataError(f"shard {url} is corrupt: row group {g}: {type(e).__name__}: {e}") from e
+        finally:
+            f.close()
         if t.num_rows != self._sizes[u]:
             raise CorruptDataError(f"shard {url} row group {g} has {t.num_rows} rows, manifest.json says "
                                    f"{self._sizes[u]}")
-        entry = (t.column("index").to_numpy(), t.column("label").to_numpy(), t.column("image").to_pylist())
-        self._tables[u] = entry
-        while len(self._tables) > self.window + 2:  # a window's groups stay while the worker passes through it
-            self._tables.popitem(last=False)
-        return entry
+        return t.column("index").to_numpy(), t.column("label").to_numpy(), t.column("image").to_pylist()
 
-    def _parquet(self, s: int) -> pq.ParquetFile:
-        if s in self._files:
-            self._files.move_to_end(s)
-            return self._files[s][1]
-        url, info = self.manifest.shard_url(s), self.manifest.shards[s]
+    def _opener(self, s: int, size: int) -> Callable[[], IO[bytes]]:
         if self.cache_dir:
-            fh, local = self._cached(s)
-            f = _RetryingFile(lambda: open(local, "rb"), url, self.retries, self.RETRY_BASE_S, f=fh)
-        else:
-            fs, root = self._fs
-            f = _RetryingFile(lambda: fs.open(f"{root}/{info.path}", "rb"), url, self.retries, self.RETRY_BASE_S)
-        try:
-            pf = pq.ParquetFile(f)
-        except (ShardReadError, DatasetError):
-            raise
-        except Exception as e:
-            f.close()
-            raise CorruptDataError(f"shard {url} is not readable Parquet: {type(e).__name__}: {e}") from e
-        self._files[s] = (f, pf)
-        while len(self._files) > self.window + 2:
-            self._files.popitem(last=False)[1][0].close()
-        return pf
+            return lambda: self._cached(s)[0]
+        fs, root = self._fs
+        path = f"{root}/{self.manifest.shards[s].path}"
+        # cache_type="none": each read is one ranged request of exactly what pyarrow asks for (s3fs' default
+        # reads ahead 50 MB, a whole shard of small images); size= spares a HEAD request per row group.
+        return lambda: fs.open(path, "rb", cache_type="none", size=size)
+
+    def _footer(self, s: int) -> tuple[pq.FileMetaData, int]:
+        """Shard s's Parquet footer and real size, read once per process."""
+        with self._lock:
+            lock, slot = self._shards.setdefault(s, (threading.Lock(), []))
+        with lock:
+            if not slot:
+                url = self.manifest.shard_url(s)
+                if self.cache_dir:
+                    f: Any = _RetryingFile(lambda: self._cached(s)[0], url, self.retries, self.RETRY_BASE_S)
+                else:
+                    fs, root = self._fs
+                    path = f"{root}/{self.manifest.shards[s].path}"
+                    f = _RetryingFile(lambda: fs.open(path, "rb", cache_type="none"), url, self.retries,
+                                      self.RETRY_BASE_S)
+                try:
+                    size = f.seek(0, 2)  # the real size, not the manifest's: a replaced file must still parse
+                    slot += [pq.ParquetFile(f).metadata, size]
+                except (ShardReadError, DatasetError):
+                    raise
+                except Exception as e:
+                    raise CorruptDataError(f"shard {url} is not readable Parquet: {type(e).__name__}: {e}") from e
+                finally:
+                    f.close()
+        return slot[0], slot[1]
 
     def _cached(self, s: int) -> tuple[IO[bytes], str]:
         """(open file, path) of the local copy of shard s, downloaded first if needed (class docstring)."""
         info, url = self.manifest.shards[s], self.manifest.shard_url(s)
         local = os.path.join(self.cache_dir or "", f"{info.sha256}.parquet")
-        for _ in range(3):  # another worker may evict the copy between our download and our open
-            try:
-                fh = open(local, "rb")  # once open, an eviction cannot take it away (POSIX unlink)
-                os.utime(local)  # mark it recently used
-                return fh, local
-            except FileNotFoundError:
-                pass
-            os.makedirs(self.cache_dir or "", exist_ok=True)
-            (fs, root), tmp = self._fs, f"{local}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                with_retries(lambda: fs.get_file(f"{root}/{info.path}", tmp), url, self.retries, self.RETRY_BASE_S)
-                h = hashlib.sha256()
-                with open(tmp, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-                if h.hexdigest() != info.sha256:
-                    raise CorruptDataError(f"shard {url} does not match its sha256 in manifest.json; not cached")
-                os.replace(tmp, local)  # atomic: other workers see no file or the whole file
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            self._evict(keep=local)
-        raise ShardReadError(f"shard {url}: the cache in {self.cache_dir} evicts copies faster than they are read; "
-                             f"raise cache_max_bytes")
+        try:
+            fh = open(local, "rb")  # once open, an eviction cannot take it away (POSIX unlink)
+            os.utime(fh.fileno())  # mark it recently used
+            return fh, local
+        except FileNotFoundError:
+            pass
+        os.makedirs(self.cache_dir or "", exist_ok=True)
+        (fs, root), tmp = self._fs, f"{local}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with_retries(lambda: fs.get_file(f"{root}/{info.path}", tmp), url, self.retries, self.RETRY_BASE_S)
+            fh = open(tmp, "rb")  # opened before it is published: other workers' evictions cannot race us
+            h = hashlib.sha256()
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+            if h.hexdigest() != info.sha256:
+                fh.close()
+                raise CorruptDataError(f"shard {url} does not match its sha256 in manifest.json; not cached")
+            os.replace(tmp, local)  # atomic: other workers see no file or the whole file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._evict(keep=local)
+        return fh, local
 
     def _evict(self, keep: str) -> None:
         files, stale = [], time.time() - 3600
         for e in os.scandir(self.cache_dir or ""):
-            st = e.stat()
-            if e.name.endswith(".parquet"):
-                files.append((st.st_mtime, st.st_size, e.path))
-            elif e.name.endswith(".tmp") and st.st_mtime < stale:  # left by a killed worker
-                os.remove(e.path)
+            try:
+                st = e.stat()
+                if e.name.endswith(".parquet"):
+                    files.append((st.st_mtime, st.st_size, e.path))
+                elif e.name.endswith(".tmp") and st.st_mtime < stale:  # left by a killed worker
+                    os.remove(e.path)
+            except FileNotFoundError:  # evicted or renamed by another worker meanwhile
+                pass
         total = sum(f[1] for f in files)
         for _, size, path in sorted(files):
             if total <= self.cache_max_bytes:
