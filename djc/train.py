@@ -7,6 +7,7 @@ torch and is tested without Ray.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -22,6 +23,7 @@ from djc.data.shards import Manifest, read_manifest
 from djc.data.stream import ShardStream, StreamLoader
 from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
+from djc.selection import selection_metrics
 
 CKPT_FILE = "state.pt"
 
@@ -71,9 +73,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["stream"])
         start_epoch, step = state["epoch"], state["step"]
-        if rank == 0:
+    if rank == 0:
+        # The log holds the epochs of the state we continue from: what a lost attempt logged after its last
+        # checkpoint goes (everything, on a fresh start), so no epoch appears twice.
+        _drop_epochs_after(f"{run_dir}/metrics.jsonl", start_epoch)
+        if ckpt is not None:
+            export.append_jsonl(f"{run_dir}/resumes.jsonl",
+                                {"epoch": start_epoch, "step": step, "time": round(time.time(), 3)})
             print(f"[djc] resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
     model = wrap_ddp(method) if world > 1 else method
+
+    select_url = {"train": cfg.data.train, **cfg.data.eval}.get(cfg.eval.select_split)
 
     def map_train(fn):
         method.eval()
@@ -106,6 +116,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
         loader.set_epoch(epoch + 1)  # position 0 of the next epoch: what a checkpoint here resumes from
         metrics = _epoch_metrics(cfg, method, out.logs.keys(), sums, n, epoch, step, time.time() - t0, opt)
+        if select_url:  # every rank: the criterion is reduced over workers (djc/selection.py)
+            method.eval()
+            metrics.update(selection_metrics(method, select_url, views, device, cfg.method.num_clusters))
+            method.train()
         if rank == 0:
             export.append_jsonl(f"{run_dir}/metrics.jsonl", metrics)
             print(_progress_line(cfg, metrics), flush=True)
@@ -141,8 +155,20 @@ def _epoch_metrics(cfg: Config, method, names, sums, n, epoch, step, seconds, op
 def _progress_line(cfg: Config, m: dict[str, float]) -> str:
     health = (f"  clusters min {m['min_cluster_size']} max {m['max_cluster_size']} empty {m['empty_clusters']}"
               if "min_cluster_size" in m else "")
+    select = f"  select {m['select_score']:.4f}" if "select_score" in m else ""
     return (f"[djc] epoch {m['epoch']:>4}/{cfg.optim.epochs}  loss {m['loss']:.4f}  lr {m['lr']:.4f}"
-            f"{health}  {m['seconds']:.1f}s")
+            f"{health}{select}  {m['seconds']:.1f}s")
+
+
+def _drop_epochs_after(url: str, epoch: int) -> None:
+    """Keep the log lines of epochs <= `epoch` (the checkpoint this attempt starts from)."""
+    try:
+        lines = export.read_jsonl(url)
+    except FileNotFoundError:
+        return
+    kept = [m for m in lines if m.get("epoch", 0) <= epoch]
+    if len(kept) < len(lines):
+        export.write_text(url, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
 
 
 def _report_with_checkpoint(cfg: Config, method, opt, loader, epoch: int, step: int, metrics: dict) -> None:
