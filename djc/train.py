@@ -280,6 +280,14 @@ def _autoscaler_ceiling() -> dict[str, float] | None:
         return None
 
 
+def cluster_capacity() -> dict[str, float]:
+    """The most of each resource the cluster can offer: its autoscaler's maximum, else the live nodes' total."""
+    import ray
+
+    ceiling = _autoscaler_ceiling()
+    return ceiling if ceiling is not None else ray.cluster_resources()
+
+
 def check_resources(cfg: Config) -> None:
     """Refuse a run the cluster cannot hold instead of waiting forever for its placement group.
 

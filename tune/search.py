@@ -3,7 +3,7 @@
 The pattern Ray 2.60's Train V2 asks for: a Tune function per trial (`train_trial`, reserving 0.01 CPU; Tune
 refuses 0) builds the run's TorchTrainer through djc.train.build_trainer with Tune's report callback and calls
 fit(); the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
-compares trials at epochs grace, grace x 3, grace x 9, ... and stops the worse two thirds at each rung.
+compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
 Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
 `select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it. The best
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -96,10 +97,11 @@ def _check_metric(cfg: Config, metric: str) -> None:
 
 
 def concurrent_trials(cfg: Config) -> int:
-    """How many trials the live cluster holds at once: each is a driver of TRIAL_CPU plus its workers."""
-    import ray
+    """How many trials the cluster holds at once (at its largest, with an autoscaler): each is a driver of
+    TRIAL_CPU plus its workers."""
+    from djc.train import cluster_capacity
 
-    t, total = cfg.trainer, ray.cluster_resources()
+    t, total = cfg.trainer, cluster_capacity()
     n = int(total.get("CPU", 0.0) / (t.num_workers * t.cpus_per_worker + TRIAL_CPU) + 1e-9)
     if t.use_gpu:
         n = min(n, int(total.get("GPU", 0.0) / t.num_workers + 1e-9))
@@ -110,8 +112,7 @@ def _trial_name(prefix: str, trial) -> str:
     return f"{prefix}_{trial.trial_id}"
 
 
-def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str, scheduler: str,
-        grace: int | None = None):
+def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str, scheduler: str):
     """Tuner.fit over `space`; returns Ray's ResultGrid. Ray must be up (djc.train.ensure_ray)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -119,8 +120,8 @@ def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str,
 
     key = METRICS[metric]
     epochs = cfg.optim.epochs
-    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace or max(1, epochs // 10),
-                           reduction_factor=3)
+    # Rungs at epochs/10 x 1, 3, 9, ..: 6, 18, 54 of 60; a trial in the lower two thirds at a rung stops.
+    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 10), reduction_factor=3)
              if scheduler == "asha" else FIFOScheduler())
     # Trials beyond what the cluster holds at once would start their drivers and wait on placement groups:
     # on 2 CPUs, 2 workers x 0.5 CPU + 0.01 for the driver = 1.01 fit once.
@@ -141,8 +142,6 @@ def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str,
 
 def trial_rows(grid, key: str, epochs: int) -> list[dict[str, Any]]:
     """One row per trial, best first: name, status, epochs run, the metric and the sampled values."""
-    from pathlib import PurePosixPath
-
     rows = []
     for r in grid:
         m = r.metrics or {}
