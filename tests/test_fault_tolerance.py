@@ -15,6 +15,7 @@ import pytest
 
 from djc import cli
 from djc.export import read_assignments, read_jsonl
+from tests.procs import descendants, title
 
 pytestmark = pytest.mark.slow
 
@@ -28,34 +29,9 @@ def _args(tmp: Path, out: Path) -> list[str]:
             "method.kmeans.restarts=1", "eval.baseline=false", "trainer.max_failures=1"]
 
 
-def _descendants(root: int) -> list[int]:
-    """Every process below `root`: the Ray instance this test session started, not another one on the host."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _train_workers() -> list[int]:
-    pids = []
-    for pid in _descendants(os.getpid()):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        if title.startswith(b"ray::RayTrainWorker"):
-            pids.append(pid)
-    return pids
+    """Training worker processes of the Ray instance this test session started (below this process)."""
+    return [pid for pid in descendants(os.getpid()) if title(pid).startswith(b"ray::RayTrainWorker")]
 
 
 def _registered_epoch(run: Path) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from djc.export import read_jsonl
+from tests.procs import descendants, title
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = str(ROOT / "jobs" / "submit.sh")
@@ -45,7 +46,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A head of its own on loopback: its own temp dir and ports, stopped through its own process group."""
+    """A head of its own on loopback: its own temp dir and ports; stopped by its own pid and its descendants."""
     tmp = tempfile.mkdtemp(prefix="djc-h", dir="/tmp")  # short: Ray puts unix sockets under it
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
     log = open(Path(tmp) / "ray-start.log", "w")
@@ -55,7 +56,7 @@ def ray_head():
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={tmp}"],
-        env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 120
@@ -69,15 +70,18 @@ def ray_head():
                 time.sleep(0.5)
         yield url
     finally:
+        ours = descendants(head.pid)  # this head's processes only, never another Ray on the machine
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
-            head.wait(timeout=20)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            pass
-        try:  # whatever is left of this head's own session (process group), never another Ray
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            head.kill()
+        for pid in ours:  # what a slow graceful stop left behind
+            if title(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
