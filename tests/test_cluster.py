@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +17,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from djc.config import load_config
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as in the image and CI
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -72,7 +73,8 @@ def _pins() -> dict[str, Requirement]:
 
 def test_every_dependency_is_pinned_in_the_image_within_pyprojects_range():
     pins = _pins()
-    for dep in (Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]):
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
         pin = pins[dep.name.lower()]
         (spec,) = pin.specifier
         assert spec.operator == "==", pin

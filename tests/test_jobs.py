@@ -140,7 +140,8 @@ def test_submit_without_a_reachable_job_server_says_so(tmp_path):
 
 def test_train_against_an_unreachable_ray_address_fails_in_seconds(tmp_path):
     (port,) = _free_ports(1)
-    env = _env(RAY_ADDRESS=f"127.0.0.1:{port}", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _env(RAY_ADDRESS=f"127.0.0.1:{port}",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "djc.cli", "train", "jobs/digits_lt.yaml", "--out",
                            str(tmp_path / "run"), f"data.train={tmp_path}/data"], env=env, capture_output=True,
