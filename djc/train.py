@@ -326,10 +326,6 @@ def build_trainer(cfg: Config, run_dir: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Ray Train's controller polls its workers every 2 s and ray.train.report returns only after a poll: a
-    # digits_lt epoch of 0.4 s took 2.0 s. Every 0.2 s the report returns in 0.01 s, for ~5 small RPCs a
-    # second per worker. Read by fit() in this process and passed on to the controller; a user's value wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     t = cfg.trainer
     return TorchTrainer(
         train_loop_per_worker,
