@@ -1,4 +1,4 @@
-"""djc prepare | train | eval | bench: the command line, a thin layer over the library.
+"""djc prepare | train | eval | tune | bench: the command line, a thin layer over the library.
 
 Errors a user can fix (bad config key, missing dataset, corrupt shard) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -136,6 +136,12 @@ def _prepare_imagenet_lt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tune import search
+
+    return search.main(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "throughput":
         from djc import bench_throughput
@@ -181,6 +187,17 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="recompute metrics.json and plots from a run dir's assignments")
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
+
+    tu = sub.add_parser("tune", help="Ray Tune search (ASHA) over a method's space; writes best.yaml for djc train")
+    tu.add_argument("config", help="run config YAML (jobs/*.yaml): the base every trial starts from")
+    tu.add_argument("overrides", nargs="*", help="key.sub=value overrides of the base")
+    tu.add_argument("--space", required=True, help="secu | dcl | statdec | aecm | p2ot | package.module:function")
+    tu.add_argument("--samples", type=int, default=8, help="number of trials")
+    tu.add_argument("--out", help="search dir (trials/, best.yaml, trials.txt); default runs/tune/<name>")
+    tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
+                    help="score: label-free (djc/selection.py); acc / balanced_acc: on a labelled eval.select_split")
+    tu.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops poor trials early")
+    tu.set_defaults(func=cmd_tune)
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "

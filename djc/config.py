@@ -228,11 +228,17 @@ class TrainerConfig(_Node):
     # 0.1 s. Raise it on clusters with hundreds of workers.
     poll_interval_s: float = Field(0.1, gt=0.0)
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"  # INFO shows Ray's per-report lines
+    # A joined cluster without an autoscaler that lacks the workers' CPUs/GPUs: seconds to wait for nodes started
+    # by hand to join before failing with what is missing (with an autoscaler the check is against its maximum).
+    resource_wait_s: float = Field(120.0, ge=0.0)
 
 
 class EvalConfig(_Node):
     baseline: bool = True  # also run k-means on raw pixels through the same evaluation
     primary: str = "train"  # the split whose metrics head metrics.json
+    # Split scored every epoch for model selection (djc tune, djc/selection.py): "train" or a data.eval name;
+    # "" = none. Use a held-out split that training never reads (a `val` entry in data.eval).
+    select_split: str = ""
 
 
 class Config(_Node):
@@ -258,6 +264,10 @@ class Config(_Node):
         w, b = self.trainer.num_workers, self.data.batch_size
         if b % w:
             raise ValueError(f"data.batch_size={b} must be divisible by trainer.num_workers={w}")
+        sel = self.eval.select_split
+        if sel and sel != "train" and sel not in self.data.eval:
+            raise ValueError(f"eval.select_split={sel!r} is neither 'train' nor a split of data.eval "
+                             f"({', '.join(self.data.eval) or 'none'})")
         if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
             raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
         # SeCu's size duals compare per-step counts with gamma * B / K, DDC's divergence and P2OT's plan need
@@ -325,6 +335,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `tree` with each dotted key set to its value (djc tune's sampled values on a run config)."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
 def from_dict(tree: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(tree)
@@ -334,6 +352,11 @@ def from_dict(tree: dict[str, Any]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then `key.sub=value` overrides."""
+    return from_dict(load_tree(path, overrides))
+
+
+def load_tree(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML file's mapping with the overrides set, not validated: only what differs from the defaults."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -351,7 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = copy.deepcopy(tree)
     for item in overrides or []:
         _set_dotted(tree, *_parse_override(item))
-    return from_dict(tree)
+    return tree
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

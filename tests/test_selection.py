@@ -1,0 +1,75 @@
+"""The model-selection criterion: its value, its cluster-health penalty, and its reduction over workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import calinski_harabasz_score
+
+from djc.selection import variance_ratio
+from tests.gloo import run_gloo
+
+
+def _stats(z: np.ndarray, c: np.ndarray, K: int) -> torch.Tensor:
+    s = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64)
+    zt, ct = torch.as_tensor(z, dtype=torch.float64), torch.as_tensor(c)
+    s[:, 0].index_add_(0, ct, torch.ones(len(c), dtype=torch.float64))
+    s[:, 1].index_add_(0, ct, zt.square().sum(1))
+    s[:, 2:].index_add_(0, ct, zt)
+    return s
+
+
+def test_variance_ratio_is_calinski_harabasz_brought_to_0_1():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 3, (4, 5))
+    c = rng.integers(0, 4, 300)
+    z = centers[c] + rng.normal(0, 1, (300, 5))
+    r, ch, used = variance_ratio(_stats(z, c, 6))  # K = 6 asked, 4 used
+    assert used == 4
+    assert ch == pytest.approx(calinski_harabasz_score(z, c), rel=1e-9)
+    assert 0.0 < r < 1.0 and ch == pytest.approx(r / (1 - r) * (300 - 4) / (4 - 1), rel=1e-9)
+    # Random labels explain almost nothing of the same features.
+    r_random, _, _ = variance_ratio(_stats(z, rng.integers(0, 4, 300), 6))
+    assert r_random < 0.1 < r
+
+
+def test_collapse_and_featureless_embeddings_score_zero():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(50, 3))
+    assert variance_ratio(_stats(z, np.zeros(50, np.int64), 5))[:2] == (0.0, 0.0)
+    assert variance_ratio(_stats(np.ones((50, 3)), rng.integers(0, 5, 50), 5))[:2] == (0.0, 0.0)
+
+
+def _tiny_method(data_url: str):
+    from djc.config import from_dict
+    from djc.data.shards import read_manifest
+    from djc.engine import Views, build_method
+    from djc.train import data_info
+
+    cfg = from_dict({"data": {"train": data_url, "batch_size": 64}, "model": {"backbone": "mlp", "width": 16},
+                     "method": {"secu": {"num_heads": 1}}})
+    m = read_manifest(data_url)
+    method = build_method(cfg, data_info(m)).eval()
+    return method, Views(cfg, m.mean, m.std, m.image_shape[0])
+
+
+def selection_on_workers(rank: int, world: int, data_url: str) -> dict:
+    from djc.selection import selection_metrics
+
+    method, views = _tiny_method(data_url)
+    return selection_metrics(method, data_url, views, torch.device("cpu"), 10)
+
+
+def test_two_workers_get_the_one_worker_numbers(tmp_path):
+    from djc.data.prepare import prepare
+
+    prepare("digits", str(tmp_path / "ds"), split="test", progress=False)
+    url = str(tmp_path / "ds")
+    one = selection_on_workers(0, 1, url)
+    two = run_gloo(selection_on_workers, 2, url)
+    assert two[0] == two[1]  # every rank reports the same numbers
+    assert set(one) >= {"select_score", "select_r", "select_ch", "select_acc", "select_balanced_acc"}
+    for k, v in one.items():
+        assert two[0][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert one["select_score"] == pytest.approx(one["select_r"] * one["select_clusters_used"] / 10)

@@ -1,0 +1,88 @@
+"""djc tune: search spaces checked against the config before any trial, and a tiny real search end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray import tune as rt
+
+from djc import cli
+from djc.config import ConfigError, from_dict, load_config, load_tree
+from tune import spaces
+from tune.search import check_space
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = str(ROOT / "jobs" / "digits_lt.yaml")
+JOBS = {"secu": "digits_lt.yaml", "dcl": "digits_lt_dcl.yaml", "statdec": "digits_lt_statdec.yaml",
+        "aecm": "digits_lt_aecm.yaml", "p2ot": "digits_lt_p2ot.yaml"}
+
+
+def bad_space(cfg):
+    return {"method.secu.t_x": rt.loguniform(0.02, 0.2), "method.secu.gama": rt.uniform(0.1, 0.9)}
+
+
+@pytest.mark.parametrize("method", sorted(JOBS))
+def test_every_method_space_fits_its_job_config(method):
+    tree = load_tree(ROOT / "jobs" / JOBS[method])
+    cfg = from_dict(tree)
+    space = spaces.SPACES[method](cfg)
+    assert space and all(k.startswith(f"method.{method}.") for k in space)
+    check_space(method, space, tree, cfg)  # both ends of every range make a valid config
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"method.secu.gama": rt.uniform(0.1, 0.9)}, "unknown config key 'method.secu.gama' (did you mean "
+                                                  "'method.secu.gamma'?)"),
+    ({"method.secu.t_x": rt.uniform(-0.1, 0.1)}, "key 'method.secu.t_x' = -0.1"),
+    ({"method.dcl.temperature": rt.uniform(0.1, 1.0)}, "trains method.name=secu: use --space secu"),
+    ({}, "is empty"),
+])
+def test_a_bad_space_is_refused_naming_the_key(space, message):
+    tree = load_tree(JOB)
+    with pytest.raises(ConfigError) as err:
+        check_space("mine", space, tree, from_dict(tree))
+    assert message in str(err.value)
+
+
+def test_djc_tune_with_an_unknown_key_fails_before_any_trial(tmp_path, capsys):
+    out = tmp_path / "search"
+    code = cli.main(["tune", JOB, "--space", "tests.test_tune:bad_space", "--samples", "2", "--out", str(out)])
+    assert code == 2
+    assert "unknown config key 'method.secu.gama'" in capsys.readouterr().err
+    assert not out.exists()  # no trial started, nothing written
+    assert cli.main(["tune", JOB, "--space", "nope", "--samples", "2"]) == 2
+    assert "unknown search space" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tiny_search_prints_its_trials_and_writes_a_best_yaml_djc_train_accepts(tmp_path):
+    out = tmp_path / "search"
+    small = [f"data.train={tmp_path}/data/train", f"data.eval={{test: {tmp_path}/data/test}}", "optim.epochs=2",
+             "model.width=8", "method.secu.num_heads=2", "optim.warmup_epochs=1", "method.kmeans.restarts=1",
+             "eval.baseline=false", "trainer.cpus_per_worker=0.45"]  # 2 x (2 x 0.45 + 0.01) CPUs: 2 trials at once
+    # Its own process, so its own local Ray instance (djc tune starts one with the dashboard it needs).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "djc.cli", "tune", JOB, "--space", "secu", "--samples", "2",
+                           "--out", str(out), *small], env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    table = (out / "trials.txt").read_text().splitlines()
+    assert table[0].split()[:4] == ["trial", "status", "epochs", "select_score"]
+    assert table[0] in done.stdout
+    rows = [line.split() for line in table[2:]]
+    assert len(rows) == 2 and rows[0][1] == "completed" and rows[0][2] == "2"
+
+    best = load_config(out / "best.yaml")  # what `djc train best.yaml` loads
+    trial = yaml.safe_load((out / "trials" / rows[0][0] / "config.yaml").read_text())
+    for key in ("t_x", "t_w", "tau", "alpha"):
+        assert getattr(best.method.secu, key) == trial["method"]["secu"][key]
+    assert best.name == "digits_lt_tuned" and best.eval.select_split == "test"
+    assert best.optim.epochs == 2 and best.model.width == 8  # the base config's own overrides are kept
+    for name in (r[0] for r in rows):
+        lines = (out / "trials" / name / "metrics.jsonl").read_text().splitlines()
+        assert lines and all("select_score" in ln for ln in lines)
