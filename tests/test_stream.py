@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import djc.data.stream as stream_mod
+from djc.data.io import FETCH_THREADS, ShardReadError
 from djc.data.shards import write_dataset
-from djc.data.stream import ShardReadError, ShardStream, StreamLoader
+from djc.data.stream import ShardStream, StreamLoader
 
 N, B = 1003, 16  # uneven on purpose: 1003 = 2 x 501 + 1, and 501 is not a multiple of 16
 
@@ -192,4 +193,4 @@ def test_cache_serves_later_epochs(url, tmp_path):
     assert len(os.listdir(tmp_path / "small")) == 1  # bounded: only the most recent copy is kept
     threaded = ShardStream(url, batch_size=B, cache_dir=str(tmp_path / "threaded"), cache_max_bytes=1)
     assert sorted(i for b in threaded for i in b["index"].tolist()) == list(range(N))
-    assert 1 <= len(os.listdir(tmp_path / "threaded")) <= stream_mod.FETCH_THREADS
+    assert 1 <= len(os.listdir(tmp_path / "threaded")) <= FETCH_THREADS

@@ -25,7 +25,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -33,148 +32,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from djc.data.io import Group, Prefetcher, RetryingFile, ShardReadError, with_retries
 from djc.data.shards import CorruptDataError, DatasetError, Manifest, decode_image, fs_path, read_manifest
 
 log = logging.getLogger(__name__)
 
-# Error classes of botocore / aiohttp that a retry can cure, matched by name so neither is imported here.
-_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "ResponseStreamingError", "IncompleteReadError", "HTTPClientError", "ClientConnectorError",
-                    "ServerDisconnectedError", "ClientPayloadError", "ClientOSError", "ServerTimeoutError"}
-_TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-                       "ServiceUnavailable", "500", "502", "503", "504"}
-
-
-class ShardReadError(OSError):
-    """A shard that could not be read: a storage error that outlived every retry, or one no retry can cure."""
-
-
-def is_transient(err: BaseException) -> bool:
-    """Whether a retry may cure `err`: network / timeout / throttling, not a missing or forbidden object."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(err, (OSError, ConnectionError, TimeoutError)):
-        return True
-    names = {c.__name__ for c in type(err).__mro__}
-    if "ClientError" in names and isinstance(getattr(err, "response", None), dict):  # botocore: by error code
-        return str(err.response.get("Error", {}).get("Code", "")) in _TRANSIENT_S3_CODES  # type: ignore[attr-defined]
-    return bool(names & _TRANSIENT_NAMES) or type(err).__module__.split(".")[0] == "aiohttp"
-
-
-def with_retries(fn: Callable[[], Any], url: str, retries: int, base_s: float,
-                 on_error: Callable[[], None] | None = None) -> Any:
-    """fn() with `retries` attempts and exponential backoff (base_s, 2 base_s, ...) on transient errors.
-    Storage failures come out as DatasetError (missing shard) or ShardReadError, both naming the shard URL."""
-    for attempt in range(retries):
-        try:
-            return fn()
-        except DatasetError:  # ours (corrupt data, missing shard): no retry can help
-            raise
-        except Exception as e:
-            if on_error is not None:
-                on_error()
-            if isinstance(e, FileNotFoundError):
-                raise DatasetError(f"shard {url} is missing") from e
-            if not is_transient(e) or attempt + 1 == retries:
-                tries = f" failed {retries} times; last error" if is_transient(e) else ""
-                raise ShardReadError(f"reading shard {url}{tries}: {type(e).__name__}: {e}") from e
-            log.warning("reading shard %s: %s: %s; retry %d of %d in %.1f s", url, type(e).__name__, e,
-                        attempt + 1, retries - 1, base_s * 2**attempt)
-            time.sleep(base_s * 2**attempt)
-    raise ShardReadError(f"reading shard {url}: retries={retries} allows no attempt")
-
-
-class _RetryingFile:
-    """A read-only file for pyarrow whose reads retry transient errors, reopening at the same offset. Every
-    storage failure leaves it as ShardReadError / DatasetError, so any other exception out of pyarrow is a
-    parse error: the shard's bytes are corrupt. pyarrow needs only read / seek / tell / close / closed / mode."""
-
-    mode = "rb"
-
-    def __init__(self, opener: Callable[[], IO[bytes]], url: str, retries: int, base_s: float,
-                 size: int | None = None):
-        self._opener, self.url, self._retries, self._base_s = opener, url, retries, base_s
-        self._f, self._pos, self._size, self.closed = None, 0, size, False
-
-    def _call(self, op: Callable[[IO[bytes]], Any]) -> Any:
-        def attempt() -> Any:
-            if self._f is None:
-                self._f = self._opener()
-            return op(self._f)
-
-        return with_retries(attempt, self.url, self._retries, self._base_s, on_error=self._drop)
-
-    def _drop(self) -> None:
-        try:
-            if self._f is not None:
-                self._f.close()
-        except Exception:  # a broken connection may fail to close too; it is being replaced anyway
-            pass
-        self._f = None
-
-    def read(self, n: int = -1) -> bytes:
-        # seek first: after a reopen it is needed, otherwise it is free (fsspec files seek locally)
-        data = self._call(lambda f: (f.seek(self._pos), f.read(n))[1])
-        self._pos += len(data)
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence == 2 and self._size is None:  # the real size, not the manifest's: a replaced file must parse
-            self._size = self._call(lambda f: f.seek(0, 2))
-        self._pos = pos if whence == 0 else self._pos + pos if whence == 1 else self._size + pos
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        self._drop()
-        self.closed = True
-
-
-_Group = tuple[np.ndarray, np.ndarray, list[bytes]]  # (index, label, image bytes) of one row group
 _COLUMNS = ["index", "label", "image"]
-FETCH_THREADS = 4  # concurrent row-group reads per process: ~4 requests in flight cover S3's per-request latency
-
-
-class _Prefetcher:
-    """The row groups of a known sequence of batches, fetched `ahead` batches early by FETCH_THREADS threads.
-
-    Each group is read once and dropped after the last batch that needs it, so memory holds the groups of the
-    current batch, of the next `ahead` batches, and those in between that a later batch still needs (the
-    window's, at most `window` groups). ahead=0 reads on demand in the calling thread."""
-
-    def __init__(self, fetch: Callable[[int], _Group], batches: list[np.ndarray], ahead: int):
-        self.fetch, self.ahead = fetch, ahead
-        self.needs = [list(dict.fromkeys(b.tolist())) for b in batches]  # unit ids per batch, first-use order
-        self.last = {u: k for k, us in enumerate(self.needs) for u in us}  # batch after which u can go
-        self.live: dict[int, Future | _Group | None] = {}
-        self.requested = 0  # batches whose groups are requested
-        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="djc-fetch") if ahead > 0 else None
-
-    def take(self, k: int) -> dict[int, _Group]:
-        while self.requested < min(k + 1 + self.ahead, len(self.needs)):
-            for u in self.needs[self.requested]:
-                if u not in self.live:
-                    self.live[u] = self.pool.submit(self.fetch, u) if self.pool is not None else None
-            self.requested += 1
-        out = {}
-        for u in self.needs[k]:
-            v = self.live[u]
-            if v is None:
-                v = self.live[u] = self.fetch(u)
-            out[u] = v.result() if isinstance(v, Future) else v
-            if self.last[u] == k:
-                del self.live[u]
-        return out
-
-    def __enter__(self) -> _Prefetcher:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.pool is not None:  # an early stop (break, error) abandons what was fetched ahead
-            self.pool.shutdown(wait=False, cancel_futures=True)
-
 
 class ShardStream(IterableDataset):
     """Batches {index (B,) int64, label (B,) int64, image (B, C, H, W) uint8, batch_id int, skipped int} of
@@ -183,7 +46,7 @@ class ShardStream(IterableDataset):
     Reads fetch only the row groups a worker's batches need, straight from the store: per shard its footer
     once, then one ranged read per row group (one GET on S3; nothing is downloaded first). The groups of the
     next `prefetch_batches` batches are read in background threads while the current batch decodes
-    (_Prefetcher). Transient errors are retried `retries` times with backoff 0.2 s, 0.4 s, ...; a corrupt
+    (Prefetcher). Transient errors are retried `retries` times with backoff 0.2 s, 0.4 s, ...; a corrupt
     shard raises CorruptDataError naming it; an undecodable image raises CorruptDataError naming shard and
     row, or with on_corrupt="skip" is dropped from its batch and counted (batch["skipped"], self.skipped).
 
@@ -297,11 +160,11 @@ class ShardStream(IterableDataset):
         todo = [(j, units[j * B:(j + 1) * B], rows[j * B:(j + 1) * B])
                 for j in range(self._start + w, self.num_batches(), D)]
         self._readers()
-        with _Prefetcher(self._row_group, [u for _, u, _ in todo], self.prefetch_batches) as groups:
+        with Prefetcher(self._row_group, [u for _, u, _ in todo], self.prefetch_batches) as groups:
             for k, (j, u, r) in enumerate(todo):
                 yield self._batch(j, u, r, groups.take(k))
 
-    def _batch(self, j: int, units: np.ndarray, rows: np.ndarray, tables: dict[int, _Group]) -> dict[str, Any]:
+    def _batch(self, j: int, units: np.ndarray, rows: np.ndarray, tables: dict[int, Group]) -> dict[str, Any]:
         idx, lab, imgs, skipped, first_where = [], [], [], 0, ""
         for u, r in zip(units.tolist(), rows.tolist()):
             index, label, blobs = tables[u]
@@ -346,11 +209,11 @@ class ShardStream(IterableDataset):
             self._lock = threading.Lock()  # guards _shards itself
             self._shards: dict[int, tuple[threading.Lock, list[Any]]] = {}  # shard -> (lock, [footer, size])
 
-    def _row_group(self, u: int) -> _Group:
+    def _row_group(self, u: int) -> Group:
         """(index, label, image bytes) of unit u: one ranged read of its row group's bytes."""
         s, g, url = int(self._shard[u]), int(self._group[u]), self.manifest.shard_url(int(self._shard[u]))
         meta, size = self._footer(s)
-        f = _RetryingFile(self._opener(s, size), url, self.retries, self.RETRY_BASE_S, size=size)
+        f = RetryingFile(self._opener(s, size), url, self.retries, self.RETRY_BASE_S, size=size)
         try:
             # pre_buffer coalesces the row group's column chunks into one read: one GET on S3.
             t = pq.ParquetFile(f, metadata=meta, pre_buffer=True).read_row_group(g, columns=_COLUMNS)
@@ -382,11 +245,11 @@ class ShardStream(IterableDataset):
             if not slot:
                 url = self.manifest.shard_url(s)
                 if self.cache_dir:
-                    f: Any = _RetryingFile(lambda: self._cached(s)[0], url, self.retries, self.RETRY_BASE_S)
+                    f: Any = RetryingFile(lambda: self._cached(s)[0], url, self.retries, self.RETRY_BASE_S)
                 else:
                     fs, root = self._fs
                     path = f"{root}/{self.manifest.shards[s].path}"
-                    f = _RetryingFile(lambda: fs.open(path, "rb", cache_type="none"), url, self.retries,
+                    f = RetryingFile(lambda: fs.open(path, "rb", cache_type="none"), url, self.retries,
                                       self.RETRY_BASE_S)
                 try:
                     size = f.seek(0, 2)  # the real size, not the manifest's: a replaced file must still parse
