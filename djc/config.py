@@ -85,8 +85,11 @@ class SeCuConfig(_Node):
     # Lower bound of every cluster's share, as a fraction of N/K. "auto" derives it from expected_imbalance:
     # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods.md).
     gamma: float | Literal["auto"] = 0.9
-    expected_imbalance: float = Field(1.0, ge=1.0)  # used by gamma=auto: expected largest/smallest class ratio
+    expected_imbalance: float = Field(1.0, ge=1.0)  # for the "auto" settings: expected largest/smallest class ratio
     eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
+    # Sizes the entropy constraint pulls towards: uniform = SeCu's -H(p) (equal sizes); profile = KL(p || pi),
+    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods.md)
+    size_prior: Literal["uniform", "profile"] = "uniform"
     alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
     t_x: float = Field(0.05, gt=0.0)  # temperature of the representation loss
     t_w: float = Field(0.05, gt=0.0)  # temperature of the center loss
@@ -270,6 +273,10 @@ class Config(_Node):
                              f"({', '.join(self.data.eval) or 'none'})")
         if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
             raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
+        secu = self.method.secu
+        if secu.size_prior != "uniform" and secu.constraint != "entropy":
+            raise ValueError(f"method.secu.size_prior={secu.size_prior} shapes the entropy constraint; it needs "
+                             f"method.secu.constraint=entropy (got {secu.constraint})")
         # SeCu's size duals compare per-step counts with gamma * B / K, DDC's divergence and P2OT's plan need
         # every cluster to be reachable in one batch: a K above the global batch can never be filled.
         if self.method.name in NEEDS_K_LE_BATCH and self.method.num_clusters > b:

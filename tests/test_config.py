@@ -36,6 +36,7 @@ def test_every_job_config_loads():
     (["optimizer.lr=1"], "unknown config key 'optimizer'"),
     (["method.secu.t_x=-0.1"], "method.secu.t_x"),
     (["method.secu.gamma=1.5"], "method.secu.gamma"),
+    (["method.secu.size_prior=profile"], "it needs method.secu.constraint=entropy (got size)"),
     (["method.num_clusters=200"], "larger than the global batch data.batch_size=128"),
     (["data.batch_size=100", "trainer.num_workers=3"], "divisible by trainer.num_workers=3"),
     (["model.backbone=vgg"], "model.backbone"),

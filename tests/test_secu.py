@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.secu import auto_gamma, center_loss, dual_step, entropy_delta, representation_loss
+from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, prior_delta, profile_shares,
+                              representation_loss)
 from tests.gloo import assert_two_workers_equal_one
 
 
@@ -104,6 +105,60 @@ def test_auto_gamma_is_the_smallest_class_share_of_the_profile():
     assert auto_gamma(10, 10.0) < 0.3
 
 
+def test_prior_delta_is_the_exact_change_of_the_cross_term_under_the_size_ranks():
+    hist = torch.tensor([2, 7, 0, 4])  # ranks by size: cluster 1, 3, 0, 2
+    current = torch.tensor([0, 1, -1])
+    n = 13
+    log_pi = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # largest share first
+    delta = prior_delta(hist, current, n, log_pi)
+    pi_of = log_pi[torch.tensor([2, 0, 3, 1])]  # log pi matched to clusters 0..3 by their rank
+
+    def cross(h):  # -sum_k p_k log pi_k with the ranks of the step-start histogram
+        return float(-(h.double() / n * pi_of.double()).sum())
+
+    for i, c in enumerate(current.tolist()):
+        for k in range(4):
+            h = hist.clone()
+            if c >= 0:
+                h[c] -= 1
+            h[k] += 1  # an uncounted instance (c = -1) only adds itself to k
+            assert delta[i, k].item() == pytest.approx(cross(h) - cross(hist), abs=1e-6)
+
+
+def test_a_uniform_prior_gives_back_secus_assignment():
+    g = torch.Generator().manual_seed(3)
+    hist = torch.randint(0, 20, (6,), generator=g)
+    current = torch.tensor([0, 3, -1, 5, -1])
+    s = torch.randn(5, 6, generator=g)
+    ent = entropy_delta(hist, current, 100)
+    uniform = torch.full((6,), -math.log(6))
+    with_prior = ent + prior_delta(hist, current, 100, uniform)
+    assert torch.equal((s - 50 * with_prior).argmax(1), (s - 50 * ent).argmax(1))
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_the_profile_prior_holds_a_long_tailed_histogram_where_entropy_equalises(prior):
+    # Equal similarities, so only the constraint decides: every instance starts in cluster 0 and is reassigned
+    # one at a time for a few passes. -H(p) spreads them evenly; KL(p || pi) settles on the profile's sizes.
+    N, K, R = 200, 4, 8.0
+    mem = torch.zeros(N, dtype=torch.long)
+    hist = torch.bincount(mem, minlength=K)
+    log_pi = torch.tensor(profile_shares(K, R)).log()
+    for _ in range(4):
+        for i in range(N):
+            cur = mem[i : i + 1]
+            d = entropy_delta(hist, cur, N) + (prior_delta(hist, cur, N, log_pi) if prior else 0)
+            y = int((-d).argmax(1))
+            hist[cur] -= 1
+            hist[y] += 1
+            mem[i] = y
+    sizes = hist.sort(descending=True).values.tolist()
+    if prior:  # shares 0.533, 0.267, 0.133, 0.067 of 200
+        assert sizes == pytest.approx([N * p for p in profile_shares(K, R)], abs=1.5)
+    else:
+        assert sizes == [50, 50, 50, 50]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
 
@@ -111,9 +166,14 @@ N, B = 64, 16
 
 
 def _cfg(world: int, constraint: str):
+    # "entropy-profile": the entropy constraint with the long-tailed size prior (ranks read the histogram)
+    constraint, _, prior = constraint.partition("-")
+    secu = {"num_heads": 2, "constraint": constraint, "alpha": 50.0}
+    if prior:
+        secu |= {"size_prior": prior, "expected_imbalance": 10.0}
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
-        "method": {"num_clusters": 4, "secu": {"num_heads": 2, "constraint": constraint, "alpha": 50.0}},
+        "method": {"num_clusters": 4, "secu": secu},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
@@ -134,7 +194,7 @@ def secu_steps(rank: int, world: int, constraint: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("constraint", ["size", "entropy"])
+@pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
     single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.

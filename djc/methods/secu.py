@@ -61,18 +61,38 @@ def entropy_delta(hist: Tensor, current: Tensor, n: int) -> Tensor:
     return delta.to(torch.float32)
 
 
+def prior_delta(hist: Tensor, current: Tensor, n: int, log_shares: Tensor) -> Tensor:
+    """Change of -sum_k p_k log pi_k if instance i moved from `current[i]` (-1: not counted yet) to k, where
+    the size profile pi (log_shares, (K,), largest first) is matched to the clusters by rank: the largest
+    cluster by hist gets the largest share.
+
+    Added to entropy_delta, the constraint becomes KL(p || pi) = sum_k p_k log(p_k / pi_k), smallest at p = pi
+    up to the order of the clusters, instead of -H(p), smallest at equal sizes. A uniform pi adds the same
+    constant to every k and gives back SeCu's rule. Returns (B, K); 0 at the current cluster.
+    """
+    rank = torch.argsort(torch.argsort(hist, descending=True, stable=True))  # (K,) 0 = largest cluster
+    cost = -log_shares.to(torch.float64)[rank] / n  # (K,) joining cluster k
+    counted = current >= 0
+    leave = torch.where(counted, cost[current.clamp_min(0)], torch.zeros_like(cost[:1]))  # (B,)
+    return (cost.unsqueeze(0) - leave.unsqueeze(1)).to(torch.float32)
+
+
 def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float) -> Tensor:
     """rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K): a cluster below gamma B / K gains weight."""
     k = rho.shape[0]
     return (rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k).clamp_min(0.0)
 
 
+def profile_shares(num_clusters: int, imbalance_ratio: float) -> list[float]:
+    """Cluster shares of an exponential profile of this ratio (methods.md s6): s_c ~ r^(c / (K - 1)), r = 1 / ratio."""
+    w = [(1.0 / imbalance_ratio) ** (c / (num_clusters - 1)) for c in range(num_clusters)]
+    return [v / sum(w) for v in w]
+
+
 def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
     """Smallest class share, as a fraction of N/K, under an exponential profile of this ratio (methods.md s6):
     gamma = K r / sum_c r^(c / (K - 1)), r = 1 / ratio. Ratio 1 gives 1; ratio 10 with K = 10 gives 0.244."""
-    r = 1.0 / imbalance_ratio
-    total = sum(r ** (c / (num_clusters - 1)) for c in range(num_clusters))
-    return num_clusters * r / total
+    return num_clusters * profile_shares(num_clusters, imbalance_ratio)[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,6 +132,10 @@ class SeCu(ClusteringMethod):
         )
         self.gammas = [c.gamma if c.gamma != "auto" else auto_gamma(hd.num_clusters, c.expected_imbalance)
                        for hd in self.heads]
+        if c.size_prior == "profile":  # derived from the config, not state: a non-persistent buffer
+            for hd in self.heads:
+                hd.register_buffer("log_prior", torch.tensor(
+                    profile_shares(hd.num_clusters, c.expected_imbalance)).log(), persistent=False)
 
     def embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj(self.encode(x)), dim=1)
@@ -129,7 +153,10 @@ class SeCu(ClusteringMethod):
                 if self.c.constraint == "size":
                     y = (s + head.rho).argmax(dim=1)
                 else:
-                    y = (s - self.c.alpha * entropy_delta(head.hist, prev, self.n)).argmax(dim=1)
+                    delta = entropy_delta(head.hist, prev, self.n)  # (B, K)
+                    if self.c.size_prior == "profile":  # KL(p || long-tailed profile) instead of -H(p)
+                        delta = delta + prior_delta(head.hist, prev, self.n, head.log_prior)
+                    y = (s - self.c.alpha * delta).argmax(dim=1)
                 ybar = torch.where(prev >= 0, prev, y)  # epoch 0: the current label
             lc = lc + center_loss(f1, w, y, self.c.t_w) + center_loss(f2, w, y, self.c.t_w)
             z1, z2 = f1 @ head.w_prev / self.c.t_x, f2 @ head.w_prev / self.c.t_x
