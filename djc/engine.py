@@ -6,6 +6,7 @@ process groups, so this module must stay free of Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from typing import Any
@@ -28,7 +29,12 @@ METHODS: dict[str, str] = {
 
 
 def build_method(cfg: Config, info: DataInfo) -> ClusteringMethod:
+    """`info` describes the dataset; the method is built for the images the views hand it, which are
+    augment.out_size square when that is set (an MLP's input width, an autoencoder's output, depend on it)."""
     module, cls = METHODS[cfg.method.name].split(":")
+    if cfg.augment.out_size:
+        info = dataclasses.replace(info, image_shape=(cfg.augment.out_size, cfg.augment.out_size,
+                                                      info.image_shape[2]))
     torch.manual_seed(cfg.seed)  # same initial weights on every worker (DDP also broadcasts rank 0's)
     return getattr(importlib.import_module(module), cls)(cfg, info)
 

@@ -201,3 +201,19 @@ def test_per_instance_state_for_imagenet_sizes(n, capsys):
         print(f"\n[memory] SeCu, N={n:,}, 10 heads, K=1000, D=128: per-instance "
               f"{size['per_instance'] / 2**20:.1f} MiB, parameters {size['parameters'] / 2**20:.1f} MiB, "
               f"other buffers {size['other_buffers'] / 2**20:.1f} MiB per worker")
+
+
+@pytest.mark.parametrize("name, backbone", [("secu", "mlp"), ("aecm", "mlp"), ("p2ot", "smallconv")])
+def test_methods_are_built_for_the_views_output_size_not_the_datasets(name, backbone):
+    # 8x8 digits cropped and resized to 16x16 views: an MLP (and AE-CM's autoencoder) must take 16 x 16 inputs.
+    cfg = from_dict({"model": {"backbone": backbone, "width": 8, "proj_hidden": 16, "proj_dim": 8},
+                     "augment": {"out_size": 16}, "data": {"batch_size": 16},
+                     "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 1},
+                                "aecm": {"hidden": [16], "init": "rand"}}})
+    method = build_method(cfg, DataInfo(64, (8, 8, 1), 4))
+    views = Views(cfg, [0.5], [0.25], image_side=8)
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    x1, x2 = views.for_method(method, images, step=0, rank=0)
+    assert x1.shape[-2:] == (16, 16)
+    out = method(torch.arange(16), x1, x2)
+    assert torch.isfinite(out.loss)
