@@ -129,6 +129,12 @@ class StatDECConfig(_Node):
     var_floor: float = Field(1e-4, gt=0.0)  # least per-dimension variance: raise if a cluster collapses to a point
     warmup_frac: float = Field(0.2, ge=0.0, le=1.0)  # share of epochs of contrastive-only training before init
     init_over: int = Field(3, ge=1)  # k-means with init_over * K centers, merged to K (1 = plain k-means)
+    # Merges of the init's pieces tried; the one under which the data are most likely wins (docs/methods/statdec.md)
+    init_merges: list[Literal["bhattacharyya", "ward", "average"]] = Field(
+        default_factory=lambda: ["bhattacharyya", "ward"], min_length=1)
+    # T of the tempered kernel log l / T: at D = 128 the density's log-odds between clusters are ~40 nats, so Q is
+    # one-hot, P = Q and KL has no gradient; T ~ D / 4 makes them O(1) (docs/methods/statdec.md)
+    kernel_temperature: float = Field(1.0, gt=0.0)
 
 
 class AECMConfig(_Node):

@@ -13,8 +13,8 @@ from sklearn.metrics import roc_auc_score
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, pooled_stats,
-                                 pooled_sums)
+from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, merge_clusters,
+                                 pooled_stats, pooled_sums)
 from djc.metrics import cluster_acc, match_clusters
 from tests.gloo import assert_two_workers_equal_one
 
@@ -79,6 +79,50 @@ def test_targets_differ_in_how_they_treat_cluster_size():
     lq = torch.tensor([[0.7, 0.3]]).log()
     assert kl_target(lq.exp(), lq).item() == pytest.approx(0.0, abs=1e-7)
     assert kl_target(torch.tensor([[1.0, 0.0]]), lq).item() > 0
+
+
+def test_tempered_kernel_gives_kl_a_gradient_that_pulls_members_to_their_cluster():
+    # 4 clusters of 100 unit vectors in D = 128 (cosine ~0.65 to their mean, as contrastive features). The
+    # density's log-odds between clusters are tens of nats: Q is one-hot, P = Q, and KL has no gradient at all.
+    g = torch.Generator().manual_seed(3)
+    d, k, n = 128, 4, 100
+    means = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    y = torch.arange(k).repeat_interleave(n)
+    z0 = F.normalize(means[y] + 1.2 * torch.randn(k * n, d, generator=g) / d**0.5, dim=1)
+
+    def descend(t: float) -> tuple[float, float]:
+        """(|grad KL| at z0, mean cosine of z to its cluster's mean after 20 SGD steps on KL alone)"""
+        pool = StatPool(k, d, kernel_temperature=t)
+        pool.reset(pooled_sums(z0, F.one_hot(y, k).float()))
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([z], lr=100.0)
+        for i in range(20):
+            log_q, log_l = pool.posterior(z)
+            loss = kl_target(pool.target(log_q, log_l), log_q)
+            opt.zero_grad()
+            loss.backward()
+            grad = z.grad.norm().item() if i == 0 else grad
+            opt.step()
+        return grad, (F.normalize(z.detach(), dim=1) * F.normalize(pool.stats().mean, dim=1)[y]).sum(1).mean().item()
+
+    grad1, cos1 = descend(1.0)
+    grad32, cos32 = descend(32.0)
+    assert grad1 < 1e-10 and cos1 == pytest.approx(0.647, abs=0.01)  # nothing moves (measured 3e-16)
+    assert grad32 > 1e-2 and cos32 > 0.95  # members pulled onto their cluster (measured 0.047; 0.65 -> 0.99)
+
+
+def test_average_merge_is_average_linkage_on_cosine_similarity():
+    # One piece per point: merging by -mu_a . mu_b from the sums is exactly UPGMA with the cosine distance 1 - cos,
+    # since the mean of 1 - z_i . z_j over a x b is 1 - mu_a . mu_b for unit vectors.
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    g = torch.Generator().manual_seed(4)
+    z = F.normalize(torch.randn(60, 5, generator=g, dtype=torch.float64) + 2 * torch.eye(5, dtype=torch.float64)[
+        torch.arange(60) % 3], dim=1)
+    _, ours = merge_clusters(pooled_sums(z, torch.eye(60, dtype=torch.float64)), 6, "average")
+    ref = fcluster(linkage(z.numpy(), method="average", metric="cosine"), 6, criterion="maxclust")
+    assert len(set(ours.tolist())) == 6
+    assert cluster_acc(ref - 1, ours.numpy()) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from djc.methods.kmeans import assign, kmeans
 from djc.models.backbones import build_backbone, projection_head
 
 Target = Literal["cardinality", "balanced"]
+Merge = Literal["bhattacharyya", "ward", "average"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The statistics pooling block and the clustering rule: pure functions of tensors.
@@ -105,7 +106,7 @@ def bhattacharyya(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor) 
             - 0.25 * (var_a.log().sum(-1)[:, None] + var_b.log().sum(-1)[None]))
 
 
-def merge_clusters(sums: Tensor, k: int, criterion: Literal["bhattacharyya", "ward"] = "bhattacharyya",
+def merge_clusters(sums: Tensor, k: int, criterion: Merge = "bhattacharyya",
                    kappa: float = 2.0) -> tuple[Tensor, Tensor]:
     """Greedy agglomeration of K' > k pieces (raw sufficient statistics (K', 1 + 2D)) down to k clusters: merge
     the closest pair, whose statistics are the sum of theirs. Returns (merged sums (k, 1 + 2D), cluster of each
@@ -113,7 +114,10 @@ def merge_clusters(sums: Tensor, k: int, criterion: Literal["bhattacharyya", "wa
       bhattacharyya  size-free: every tail cluster that got a piece survives; variances shrunk towards the mean
                      piece variance with `kappa` pseudo-samples, so a 1-point piece is not infinitely far
       ward           n_a n_b / (n_a + n_b) |mu_a - mu_b|^2, the k-means cost of the merge: size-biased like
-                     k-means, but does not chain pieces of different classes into one giant cluster"""
+                     k-means, but does not chain pieces of different classes into one giant cluster
+      average        -mu_a . mu_b, the mean dot product between the members of a and of b: average linkage
+                     (UPGMA) on cosine similarity when z is normalised, exact from the sums. Size-free like
+                     Bhattacharyya, but a chain of pieces is not closer than its two ends"""
     s = sums.double().clone()
     n, mean, var = _moments(s)
     alive = n > 0
@@ -121,7 +125,9 @@ def merge_clusters(sums: Tensor, k: int, criterion: Literal["bhattacharyya", "wa
     v = (n[:, None] * var + kappa * vbar) / (n[:, None] + kappa)
 
     def dist_to(rows: Tensor) -> Tensor:  # (R, K') distances of pieces `rows` to every piece
-        if criterion == "ward":
+        if criterion == "average":
+            d = -(mean[rows] @ mean.T)
+        elif criterion == "ward":
             nr = n[rows][:, None]
             d = nr * n / (nr + n).clamp_min(1e-12) * torch.cdist(mean[rows], mean).square()
         else:
@@ -167,10 +173,12 @@ class StatPool(nn.Module):
     Usable alone on fixed embeddings: `init_kmeans`, then `step(z)` repeatedly (tests/test_statdec.py)."""
 
     def __init__(self, num_clusters: int, dim: int, ema: float = 0.9, nu: float = 1.0, sharpen: float = 2.0,
-                 var_floor: float = 1e-4, target: Target = "cardinality", hard: bool = False):
+                 var_floor: float = 1e-4, target: Target = "cardinality", hard: bool = False,
+                 kernel_temperature: float = 1.0, merges: tuple[Merge, ...] = ("bhattacharyya", "ward")):
         super().__init__()
         self.ema, self.nu, self.sharpen, self.var_floor, self.kind, self.hard = ema, nu, sharpen, var_floor, \
             target, hard
+        self.kernel_t, self.merges = kernel_temperature, merges
         self.register_buffer("sums", torch.zeros(num_clusters, 1 + 2 * dim))  # normalised (n, sum z, sum z^2)
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))  # statistics initialised
 
@@ -178,8 +186,9 @@ class StatPool(nn.Module):
         return pooled_stats(self.sums, self.var_floor)
 
     def log_kernel(self, z: Tensor) -> Tensor:
+        """log l / T: the tempered kernel every posterior, target and init score of this head uses."""
         s = self.stats()
-        return log_kernel(z, s.mean, s.var, self.nu)
+        return log_kernel(z, s.mean, s.var, self.nu) / self.kernel_t
 
     def posterior(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(log q, log l), each (B, K); q has the prior pi for the cardinality target, none for DEC's."""
@@ -226,11 +235,11 @@ class StatPool(nn.Module):
         if over == 1:
             self.reset(pieces)
             return
-        cands = [merge_clusters(pieces, k, c) for c in ("bhattacharyya", "ward")]
+        cands = [merge_clusters(pieces, k, c) for c in self.merges]
         local = []
         for sums, piece_to_cluster in cands:
             st = pooled_stats(sums / sums[:, 0].sum(), self.var_floor)
-            lk = log_kernel(z, st.mean, st.var, self.nu) + st.prior.log()
+            lk = log_kernel(z, st.mean, st.var, self.nu) / self.kernel_t + st.prior.log()
             # Hard partition likelihood: each row scored in the cluster its piece was merged into.
             local.append(lk.gather(1, piece_to_cluster[labels][:, None]).sum())
         score = dist.all_reduce_sum(torch.stack(local))  # ONE collective: the global log-likelihood of each
@@ -256,7 +265,7 @@ class StatDEC(ClusteringMethod):
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
         self.pool = StatPool(cfg.method.num_clusters, cfg.model.proj_dim, c.ema, c.nu, c.sharpen, c.var_floor,
-                             c.target, c.assign == "hard")
+                             c.target, c.assign == "hard", c.kernel_temperature, tuple(c.init_merges))
 
     def embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj(self.encode(x)), dim=1)
