@@ -150,8 +150,12 @@ def bench_case(name: str, cfg: Config, device: torch.device, batch: int, steps: 
     with dist.count_traffic() as traffic:
         djc_step(0)
     bn_bytes = traffic.pop("all_reduce_sum_with_grad", 0)  # SeCu's only with-gradient collective: global BN
-    stats_bytes = sum(traffic.values())
-    grad_bytes = sum(p.numel() * p.element_size() for p in method.parameters() if p.requires_grad)
+    # Gradients: DDP's all-reduce of every parameter but the centers, plus what SeCu sends for the centers
+    # (all of them, or only the assigned columns when a head has more clusters than the batch has samples).
+    own = set(method.self_reduced_parameters())
+    grad_bytes = traffic.pop("average_gradients", 0) + sum(
+        p.numel() * p.element_size() for n, p in method.named_parameters() if p.requires_grad and n not in own)
+    stats_bytes = sum(traffic.values())  # gathers of (index, labels), histograms
     _timed(djc_step, warmup, device, 1)
     _timed(ref_step, warmup, device, 1)
     ours, theirs, ratios = [], [], []

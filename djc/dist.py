@@ -204,3 +204,34 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """
     _count("all_gather_with_grad", x, 2 if x.requires_grad else 1)
     return _AllGatherCat.apply(x) if is_distributed() else x
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gradients a method averages itself (DDP skips them): see ClusteringMethod.self_reduced_parameters.
+
+
+@torch.no_grad()
+def average_gradients_(grads: list[Tensor], columns: list[Tensor | None]) -> None:
+    """In place, the mean over workers of each (D, K) gradient: all of it where `columns` is None, else only its
+    columns `columns[i]` (M,), whose other columns must be zero on every worker. One all-reduce for all of them.
+
+    A gradient that only a batch's labels touch (SeCu's centers, K up to 10,000 per head) sends D x M numbers
+    instead of D x K. `columns` may repeat a column (two samples with one label): it is sent twice, reduced to
+    the same value twice and written back with it, so the result does not depend on which copy lands last.
+    M is the global batch, a fixed size: no host sync.
+    """
+    parts = [g.flatten() if c is None else g.index_select(1, c).flatten() for g, c in zip(grads, columns)]
+    if not parts:
+        return
+    flat = torch.cat(parts)
+    _count("average_gradients", flat)
+    if not is_distributed():
+        return
+    y = flat.to(_comm_device(flat))
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    y = y.to(flat.device).div_(world_size())
+    for g, c, part in zip(grads, columns, y.split([p.numel() for p in parts])):
+        if c is None:
+            g.copy_(part.view_as(g))
+        else:
+            g.index_copy_(1, c, part.view(g.shape[0], c.shape[0]))

@@ -144,11 +144,15 @@ def to_device(method: ClusteringMethod, cfg: Config, device: torch.device) -> Cl
 
 def wrap_ddp(method: ClusteringMethod) -> nn.Module:
     """DDP that syncs parameters and buffers once at init and never buffers again: cluster state is identical
-    by construction, and re-broadcasting a 1.28M-entry memory every step would cost more than the step."""
+    by construction, and re-broadcasting a 1.28M-entry memory every step would cost more than the step.
+    Parameters the method averages itself (`self_reduced_parameters`) are left out of DDP altogether, init
+    broadcast included: the method builds them identically on every worker from the seed."""
     import inspect
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if ignored := method.self_reduced_parameters():
+        DDP._set_params_and_buffers_to_ignore_for_model(method, ignored)
     # torch >= 2.15 renamed the per-forward switch; the GPU images' torch 2.11 only has the old one.
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:
         return DDP(method, forward_sync_buffers=False)
@@ -161,6 +165,7 @@ def train_step(model: nn.Module, method: ClusteringMethod, opt: torch.optim.Opti
     out: StepOut = model(index, x1, x2)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    method.reduce_gradients(out.update)
     opt.step()
     method.update_state(out.update)
     return out

@@ -165,10 +165,10 @@ def test_the_profile_prior_holds_a_long_tailed_histogram_where_entropy_equalises
 N, B = 64, 16
 
 
-def _cfg(world: int, constraint: str):
+def _cfg(world: int, constraint: str, heads: int = 2):
     # "entropy-profile": the entropy constraint with the long-tailed size prior (ranks read the histogram)
     constraint, _, prior = constraint.partition("-")
-    secu = {"num_heads": 2, "constraint": constraint, "alpha": 50.0}
+    secu = {"num_heads": heads, "constraint": constraint, "alpha": 50.0}
     if prior:
         secu |= {"size_prior": prior, "expected_imbalance": 10.0}
     return from_dict({
@@ -178,10 +178,12 @@ def _cfg(world: int, constraint: str):
     })
 
 
-def secu_steps(rank: int, world: int, constraint: str) -> dict[str, np.ndarray]:
-    cfg = _cfg(world, constraint)
+def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[str, np.ndarray]:
+    cfg = _cfg(world, constraint, heads)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
+    if world > 1:  # DDP leaves the centers to SeCu.reduce_gradients
+        assert model.parameters_to_ignore == {f"heads.{h}.weight" for h in range(heads)}
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
@@ -200,3 +202,23 @@ def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
     # The state did change: memory filled, histogram counts every remembered instance.
     mem = single["heads.0.memory"]
     assert (mem >= 0).sum() == single["heads.0.hist"].sum() > 0
+
+
+def test_heads_with_more_clusters_than_the_batch_average_only_the_assigned_columns():
+    """Heads of K_h = 4 .. 20 clusters against a global batch of 16: the 20-cluster head's centers leave DDP and
+    only the columns the global batch was assigned to are averaged (djc.dist.average_gradients_); the step still
+    equals one worker's on the concatenated batch."""
+    single = assert_two_workers_equal_one(secu_steps, "entropy", 5)
+    assert single["heads.4.weight"].shape[1] == 20 > B
+
+
+def test_center_gradients_are_zero_outside_the_assigned_columns():
+    """What averaging only the assigned columns relies on: the center loss reaches no other column."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 12, generator=g, requires_grad=True)
+    x = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    y = torch.tensor([3, 3, 7, 0, 11])
+    center_loss(x, F.normalize(w, dim=0), y, 0.05).backward()
+    touched = torch.zeros(12, dtype=torch.bool)
+    touched[y] = True
+    assert (w.grad[:, ~touched] == 0).all() and (w.grad[:, touched].abs().sum(0) > 0).all()

@@ -80,6 +80,14 @@ class ClusteringMethod(nn.Module):
     def update_state(self, update: Any) -> None:
         """No-grad update of the cluster state from global data, after the optimiser step."""
 
+    def self_reduced_parameters(self) -> list[str]:
+        """Names of the parameters DDP must skip because `reduce_gradients` averages their gradients itself."""
+        return []
+
+    def reduce_gradients(self, update: Any) -> None:
+        """After backward, before the optimiser step: average over workers the gradients of
+        `self_reduced_parameters` (through djc.dist), given the step's local `update`."""
+
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Snapshots and stage changes taken once per epoch (SeCu's W_prev, AE-CM's pretraining stages)."""
 

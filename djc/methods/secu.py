@@ -180,6 +180,26 @@ class SeCu(ClusteringMethod):
             head.hist.add_(counts - cluster_counts(old.clamp_min(0), k, keep=old >= 0))
             head.memory[index] = y.to(head.memory.dtype)
 
+    def self_reduced_parameters(self) -> list[str]:
+        return [f"heads.{h}.weight" for h in range(len(self.heads))]
+
+    @torch.no_grad()
+    def reduce_gradients(self, update: Tensor) -> None:
+        # The center loss detaches every logit but the assigned one, so a head's center gradient is zero outside
+        # the columns this step's global batch was assigned to. Where the head has more clusters than the global
+        # batch has samples (K = 10,000 on ImageNet), only those columns are averaged: D x B_global numbers per
+        # head instead of DDP's dense D x K (268 MiB per step for 10 heads at K = 10,000).
+        bsz = update.shape[0] * dist.world_size()
+        sparse = any(head.num_clusters > bsz for head in self.heads)
+        glob = dist.all_gather_same_size(update) if sparse else None  # the global labels, (B_global, 1 + H)
+        grads, columns = [], []
+        for h, head in enumerate(self.heads):
+            if head.weight.grad is None:  # every worker must send the same shapes
+                head.weight.grad = torch.zeros_like(head.weight)
+            grads.append(head.weight.grad)
+            columns.append(glob[:, 1 + h].contiguous() if head.num_clusters > bsz else None)
+        dist.average_gradients_(grads, columns)
+
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:
         for head in self.heads:
