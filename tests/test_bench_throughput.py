@@ -20,9 +20,9 @@ def test_bench_case_times_both_loops_and_counts_collectives():
     finally:
         torch.set_num_threads(threads)
     assert r["djc"] > 0 and r["reference"] > 0 and r["ratio"] > 0 and r["precision"] == "torch.float32"
-    # SeCu gathers (index, 3 labels) int64 per sample for its state update, and here once more for its centers'
-    # gradients: heads of 8 and 12 clusters exceed the batch of 4, so only their assigned columns are averaged.
-    assert r["stats_bytes"] == 2 * 4 * (1 + 3) * 8
+    # SeCu's one gather per step: (index, 3 labels) int64 per sample, for its state update and for its centers'
+    # gradients (heads of 8 and 12 clusters exceed the batch of 4: only their assigned columns are averaged)
+    assert r["stats_bytes"] == 4 * (1 + 3) * 8
     bn_channels = 64 * 5 + 128 * 5 + 256 * 5 + 512 * 5 + 512  # ResNet-18's 20 BatchNorm2d + the head's BatchNorm1d
     assert r["bn_bytes"] == 2 * 4 * (2 * bn_channels + 21)  # (sum, sum of squares, count), forward and backward
     assert 45e6 < r["grad_bytes"] < 47e6  # 11.2M ResNet-18 parameters + 0.3M head + centers, float32

@@ -1,8 +1,8 @@
 """What every clustering method gives the training loop.
 
 A method is one nn.Module holding the encoder, its clustering heads and its cluster state (buffers). The loop
-calls it through DDP as `method(index, view1, view2) -> StepOut`, steps the optimiser, then calls
-`update_state(out.update)`, which changes the buffers from GLOBAL data (dist helpers), so every worker keeps
+calls it through DDP as `method(index, view1, view2) -> StepOut`, runs backward, `reduce_gradients(out.update)`
+(the gradients DDP leaves to the method), steps the optimiser, then calls `update_state(out.update)`, which changes the buffers from GLOBAL data (dist helpers), so every worker keeps
 identical cluster state by construction. Nothing here imports Ray.
 """
 
@@ -18,7 +18,9 @@ from torch import Tensor, nn
 class StepOut(NamedTuple):
     loss: Tensor  # scalar; a LOCAL mean, so DDP's gradient average equals the global-batch gradient
     logs: dict[str, Tensor]  # detached scalars, synced to the host only every log_every steps
-    update: Any  # local no-grad inputs of update_state (labels, statistics)
+    # no-grad inputs of reduce_gradients and update_state (labels, statistics): local, or already global where
+    # the method gathers them in forward (SeCu's (index, labels) pairs)
+    update: Any
 
 
 class Prediction(NamedTuple):
@@ -86,7 +88,7 @@ class ClusteringMethod(nn.Module):
 
     def reduce_gradients(self, update: Any) -> None:
         """After backward, before the optimiser step: average over workers the gradients of
-        `self_reduced_parameters` (through djc.dist), given the step's local `update`."""
+        `self_reduced_parameters` (through djc.dist), given the step's `update`."""
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Snapshots and stage changes taken once per epoch (SeCu's W_prev, AE-CM's pretraining stages)."""

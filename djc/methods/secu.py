@@ -164,15 +164,16 @@ class SeCu(ClusteringMethod):
             labels.append(y)
         scale = 1.0 / (2 * len(self.heads))  # mean over heads and views
         loss = (lc + lr) * scale
-        update = torch.stack([index, *labels], dim=1)  # (B, 1 + H)
+        # (B_global, 1 + H): every worker sees every (index, label); gathered here, once, because both
+        # reduce_gradients (which center columns to average) and update_state need the global pairs
+        update = dist.all_gather_same_size(torch.stack([index, *labels], dim=1))
         return StepOut(loss, {"center_loss": (lc * scale).detach(), "repr_loss": (lr * scale).detach()}, update)
 
     @torch.no_grad()
     def update_state(self, update: Tensor) -> None:
-        glob = dist.all_gather_same_size(update)  # (B_global, 1 + H): every worker sees every (index, label)
-        index, bsz = glob[:, 0], glob.shape[0]
+        index, bsz = update[:, 0], update.shape[0]  # the global pairs, gathered in forward
         for h, head in enumerate(self.heads):
-            y = glob[:, 1 + h]
+            y = update[:, 1 + h]
             k = head.num_clusters
             counts = cluster_counts(y, k)
             head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h]))
@@ -189,15 +190,13 @@ class SeCu(ClusteringMethod):
         # the columns this step's global batch was assigned to. Where the head has more clusters than the global
         # batch has samples (K = 10,000 on ImageNet), only those columns are averaged: D x B_global numbers per
         # head instead of DDP's dense D x K (268 MiB per step for 10 heads at K = 10,000).
-        bsz = update.shape[0] * dist.world_size()
-        sparse = any(head.num_clusters > bsz for head in self.heads)
-        glob = dist.all_gather_same_size(update) if sparse else None  # the global labels, (B_global, 1 + H)
+        bsz = update.shape[0]  # the global pairs, gathered in forward
         grads, columns = [], []
         for h, head in enumerate(self.heads):
             if head.weight.grad is None:  # every worker must send the same shapes
                 head.weight.grad = torch.zeros_like(head.weight)
             grads.append(head.weight.grad)
-            columns.append(glob[:, 1 + h].contiguous() if head.num_clusters > bsz else None)
+            columns.append(update[:, 1 + h].contiguous() if head.num_clusters > bsz else None)
         dist.average_gradients_(grads, columns)
 
     @torch.no_grad()
