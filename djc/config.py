@@ -69,6 +69,7 @@ class AugmentConfig(_Node):
     crop_scale_min: float = Field(0.3, gt=0.0, le=1.0)  # RandomResizedCrop lower scale (0.2 CIFAR-100, 0.08 ImageNet)
     hflip: bool = True  # off for digits and text: a mirrored 2 is not a 2
     strength: float = Field(1.0, ge=0.0)  # multiplies the colour-jitter amplitudes; 0 disables jitter
+    degrees: float = Field(0.0, ge=0.0, le=180.0)  # random rotation ~ U(-d, d), both views; 0 = none (SeCu)
     out_size: int = Field(0, ge=0)  # crop output side; 0 = the dataset's image side
 
 

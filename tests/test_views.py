@@ -194,9 +194,10 @@ def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(ks_2samp(a.numpy(), b.numpy()).statistic)
 
 
-def test_a_whole_view_equals_torchvision_per_image_under_the_same_choices() -> None:
+@pytest.mark.parametrize("degrees", [0.0, 20.0])
+def test_a_whole_view_equals_torchvision_per_image_under_the_same_choices(degrees: float) -> None:
     u8 = _u8(12, side=40, seed=3)[..., :36]  # 40 x 36: crops both up- and downsampled to 32
-    spec = V.ViewSpec(crop_scale_min=0.2, gray_p=0.4, blur_p=0.5, solarize_p=0.5)
+    spec = V.ViewSpec(crop_scale_min=0.2, gray_p=0.4, blur_p=0.5, solarize_p=0.5, degrees=degrees)
     out = 32
     p = V.sample_params(12, 40, 36, out, spec, torch.Generator().manual_seed(5))
     assert p.flip.any() and p.gray.any() and p.blur.any() and p.solarize.any() and (p.brightness == 1).any()
@@ -206,6 +207,7 @@ def test_a_whole_view_equals_torchvision_per_image_under_the_same_choices() -> N
     for i, im in enumerate(u8.float() / 255):
         im = TF.resized_crop(im, *p.boxes[i].tolist(), size=[out, out], antialias=False)
         im = TF.hflip(im) if p.flip[i] else im
+        im = TF.rotate(im, float(p.angle[i]), interpolation=TF.InterpolationMode.BILINEAR) if degrees else im
         im = TF.adjust_brightness(im, float(p.brightness[i]))
         im = TF.adjust_contrast(im, float(p.contrast[i]))
         im = TF.adjust_saturation(im, float(p.saturation[i]))
@@ -215,6 +217,28 @@ def test_a_whole_view_equals_torchvision_per_image_under_the_same_choices() -> N
         im = TF.solarize(im, 0.5) if p.solarize[i] else im
         ref.append(TF.normalize(im, list(MEAN), list(STD)))
     torch.testing.assert_close(ours, torch.stack(ref), atol=2e-4, rtol=0)
+
+
+def test_rotate_matches_torchvision(x: torch.Tensor) -> None:
+    angles = torch.tensor([0.0, 13.0, -30.0, 90.0, 7.5, -179.0])
+    ours = V.rotate(x, angles)  # 20 x 24: the aspect correction matters
+    ref = torch.stack([TF.rotate(x[i], float(a), interpolation=TF.InterpolationMode.BILINEAR)
+                       for i, a in enumerate(angles)])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_rotation_angles_are_uniform_and_leave_other_choices_unchanged() -> None:
+    n = 20_000
+    plain = V.sample_params(n, 8, 8, 8, V.ViewSpec(), torch.Generator().manual_seed(1))
+    turned = V.sample_params(n, 8, 8, 8, V.ViewSpec(degrees=15.0), torch.Generator().manual_seed(1))
+    assert plain.angle is None  # no rotation, no draw: views without it are as before it existed
+    for name in V.ViewParams._fields:
+        if name != "angle":
+            assert torch.equal(getattr(plain, name), getattr(turned, name)), name
+    assert turned.angle.abs().max() <= 15.0
+    torch.manual_seed(0)
+    ref = torch.tensor([T1.RandomRotation.get_params([-15.0, 15.0]) for _ in range(n)])
+    assert _ks(turned.angle, ref) < 0.03
 
 
 @pytest.mark.parametrize("view", [0, 1])

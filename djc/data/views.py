@@ -13,6 +13,9 @@ match torchvision's samplers in distribution (tests/test_views.py checks both), 
   it is downsampled (ImageNet-size decodes) torchvision/PIL antialias and we alias.
 - The flip is applied right after the crop instead of last (SeCu); every later op is flip-equivariant
   (per-pixel, global means, symmetric blur with reflect padding), so the distribution of views is unchanged.
+- Rotation (off in SeCu's views; on for digits) comes right after the flip, with torchvision's RandomRotation
+  sampler (angle ~ U(-d, d)) and bilinear resampling about the centre, fill 0. It is drawn after every other
+  choice and only when d > 0, so views without it are exactly what they were before it existed.
 - Gaussian blur follows BYOL's 224-px recipe scaled to the image: kernel 10% of the side, sigma ~ U(0.1, 2.0)
   * side / 224. SeCu's PIL blur uses sigma 0.1-2 px at any size, far stronger on 32-px CIFAR; we keep the
   BYOL scale, under which blur is nearly the identity on CIFAR (as in solo-learn's CIFAR configs).
@@ -47,6 +50,7 @@ class ViewSpec:
     gray_p: float = 0.2
     blur_p: float = 1.0  # 1.0 in view 1, 0.1 in view 2 (BYOL's asymmetry)
     solarize_p: float = 0.0  # 0.0 in view 1, 0.2 in view 2; threshold 0.5
+    degrees: float = 0.0  # rotation ~ U(-degrees, degrees) about the centre; 0 = none (SeCu's views)
 
 
 _CROP_MIN = {"cifar100": 0.2, "cifar10": 0.3, "stl": 0.2, "imagenet": 0.08}  # SeCu's --min-crop per dataset
@@ -128,6 +132,20 @@ def resized_crop(images: Tensor, boxes: Tensor, out_size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- per-sample ops; factors and masks are (B,)
+
+
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image counter-clockwise by degrees[i] about its centre, bilinear, fill 0: torchvision's
+    rotate(interpolation=BILINEAR) per image, as one affine_grid + grid_sample for the batch."""
+    B, _, H, W = x.shape
+    a = torch.deg2rad(degrees.to(device=x.device, dtype=torch.float32))
+    c, s = torch.cos(a), torch.sin(a)
+    # The inverse map (output pixel -> input pixel) of a counter-clockwise turn, in grid_sample's normalised
+    # coordinates: x and y are scaled by W/2 and H/2, hence the aspect factors on the off-diagonal terms.
+    zero = torch.zeros_like(c)
+    theta = torch.stack([torch.stack([c, -s * H / W, zero], dim=1), torch.stack([s * W / H, c, zero], dim=1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), [B, x.shape[1], H, W], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _col(v: Tensor) -> Tensor:
@@ -237,6 +255,7 @@ class ViewParams(NamedTuple):
     blur: Tensor  # bool; always false below _BLUR_MIN_SIDE
     sigma: Tensor  # blur sigma in px of the output
     solarize: Tensor  # bool
+    angle: Tensor | None = None  # degrees, counter-clockwise; None when the spec does not rotate
 
 
 def _factor(u: Tensor, amount: float, on: Tensor) -> Tensor:
@@ -250,7 +269,7 @@ def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
     """One view's random choices for n images of (height, width) cropped to (out, out).
 
     Every number comes from `generator` (on `device`) in a fixed order, whatever the spec's probabilities, so a
-    seed fixes the view."""
+    seed fixes the view. Rotation angles come last and only when the spec rotates."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     boxes = crop_boxes(n, height, width, (spec.crop_scale_min, 1.0), generator=generator, device=dev)
     u = torch.rand((n, 6), generator=generator, device=dev)  # flip, jitter, gray, blur, solarize, spare
@@ -262,13 +281,16 @@ def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
         saturation=_factor(f[2], spec.saturation, on),
         hue=torch.where(on, (2 * f[3] - 1) * spec.hue, torch.zeros_like(f[3])),
         gray=u[:, 2] < spec.gray_p, blur=(u[:, 3] < spec.blur_p) & (out >= _BLUR_MIN_SIDE),
-        sigma=(0.1 + 1.9 * f[4]) * out / _BLUR_REF_SIDE, solarize=u[:, 4] < spec.solarize_p)
+        sigma=(0.1 + 1.9 * f[4]) * out / _BLUR_REF_SIDE, solarize=u[:, 4] < spec.solarize_p,
+        angle=(2 * torch.rand(n, generator=generator, device=dev) - 1) * spec.degrees if spec.degrees > 0 else None)
 
 
 def apply_params(x: Tensor, p: ViewParams, out: int) -> Tensor:
     """[0, 1] float (B, C, H, W) -> the view (B, C, out, out) in [0, 1], before normalisation."""
     x = resized_crop(x, p.boxes, out)
     x = hflip(x, p.flip)
+    if p.angle is not None:
+        x = rotate(x, p.angle)
     x = adjust_brightness(x, p.brightness)
     x = adjust_contrast(x, p.contrast)
     if x.shape[1] == 3:  # one channel has no saturation or hue
