@@ -97,6 +97,19 @@ class SeCuConfig(_Node):
     tau: float = Field(0.2, ge=0.0, le=1.0)  # weight of the previous label in the representation target
     center_lr: float = Field(1.2, gt=0.0)  # constant lr of the centers (0.8 on CIFAR-100-20)
     center_wd: float = Field(0.0, ge=0.0)
+    # The evaluated clustering (predict's column 0). "head": head 0's argmax, SeCu's rule. "merge": head
+    # `merge_head`'s K (merge_head + 1) clusters merged to K by average linkage on their centers: on long-tailed
+    # data the balanced head 0 splits big classes and merges small ones, while an over-clustered head gives
+    # small classes clusters of their own that the merge keeps (docs/methods.md, "SeCu on long-tailed data")
+    predict: Literal["head", "merge"] = "head"
+    merge_head: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _merge_head_exists(self) -> SeCuConfig:
+        if self.predict == "merge" and self.merge_head >= self.num_heads:
+            raise ValueError(f"method.secu.merge_head={self.merge_head} needs method.secu.num_heads > "
+                             f"{self.merge_head} (got {self.num_heads}): heads are numbered from 0")
+        return self
 
 
 class DCLConfig(_Node):

@@ -78,8 +78,8 @@ def write_assignments(
 ) -> None:
     """Write assignments.parquet atomically.
 
-    Columns: ``index`` int64, ``split`` string, ``label`` int64 (-1 when unknown), ``cluster`` int64 (head 0,
-    the evaluated head), ``cluster_h1`` .. ``cluster_h{H-1}`` for further heads, ``confidence`` float32,
+    Columns: ``index`` int64, ``split`` string, ``label`` int64 (-1 when unknown), ``cluster`` int64 (the
+    evaluated clustering: head 0, or SeCu's merged head), ``cluster_h1`` .. ``cluster_h{H-1}`` for further heads, ``confidence`` float32,
     ``ood_score`` float32 (only when ``ood`` is given), then the ``extra`` columns as given (e.g.
     ``kmeans_pixels``, the pixel k-means baseline's cluster per sample).
     """

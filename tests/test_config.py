@@ -37,6 +37,8 @@ def test_every_job_config_loads():
     (["method.secu.t_x=-0.1"], "method.secu.t_x"),
     (["method.secu.gamma=1.5"], "method.secu.gamma"),
     (["method.secu.size_prior=profile"], "it needs method.secu.constraint=entropy (got size)"),
+    (["method.secu.predict=merge", "method.secu.num_heads=2", "method.secu.merge_head=2"],
+     "method.secu.merge_head=2 needs method.secu.num_heads > 2 (got 2)"),
     (["method.num_clusters=200"], "larger than the global batch data.batch_size=128"),
     (["data.batch_size=100", "trainer.num_workers=3"], "divisible by trainer.num_workers=3"),
     (["model.backbone=vgg"], "model.backbone"),

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, prior_delta, profile_shares,
+from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, merge_clusters, prior_delta,
+                              profile_shares,
                               representation_loss)
 from tests.gloo import assert_two_workers_equal_one
 
@@ -193,7 +194,10 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
         index = torch.randperm(N, generator=g)[:B]
         x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
         train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
-    return {k: v.numpy() for k, v in state_tensors(method).items()}
+    out = {k: v.numpy() for k, v in state_tensors(method).items()}
+    # predict=merge reads only this replicated state, so every worker merges head 1 into the same groups
+    out["merge_groups"] = merge_clusters(method.heads[1].centers(), method.heads[1].hist > 0, 4).numpy()
+    return out
 
 
 @pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile"])
@@ -222,3 +226,64 @@ def test_center_gradients_are_zero_outside_the_assigned_columns():
     touched = torch.zeros(12, dtype=torch.bool)
     touched[y] = True
     assert (w.grad[:, ~touched] == 0).all() and (w.grad[:, touched].abs().sum(0) > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict=merge: an over-clustered head merged to K (long-tailed data).
+
+
+def _split_centers(seed: int = 0):
+    """20 columns in 32-d for 10 classes, as an over-clustered head holds them on long-tailed data: the big class
+    0 spread over 6 nearby centers, class 1 over 4, each small class 2..9 on one center of its own (however few
+    instances it has); columns 18 and 19 hold no instance and lie nearest classes 3 and 5."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = F.normalize(torch.randn(10, 32, generator=g), dim=1)
+    owner = torch.tensor([0] * 6 + [1] * 4 + list(range(2, 10)) + [3, 5])
+    cols = F.normalize(dirs[owner] + 0.06 * torch.randn(20, 32, generator=g), dim=1)
+    alive = torch.ones(20, dtype=torch.bool)
+    alive[18:] = False
+    return cols.T, alive, owner
+
+
+def test_merge_joins_a_split_big_class_and_keeps_small_classes_that_own_a_center():
+    centers, alive, owner = _split_centers()
+    groups = merge_clusters(centers, alive, 10)
+    assert groups.dtype == torch.long and groups.shape == (20,)
+    # the partition of the columns is the classes' (group ids numbered by first alive column: class order here)
+    assert torch.equal(groups, owner)
+    # a dead column joins its nearest alive one's group; it played no part in the linkage
+    assert torch.equal(merge_clusters(centers[:, :18], alive[:18], 10), groups[:18])
+
+
+def test_merge_with_fewer_alive_columns_than_k_keeps_each_alive_column():
+    centers, alive, _ = _split_centers()
+    alive[:] = False
+    alive[[2, 7, 11]] = True
+    groups = merge_clusters(centers, alive, 10)
+    assert groups[[2, 7, 11]].tolist() == [0, 1, 2] and set(groups.tolist()) == {0, 1, 2}
+    assert torch.equal(merge_clusters(centers, torch.zeros(20, dtype=torch.bool), 10),
+                       merge_clusters(centers, torch.ones(20, dtype=torch.bool), 10))  # no counts yet: all
+
+
+def test_predict_merge_maps_the_over_clustered_head_through_its_groups():
+    cfg = from_dict({"model": {"backbone": "mlp", "width": 16, "proj_hidden": 32, "proj_dim": 32},
+                     "method": {"num_clusters": 10, "secu": {"num_heads": 2, "predict": "merge"}}})
+    method = build_method(cfg, DataInfo(100, (8, 8, 1), 10)).eval()
+    centers, alive, owner = _split_centers()
+    head = method.heads[1]
+    with torch.no_grad():
+        head.weight.copy_(centers)
+        head.hist.copy_(alive.long() * 5)
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    p = method.predict(x)
+    fine = (method.embed(x) @ head.centers()).argmax(dim=1)
+    assert torch.equal(p.clusters[:, 0], owner[fine]) and torch.equal(p.clusters[:, 1], fine)
+    assert ((p.confidence > 0) & (p.confidence <= 1 + 1e-6)).all()
+    assert torch.equal(method.health_counts(), torch.tensor([30, 20] + [5] * 8))  # merged sizes
+    with torch.no_grad():  # new centers (an optimiser step, a checkpoint load): the cached groups are stale
+        head.weight.copy_(centers[:, torch.cat([torch.randperm(18, generator=torch.Generator().manual_seed(2)),
+                                                torch.tensor([18, 19])])])
+    fine = (method.embed(x) @ head.centers()).argmax(dim=1)
+    fresh = merge_clusters(head.centers(), alive, 10)
+    assert not torch.equal(fresh, owner)
+    assert torch.equal(method.predict(x).clusters[:, 0], fresh[fine])

@@ -7,12 +7,16 @@ Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
                         each instance pulls its own center with weight (1 - p_iy)
   representation loss   CE(q, softmax(x^T W_prev / t_x)), q = (1 - tau) softmax(sg(other view)) + tau onehot(ybar)
 The state (duals, entropy histogram, assignment memory, W_prev) is replicated and changed only from global data.
+
+Prediction: head 0's argmax (SeCu), or with predict=merge an over-clustered head's clusters merged to K by
+average linkage on their centers (djc's rule for long-tailed data; docs/methods.md).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from scipy.cluster.hierarchy import linkage
 from torch import Tensor, nn
 
 from djc import dist
@@ -93,6 +97,42 @@ def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
     """Smallest class share, as a fraction of N/K, under an exponential profile of this ratio (methods.md s6):
     gamma = K r / sum_c r^(c / (K - 1)), r = 1 / ratio. Ratio 1 gives 1; ratio 10 with K = 10 gives 0.244."""
     return num_clusters * profile_shares(num_clusters, imbalance_ratio)[-1]
+
+
+def merge_clusters(centers: Tensor, alive: Tensor, k: int) -> Tensor:
+    """Group ids in [0, k) for the M columns of `centers` (D, M), normalised: average-linkage agglomeration on
+    the cosine distance between the alive columns (those holding instances), stopped at k groups; a dead column
+    joins the group of its most similar alive one. Fewer than k alive columns give one group each.
+
+    The linkage sees the centers only, not how many instances each holds, so a small class that owns a center
+    is no likelier to be merged away than a big one, while a big class that a balanced head splits over several
+    nearby centers has them joined first. Deterministic (float64 on the host), so every worker computes the
+    same groups from its replicated centers.
+    """
+    c = F.normalize(centers.detach().T.double().cpu(), dim=1)  # (M, D)
+    live = alive.cpu().nonzero().squeeze(1)
+    if live.numel() == 0:  # before any assignment: every center counts
+        live = torch.arange(c.shape[0])
+    n = live.numel()
+    parent = list(range(n))  # union-find over the alive columns
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if n > k:
+        # linkage row j joins clusters a and b into cluster n + j; its first n - k rows leave exactly k groups
+        member = list(range(n))  # one alive column of every cluster id, leaves first
+        for a, b, _, _ in linkage(c[live].numpy(), method="average", metric="cosine")[: n - k]:
+            ra, rb = root(member[int(a)]), root(member[int(b)])
+            parent[rb] = ra
+            member.append(ra)
+    ids: dict[int, int] = {}
+    group_of_live = torch.tensor([ids.setdefault(root(i), len(ids)) for i in range(n)])  # by first column
+    nearest = (c @ c[live].T).argmax(dim=1)  # (M,) most similar alive column; itself for an alive one
+    return group_of_live[nearest]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,13 +250,34 @@ class SeCu(ClusteringMethod):
         return [{"params": enc},
                 {"params": centers, "lr": self.c.center_lr, "weight_decay": self.c.center_wd, "fixed_lr": True}]
 
+    def merge_groups(self) -> Tensor:
+        """(K_h,) group in [0, K) of each cluster of head `merge_head` (predict=merge). Recomputed only when its
+        centers or histogram changed: the key is their in-place version counters."""
+        head = self.heads[self.c.merge_head]
+        key = (head.weight._version, head.hist._version, head.weight.device)
+        if getattr(self, "_merge_cache", (None,))[0] != key:
+            groups = merge_clusters(head.centers(), head.hist > 0, self.heads[0].num_clusters)
+            self._merge_cache = (key, groups.to(head.weight.device))
+        return self._merge_cache[1]
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
         f = self.embed(x)
         logits = [f @ h.centers() for h in self.heads]
-        conf = F.softmax(logits[0] / self.c.t_w, dim=1).amax(dim=1)
-        return Prediction(torch.stack([lg.argmax(dim=1) for lg in logits], dim=1), conf, f)
+        clusters = [lg.argmax(dim=1) for lg in logits]
+        if self.c.predict == "merge":  # column 0 = the merged over-clustered head; heads 1.. stay as they are
+            groups, h = self.merge_groups(), self.c.merge_head
+            clusters[0] = groups[clusters[h]]
+            p = F.softmax(logits[h] / self.c.t_w, dim=1)
+            merged = p.new_zeros(p.shape[0], self.heads[0].num_clusters).index_add_(1, groups, p)
+            conf = merged.gather(1, clusters[0].unsqueeze(1)).squeeze(1)
+        else:
+            conf = F.softmax(logits[0] / self.c.t_w, dim=1).amax(dim=1)
+        return Prediction(torch.stack(clusters, dim=1), conf, f)
 
     def health_counts(self) -> Tensor:
+        if self.c.predict == "merge":  # the evaluated clustering's sizes (one host round trip per epoch)
+            head = self.heads[self.c.merge_head]
+            return torch.zeros_like(self.heads[0].hist).index_add_(0, self.merge_groups(), head.hist)
         return self.heads[0].hist
 
