@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, merge_clusters, prior_delta,
-                              profile_shares,
-                              representation_loss)
+from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
+                              profile_shares, representation_loss)
 from tests.gloo import assert_two_workers_equal_one
 
 
@@ -196,7 +195,7 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
         train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
     out = {k: v.numpy() for k, v in state_tensors(method).items()}
     # predict=merge reads only this replicated state, so every worker merges head 1 into the same groups
-    out["merge_groups"] = merge_clusters(method.heads[1].centers(), method.heads[1].hist > 0, 4).numpy()
+    out["merge_groups"] = merge_centers(method.heads[1].centers(), method.heads[1].hist > 0, 4).numpy()
     return out
 
 
@@ -247,22 +246,22 @@ def _split_centers(seed: int = 0):
 
 def test_merge_joins_a_split_big_class_and_keeps_small_classes_that_own_a_center():
     centers, alive, owner = _split_centers()
-    groups = merge_clusters(centers, alive, 10)
-    assert groups.dtype == torch.long and groups.shape == (20,)
+    groups = merge_centers(centers, alive, 10)
+    assert groups.dtype == torch.long and groups.shape == (20,) and set(groups.tolist()) == set(range(10))
     # the partition of the columns is the classes' (group ids numbered by first alive column: class order here)
     assert torch.equal(groups, owner)
     # a dead column joins its nearest alive one's group; it played no part in the linkage
-    assert torch.equal(merge_clusters(centers[:, :18], alive[:18], 10), groups[:18])
+    assert torch.equal(merge_centers(centers[:, :18], alive[:18], 10), groups[:18])
 
 
 def test_merge_with_fewer_alive_columns_than_k_keeps_each_alive_column():
     centers, alive, _ = _split_centers()
     alive[:] = False
     alive[[2, 7, 11]] = True
-    groups = merge_clusters(centers, alive, 10)
+    groups = merge_centers(centers, alive, 10)
     assert groups[[2, 7, 11]].tolist() == [0, 1, 2] and set(groups.tolist()) == {0, 1, 2}
-    assert torch.equal(merge_clusters(centers, torch.zeros(20, dtype=torch.bool), 10),
-                       merge_clusters(centers, torch.ones(20, dtype=torch.bool), 10))  # no counts yet: all
+    assert torch.equal(merge_centers(centers, torch.zeros(20, dtype=torch.bool), 10),
+                       merge_centers(centers, torch.ones(20, dtype=torch.bool), 10))  # no counts yet: all
 
 
 def test_predict_merge_maps_the_over_clustered_head_through_its_groups():
@@ -284,6 +283,6 @@ def test_predict_merge_maps_the_over_clustered_head_through_its_groups():
         head.weight.copy_(centers[:, torch.cat([torch.randperm(18, generator=torch.Generator().manual_seed(2)),
                                                 torch.tensor([18, 19])])])
     fine = (method.embed(x) @ head.centers()).argmax(dim=1)
-    fresh = merge_clusters(head.centers(), alive, 10)
+    fresh = merge_centers(head.centers(), alive, 10)
     assert not torch.equal(fresh, owner)
     assert torch.equal(method.predict(x).clusters[:, 0], fresh[fine])

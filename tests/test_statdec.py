@@ -12,9 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
+from djc.methods.agglomerate import merge_clusters
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, merge_clusters,
-                                 pooled_stats, pooled_sums)
+from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, pooled_stats,
+                                 pooled_sums)
 from djc.metrics import cluster_acc, match_clusters
 from tests.gloo import assert_two_workers_equal_one
 

@@ -2,8 +2,9 @@
 
 A method is one nn.Module holding the encoder, its clustering heads and its cluster state (buffers). The loop
 calls it through DDP as `method(index, view1, view2) -> StepOut`, runs backward, `reduce_gradients(out.update)`
-(the gradients DDP leaves to the method), steps the optimiser, then calls `update_state(out.update)`, which changes the buffers from GLOBAL data (dist helpers), so every worker keeps
-identical cluster state by construction. Nothing here imports Ray.
+(the gradients DDP leaves to the method), steps the optimiser, then calls `update_state(out.update)`, which
+changes the buffers from GLOBAL data (dist helpers), so every worker keeps identical cluster state by
+construction. Nothing here imports Ray.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from scipy.cluster.hierarchy import linkage
 from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
+from djc.methods.agglomerate import merge_clusters
 from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 
@@ -99,39 +99,29 @@ def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
     return num_clusters * profile_shares(num_clusters, imbalance_ratio)[-1]
 
 
-def merge_clusters(centers: Tensor, alive: Tensor, k: int) -> Tensor:
-    """Group ids in [0, k) for the M columns of `centers` (D, M), normalised: average-linkage agglomeration on
-    the cosine distance between the alive columns (those holding instances), stopped at k groups; a dead column
+def merge_centers(centers: Tensor, alive: Tensor, k: int) -> Tensor:
+    """Group ids in [0, k) for the M columns of `centers` (D, M), normalised: average linkage (UPGMA) on the
+    cosine distance between the alive columns (those holding instances), stopped at k groups; a dead column
     joins the group of its most similar alive one. Fewer than k alive columns give one group each.
 
-    The linkage sees the centers only, not how many instances each holds, so a small class that owns a center
-    is no likelier to be merged away than a big one, while a big class that a balanced head splits over several
-    nearby centers has them joined first. Deterministic (float64 on the host), so every worker computes the
-    same groups from its replicated centers.
+    Each alive center is one piece of djc.methods.agglomerate's merge, criterion "average": the mean cosine
+    similarity between the centers of two groups. The linkage sees the centers only, not how many instances
+    each holds, so a small class that owns a center is no likelier to be merged away than a big one, while a
+    big class that a balanced head splits over several nearby centers has them joined first. Deterministic
+    (float64 on the host), so every worker computes the same groups from its replicated centers.
     """
     c = F.normalize(centers.detach().T.double().cpu(), dim=1)  # (M, D)
     live = alive.cpu().nonzero().squeeze(1)
     if live.numel() == 0:  # before any assignment: every center counts
         live = torch.arange(c.shape[0])
-    n = live.numel()
-    parent = list(range(n))  # union-find over the alive columns
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > k:
-        # linkage row j joins clusters a and b into cluster n + j; its first n - k rows leave exactly k groups
-        member = list(range(n))  # one alive column of every cluster id, leaves first
-        for a, b, _, _ in linkage(c[live].numpy(), method="average", metric="cosine")[: n - k]:
-            ra, rb = root(member[int(a)]), root(member[int(b)])
-            parent[rb] = ra
-            member.append(ra)
-    ids: dict[int, int] = {}
-    group_of_live = torch.tensor([ids.setdefault(root(i), len(ids)) for i in range(n)])  # by first column
-    nearest = (c @ c[live].T).argmax(dim=1)  # (M,) most similar alive column; itself for an alive one
+    cl = c[live]
+    _, label = merge_clusters(torch.cat([torch.ones_like(cl[:, :1]), cl, cl * cl], dim=1), k, "average")
+    # Renumbered by first alive column: which piece of a merged pair names the group depends on float ties,
+    # which 1 and W workers break differently; the partition does not.
+    _, inv = torch.unique(label, return_inverse=True)
+    first = torch.full((int(inv.max()) + 1,), len(inv)).scatter_reduce(0, inv, torch.arange(len(inv)), "amin")
+    group_of_live = torch.argsort(torch.argsort(first))[inv]
+    nearest = (c @ cl.T).argmax(dim=1)  # (M,) most similar alive column; itself for an alive one
     return group_of_live[nearest]
 
 
@@ -256,7 +246,7 @@ class SeCu(ClusteringMethod):
         head = self.heads[self.c.merge_head]
         key = (head.weight._version, head.hist._version, head.weight.device)
         if getattr(self, "_merge_cache", (None,))[0] != key:
-            groups = merge_clusters(head.centers(), head.hist > 0, self.heads[0].num_clusters)
+            groups = merge_centers(head.centers(), head.hist > 0, self.heads[0].num_clusters)
             self._merge_cache = (key, groups.to(head.weight.device))
         return self._merge_cache[1]
 
