@@ -80,8 +80,8 @@ def write_assignments(
 
     Columns: ``index`` int64, ``split`` string, ``label`` int64 (-1 when unknown), ``cluster`` int64 (the
     evaluated clustering: head 0, or SeCu's merged head), ``cluster_h1`` .. ``cluster_h{H-1}`` for further
-    heads, ``confidence`` float32, ``ood_score`` float32 (only when ``ood`` is given), then the ``extra`` columns as given (e.g.
-    ``kmeans_pixels``, the pixel k-means baseline's cluster per sample).
+    heads, ``confidence`` float32, ``ood_score`` float32 (only when ``ood`` is given), then the ``extra``
+    columns as given (e.g. ``kmeans_pixels``, the pixel k-means baseline's cluster per sample).
     """
     index = np.asarray(index, dtype=np.int64).ravel()
     N = index.size
