@@ -194,3 +194,19 @@ def test_cache_serves_later_epochs(url, tmp_path):
     threaded = ShardStream(url, batch_size=B, cache_dir=str(tmp_path / "threaded"), cache_max_bytes=1)
     assert sorted(i for b in threaded for i in b["index"].tolist()) == list(range(N))
     assert 1 <= len(os.listdir(tmp_path / "threaded")) <= FETCH_THREADS
+
+
+def test_racing_evictions_keep_the_newest_copy(url, tmp_path):
+    """Two fetchers publish a then b, then evict in the opposite order: each used to keep only its own copy
+    and remove the other's, leaving nothing (seen once in CI with prefetch threads)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    s = ShardStream(url, batch_size=B, cache_dir=str(cache), cache_max_bytes=1)
+    a, b = str(cache / "a.parquet"), str(cache / "b.parquet")
+    for path, mtime in ((a, 1000), (b, 2000)):
+        with open(path, "wb") as f:
+            f.write(b"x" * 8)
+        os.utime(path, (mtime, mtime))
+    s._evict(keep=a)  # the older publisher must not remove the newer copy ...
+    s._evict(keep=b)  # ... which then evicts the older one
+    assert os.listdir(cache) == ["b.parquet"]

@@ -54,7 +54,8 @@ class ShardStream(IterableDataset):
     checked against the manifest's sha256, written to a temp name and renamed so concurrent workers never
     read a partial copy), and later reads use it. Files are named by their sha256, so datasets never
     collide; the cache is kept under cache_max_bytes by deleting the least recently used copies (by mtime,
-    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded.
+    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded;
+    a download only evicts copies older than itself, so the most recent copy is always kept.
     """
 
     RETRY_BASE_S = 0.2
@@ -302,8 +303,12 @@ class ShardStream(IterableDataset):
             except FileNotFoundError:  # evicted or renamed by another worker meanwhile
                 pass
         total = sum(f[1] for f in files)
-        for _, size, path in sorted(files):
-            if total <= self.cache_max_bytes:
+        # Only copies older than the one just published are evicted. Otherwise two fetchers racing (each
+        # keeps its own and removes the other's) could leave the cache empty; this way the newest copy always
+        # survives. If `keep` is already gone, a newer copy's owner evicts instead of us.
+        mine = max((m for m, _, p in files if p == keep), default=float("-inf"))
+        for mtime, size, path in sorted(files):
+            if total <= self.cache_max_bytes or mtime >= mine:
                 break
             if path != keep:
                 try:
