@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.p2ot import partial_ot, rho_schedule, soft_cross_entropy
+from djc.methods.p2ot import CHECK_EVERY, TINY, partial_ot, rho_schedule, soft_cross_entropy
 from tests.gloo import assert_two_workers_equal_one
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
@@ -71,6 +71,34 @@ def test_warm_start_converges_faster_to_the_same_plan():
     ref = partial_ot(logits + 0.01, rho=1.0)
     assert warm.iters < ref.iters / 3
     torch.testing.assert_close(warm.plan, ref.plan, rtol=1e-3, atol=1e-8)
+
+
+def _per_iteration(logits, rho, eps=0.1, lam=1.0, iters=1000, tol=1e-6, warm_start=None):
+    """The solver with a host check after every iteration: what partial_ot's blocked checks must reproduce."""
+    logp = torch.log_softmax(logits.double(), dim=1)
+    n, k = logp.shape
+    q = torch.cat([torch.exp(logp / eps), logp.new_ones(n, 1)], dim=1)
+    col = torch.cat([logp.new_full((k,), rho / k), logp.new_full((1,), 1.0 - rho)])
+    b = warm_start.clone() if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))
+    for done in range(1, iters + 1):
+        new = col / (q.T @ ((1.0 / n) / (q @ b))).clamp_min(TINY)
+        new[:k] = new[:k].pow(lam / (lam + eps))
+        change, b = float((new - b).norm() / new.norm()), new
+        if change < tol:
+            break
+    a = (1.0 / n) / (q @ b)
+    return a.unsqueeze(1) * q * b.unsqueeze(0), b, done
+
+
+@pytest.mark.parametrize("iters,tol,warm", [(1000, 1e-6, False), (1000, 1e-6, True), (1000, 1e-3, False),
+                                            (CHECK_EVERY * 2 + 5, 1e-12, False), (1, 1e-6, False)])
+def test_blocked_convergence_checks_give_the_per_iteration_result_exactly(iters, tol, warm):
+    logits, _ = _imbalanced_logits(3.0)
+    duals = partial_ot(logits, rho=0.5).duals if warm else None
+    got = partial_ot(logits + 0.01, rho=0.5, iters=iters, tol=tol, warm_start=duals)
+    plan, b, done = _per_iteration(logits + 0.01, rho=0.5, iters=iters, tol=tol, warm_start=duals)
+    assert got.iters == done  # the cases stop mid-block (259, 93), at once (warm: 1) and at caps 37 and 1
+    assert torch.equal(got.duals, b) and torch.equal(got.plan, plan)
 
 
 def test_rho_schedule_grows_from_rho0_to_one():
