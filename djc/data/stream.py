@@ -54,7 +54,7 @@ class ShardStream(IterableDataset):
     checked against the manifest's sha256, written to a temp name and renamed so concurrent workers never
     read a partial copy), and later reads use it. Files are named by their sha256, so datasets never
     collide; the cache is kept under cache_max_bytes by deleting the least recently used copies (by mtime,
-    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded;
+    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded or read;
     a download only evicts copies older than itself, so the most recent copy is always kept.
     """
 
