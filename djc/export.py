@@ -289,7 +289,8 @@ def evaluate_assignments(
     """split -> djc.metrics.evaluate of ``column`` against ``label`` on that split's rows.
 
     For each baseline column present (``kmeans_pixels``, ``kmeans_features``), each split's dict also holds the
-    same metrics for that column under BASELINE_COLUMNS' key (``baseline``, ``baseline_features``). A table without ``split`` is one split named "all"; without ``label``, all unlabeled.
+    same metrics for that column under BASELINE_COLUMNS' key (``baseline``, ``baseline_features``). A table
+    without ``split`` is one split named "all"; without ``label``, all unlabeled.
     ``class_counts`` (training counts) rank head / medium / tail for every split.
     """
     N = len(table[column])
