@@ -52,23 +52,24 @@ def format_rows(rows: dict[tuple[str, str, str], dict[str, list[float]]], keys=K
 
 
 def main(args: argparse.Namespace) -> int:
-    from djc import train
-    from djc.cli import _absolute, check_against_data, ensure_datasets, resolve
+    from djc import launch
 
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: a quality benchmark needs at least one seed")
     configs = args.config or DEFAULT_CONFIGS
     datasets = parse_named(args.data or DEFAULT_DATA)
     rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     runs = [(c, d, s) for d in datasets for c in configs for s in range(args.seeds)]
     t_start = time.time()
     for i, (config, data, seed) in enumerate(runs):
-        cfg = resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}"]))
-        ensure_datasets(cfg)
-        check_against_data(cfg)
-        run_dir = _absolute(f"{args.out}/{data}/{Path(config).stem}-seed{seed}")
+        cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}"]))
+        launch.ensure_datasets(cfg)
+        launch.check_against_data(cfg)
+        run_dir = launch.absolute(f"{args.out}/{data}/{Path(config).stem}-seed{seed}")
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
         print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name} on {data}, seed {seed} -> {run_dir}{eta}",
               flush=True)
-        result = train.fit(cfg, run_dir)
+        result = launch.run(cfg, run_dir, echo_config=False)
         for split, m in result["splits"].items():
             entries = {cfg.method.name: m, f"kmeans-features ({cfg.method.name})": m.get("baseline_features")}
             if config == configs[0]:  # pixels do not depend on the method: one row per data set and seed

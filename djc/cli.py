@@ -7,101 +7,53 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from pathlib import Path
 
-from djc import storage
-from djc.config import Config, ConfigError, from_dict, has_credentials, load_config, to_dict, to_yaml
+from djc import launch, storage
+from djc.config import ConfigError, from_dict, load_config
 from djc.data.shards import DatasetError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, storage.StorageError)
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _absolute(url: str) -> str:
-    # Ray workers do not share the driver's working directory: local paths travel as absolute ones.
-    return str(Path(url.removeprefix("file://")).expanduser().resolve()) if url and _is_local(url) else url
-
-
-def resolve(cfg: Config) -> Config:
-    tree = to_dict(cfg)
-    tree["data"]["train"] = _absolute(cfg.data.train)
-    tree["data"]["eval"] = {k: _absolute(v) for k, v in cfg.data.eval.items()}
-    return from_dict(tree)
-
-
-def ensure_datasets(cfg: Config) -> None:
-    """Prepare the run's datasets on first use when the config names a source; otherwise refuse clearly."""
-    from djc.data.prepare import dataset_exists, prepare
-
-    wanted = {"train": cfg.data.train, **cfg.data.eval}
-    for split, url in wanted.items():
-        if dataset_exists(url):
-            continue
-        if not cfg.data.source:
-            raise DatasetError(f"no dataset at {url} (data.{'train' if split == 'train' else 'eval.' + split}); "
-                               f"run `djc prepare` or set data.source to make it on first use")
-        print(f"[djc] preparing {cfg.data.source} {split} split at {url}", file=sys.stderr)
-        prepare(cfg.data.source, url, root=cfg.data.source_root or None, split="train" if split == "train" else "test",
-                imbalance_ratio=cfg.data.imbalance_ratio if split == "train" else 1.0,
-                profile=cfg.data.profile, seed=cfg.data.prepare_seed)
-
-
-def check_against_data(cfg: Config) -> None:
-    """Checks that need the manifest, still before any worker starts."""
-    from djc.data.shards import read_manifest
-
-    m = read_manifest(cfg.data.train)
-    if m.num_samples < cfg.data.batch_size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than the dataset "
-                          f"({m.num_samples} samples at {cfg.data.train})")
-    for url in cfg.data.eval.values():
-        read_manifest(url)
+USER_ERRORS = launch.USER_ERRORS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from djc import train
-    from djc.export import write_text
     from djc.outputs import metrics_table
 
-    cfg = resolve(load_config(args.config, args.overrides))
-    run_dir = _absolute(_out_url(args.out or f"runs/{cfg.name}"))
+    cfg = launch.resolve(load_config(args.config, args.overrides))
+    run_dir = launch.absolute(launch.out_url(args.out or f"runs/{cfg.name}"))
     storage.configure(cfg.storage)
     storage.require_bucket(run_dir)
-    ensure_datasets(cfg)
-    check_against_data(cfg)
-    print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
-    write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
-    result = train.fit(cfg, run_dir)
+    launch.ensure_datasets(cfg)
+    launch.check_against_data(cfg)
+    result = launch.run(cfg, run_dir)
     print(metrics_table(result))
     print(f"[djc] outputs in {run_dir}")
     return 0
 
 
-def _out_url(url: str) -> str:
-    if has_credentials(url):  # it would be printed, and stored by Ray in its run state
-        raise ConfigError(f"--out {url.split('://')[0]}://...@... holds credentials; give them through the "
-                          f"environment or an AWS profile instead")
-    return url.rstrip("/")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
+    import yaml
+
     from djc.data.shards import read_manifest
+    from djc.export import read_text
     from djc.outputs import metrics_table, write_metrics
 
-    cfg = load_config(args.run_dir.rstrip("/") + "/config.yaml") if _is_local(args.run_dir) else None
-    if cfg is None:
-        import yaml
-
-        from djc.export import read_text
-
-        cfg = from_dict(yaml.safe_load(read_text(args.run_dir.rstrip("/") + "/config.yaml")))
+    run_dir = launch.out_url(args.run_dir, flag="djc eval")
+    try:
+        text = read_text(f"{run_dir}/config.yaml")
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} is not a djc run dir: it has no config.yaml") from None
+    try:
+        cfg = from_dict(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{run_dir}/config.yaml is not valid YAML: {str(err).splitlines()[0]}") from None
     storage.configure(cfg.storage)
-    result = write_metrics(args.run_dir.rstrip("/"), cfg.method.num_clusters,
-                           read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
+    try:
+        result = write_metrics(run_dir, cfg.method.num_clusters, read_manifest(cfg.data.train).class_counts,
+                               cfg.eval.primary)
+    except ValueError as err:  # assignments.parquet damaged or missing columns
+        raise DatasetError(str(err)) from None
     print(metrics_table(result))
     return 0
 
@@ -111,10 +63,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.source in ("folder", "cifar10", "cifar100", "imagenet-lt") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
+    if (args.size is not None and args.source not in ("folder", "imagenet-lt")) or (
+            args.mode != "auto" and args.source != "folder"):
+        raise ConfigError(f"--size and --mode apply to folder sources (and --size to imagenet-lt); {args.source} "
+                          f"images have one shape already")
     if args.source == "imagenet-lt":
-        return _prepare_imagenet_lt(args)
-    m = prepare(args.source, _out_url(args.out), root=args.root, split=args.split,
-                imbalance_ratio=args.imbalance_ratio, profile=args.profile, seed=args.seed, overwrite=args.overwrite)
+        try:
+            return _prepare_imagenet_lt(args)
+        except ValueError as err:  # the split list's and the writer's checks
+            raise DatasetError(str(err)) from None
+    try:
+        m = prepare(args.source, launch.out_url(args.out), root=args.root, split=args.split,
+                    imbalance_ratio=args.imbalance_ratio, profile=args.profile, seed=args.seed,
+                    overwrite=args.overwrite, size=args.size, mode=args.mode)
+    except ValueError as err:  # the source's and the writer's checks: the user's to fix
+        raise DatasetError(str(err)) from None
     print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
           f"class counts {m.class_counts}")
     return 0
@@ -125,7 +88,8 @@ def _prepare_imagenet_lt(args: argparse.Namespace) -> int:
 
     if not args.split_file:
         raise ConfigError("djc prepare imagenet-lt needs --split-file ImageNet_LT_<split>.txt")
-    m = prepare_imagenet_lt(args.root, args.split_file, args.out, size=args.size, quality=args.quality,
+    m = prepare_imagenet_lt(args.root, args.split_file, launch.out_url(args.out), size=args.size or 256,
+                            quality=args.quality,
                             rows_per_shard=args.rows_per_shard, seed=args.seed, workers=args.workers,
                             max_shards=args.max_shards, overwrite=args.overwrite)
     if m is None:
@@ -171,7 +135,11 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     il = pr.add_argument_group("imagenet-lt", "images re-encoded once as size x size JPEGs, in parallel, resumable")
     il.add_argument("--split-file", help="ImageNet_LT_{train,val,test}.txt: 'relative/path label' per line")
-    il.add_argument("--size", type=int, default=256, help="short side resized to this, then centre-cropped square")
+    pr.add_argument("--size", type=int, default=None,
+                    help="folder, imagenet-lt: short side resized to this, then centre-cropped square (imagenet-lt: "
+                         "256 by default; folder: needed when image sizes differ)")
+    pr.add_argument("--mode", default="auto", choices=["auto", "rgb", "gray"],
+                    help="folder: channels of every image (auto: the majority of the folder's images)")
     il.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
     il.add_argument("--rows-per-shard", type=int, default=1024)
     il.add_argument("--workers", type=int, default=None, help="encoding processes (default: one per CPU)")
@@ -238,8 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"djc: error: {err}", file=sys.stderr)
+        print(f"djc: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+_SECRET_IN_URL = re.compile(r"(\w+://)[^/@\s:]*:[^/@\s]*@")
+
+
+def one_line(err: BaseException) -> str:
+    """The message a user sees: an OSError as 'reason: path', and never a user:secret@ of a URL."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        msg = f"{err.strerror}: {err.filename}"
+    else:
+        msg = str(err) or type(err).__name__
+    return _SECRET_IN_URL.sub(r"\1***@", msg)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 NEEDS_K_LE_BATCH = {"secu", "dcl", "p2ot"}
@@ -29,8 +30,24 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the offending key."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers and not booleans (int, float, float | "auto", list[float] | float, ...)."""
+    args = typing.get_args(annotation)
+    if args:
+        return bool not in args and any(_numeric(a) for a in args)
+    return annotation in (int, float)
+
+
 class _Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int field: `optim.epochs=true` would train one epoch.
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class DataConfig(_Node):
@@ -45,7 +62,9 @@ class DataConfig(_Node):
     batch_size: int = Field(128, gt=0)  # GLOBAL batch over all workers; each worker takes batch_size / workers
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0 = decode in-process)
     window: int = Field(16, gt=0)  # row groups shuffled together; larger = better mixing, more memory
-    on_corrupt: Literal["error", "skip"] = "error"  # skip = drop undecodable images and count them
+    # skip = drop undecodable images and count them; each step then trains on the smallest local batch of the
+    # step over workers (one small all-reduce per step), and evaluation leaves them out of the outputs
+    on_corrupt: Literal["error", "skip"] = "error"
     cache_dir: str = ""  # local disk cache of remote shards for later epochs ("" = off)
     # Bound of cache_dir: least recently used shards are deleted past it (it may be exceeded by one shard
     # per process downloading at that moment). Shared by every worker on a node that uses the same dir.
@@ -279,6 +298,7 @@ class Config(_Node):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         urls = {"data.train": self.data.train, "storage.endpoint_url": self.storage.endpoint_url,
+                "trainer.ray_address": self.trainer.ray_address,
                 **{f"data.eval.{k}": v for k, v in self.data.eval.items()}}
         for key, url in urls.items():
             if has_credentials(url):
@@ -330,9 +350,11 @@ def _format_error(err: ValidationError) -> str:
             hint = difflib.get_close_matches(key, known, n=1)
             lines.append(f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         elif key:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
         else:  # cross-field checks already name their keys
             lines.append(e["msg"].removeprefix("Value error, "))
+    if len(lines) == 1:  # the usual case: one line that names the key
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -351,7 +373,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        where = str(err).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({where}); quote it, e.g. "
+                          f"{key.strip()}='\"{raw}\"'") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -123,7 +123,11 @@ def read_assignments(url: str) -> dict[str, np.ndarray]:
     """Column name -> numpy array (``split`` as an object array of str)."""
     fs, path = fsspec.core.url_to_fs(url)
     with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except pa.ArrowException as e:  # truncated or not Parquet: say which file, in one line
+            raise ValueError(f"{url} is not readable Parquet ({str(e).splitlines()[0]}); it was cut short or "
+                             f"replaced: train the run again (same --out) to rewrite it") from None
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 

@@ -23,28 +23,30 @@ from djc.methods.kmeans import assign, kmeans
 EVAL_BATCH = 512
 
 
-def local_slice(url: str):
-    """This worker's slice of a dataset, every sample once, in a fixed order (evaluation, data passes)."""
-    stream = ShardStream(url, batch_size=EVAL_BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False)
+def local_slice(url: str, on_corrupt: str = "error"):
+    """This worker's batches of a dataset, every sample once, in a fixed order (evaluation, data passes); with
+    on_corrupt="skip" an undecodable image is left out (and a batch may be empty)."""
+    stream = ShardStream(url, batch_size=EVAL_BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False,
+                         on_corrupt=on_corrupt)
     stream.set_epoch(0)
-    return stream
+    return (batch for batch in stream if len(batch["index"]))
 
 
 @torch.no_grad()
-def map_split(url: str, fn, views, device) -> tuple[Tensor, Tensor]:
+def map_split(url: str, fn, views, device, on_corrupt: str = "error") -> tuple[Tensor, Tensor]:
     """fn(eval view, index) over this worker's slice of a split -> (concatenated outputs, indices)."""
     outs, idx = [], []
-    for batch in local_slice(url):
+    for batch in local_slice(url, on_corrupt):
         outs.append(fn(views.eval(batch["image"].to(device)), batch["index"].to(device)))
         idx.append(batch["index"])
     return torch.cat(outs), torch.cat(idx)
 
 
 @torch.no_grad()
-def predict_split(url: str, method: ClusteringMethod, views, device) -> dict[str, Tensor]:
+def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt: str = "error") -> dict[str, Tensor]:
     """This worker's slice of a split: index, label, clusters (n, H), confidence, features, ood, pixels."""
     parts: dict[str, list[Tensor]] = {}
-    for batch in local_slice(url):
+    for batch in local_slice(url, on_corrupt):
         x = views.eval(batch["image"].to(device))
         p = method.predict(x)
         cols = {"index": batch["index"], "label": batch["label"], "clusters": p.clusters.cpu(),
@@ -60,7 +62,7 @@ def predict_split(url: str, method: ClusteringMethod, views, device) -> dict[str
 def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, device) -> dict[str, Any] | None:
     """Called by every worker at the end of training; rank 0 writes the outputs and returns metrics.json."""
     splits = {"train": cfg.data.train, **cfg.data.eval}
-    local = {name: predict_split(url, method, views, device) for name, url in splits.items()}
+    local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt) for name, url in splits.items()}
     k = cfg.method.num_clusters
     km = cfg.method.kmeans
     # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.

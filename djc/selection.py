@@ -51,11 +51,12 @@ def variance_ratio(stats: torch.Tensor) -> tuple[float, float, int]:
 
 
 @torch.no_grad()
-def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clusters: int) -> dict[str, float]:
+def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clusters: int,
+                      on_corrupt: str = "error") -> dict[str, float]:
     """Every worker calls this with its own slice; all get the same numbers (reduced over workers)."""
     K = num_clusters
     stats, labels, clusters = None, [], []
-    for batch in local_slice(url):
+    for batch in local_slice(url, on_corrupt):
         p = method.predict(views.eval(batch["image"].to(device)))
         z, c = p.features.float().flatten(1), p.clusters[:, 0]
         part = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64, device=z.device)  # (K, D + 2)

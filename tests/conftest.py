@@ -19,12 +19,14 @@ os.environ.update(S3_CREDENTIALS, AWS_DEFAULT_REGION="us-east-1")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    """The private local instance `djc train` starts (djc.ray_setup.ensure_ray), shared by the session."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}})
+    from djc.config import Config
+    from djc.ray_setup import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(Config())
     yield ray
     ray.shutdown()
 

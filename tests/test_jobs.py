@@ -153,7 +153,7 @@ def test_train_against_an_unreachable_ray_address_fails_in_seconds(tmp_path):
 
 def test_a_dashboard_url_in_ray_address_is_explained():
     from djc.config import ConfigError
-    from djc.train import _check_reachable
+    from djc.ray_setup import _check_reachable
 
     with pytest.raises(ConfigError, match="is the job server, for `ray job submit`"):
         _check_reachable("http://127.0.0.1:8265", "RAY_ADDRESS")

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import fsspec
 import fsspec.config
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -20,6 +18,7 @@ from djc.data.shards import CorruptDataError, DatasetError, read_manifest
 from djc.data.stream import ShardStream
 from djc.export import read_jsonl
 from tests.conftest import S3_CREDENTIALS
+from tests.damage import with_bad_image
 from tests.test_stream import B, s3_url, write_toy  # noqa: F401 (s3_url is a fixture)
 
 # Exactly once over 2 ranks x 2 DataLoader workers and mid-epoch resume on S3: tests/test_stream.py (any_url).
@@ -73,17 +72,15 @@ def test_corrupt_shard_and_undecodable_image_on_s3(bucket):
     fs, root = fsspec.core.url_to_fs(url)
     shard = f"{root}/shard-00001.parquet"
     good = fs.cat_file(shard)
-    fs.pipe_file(shard, good[: len(good) // 2])  # truncated
-    with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00001.parquet"):
+    fs.pipe_file(shard, good[: len(good) // 2])  # truncated: the listing shows it
+    with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00001.parquet is {len(good) // 2} bytes"):
+        read_all(url)
+    fs.pipe_file(shard, bytes(len(good)))  # garbage of the right size: reading shows it
+    with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00001.parquet is not readable Parquet"):
         read_all(url)
 
-    t = pq.read_table(pa.BufferReader(good))
-    images = t.column("image").to_pylist()
-    images[37] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 5
-    sink = pa.BufferOutputStream()
-    pq.write_table(t.set_column(2, "image", pa.array(images, pa.binary())), sink, row_group_size=32)
-    fs.pipe_file(shard, sink.getvalue().to_pybytes())
-    bad = t.column("index")[37].as_py()
+    fs.pipe_file(shard, good)
+    bad = with_bad_image(url, 1, 37)
     with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00001.parquet row 37 \\(index {bad}\\)"):
         read_all(url)
     got = read_all(url, on_corrupt="skip")

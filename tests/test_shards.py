@@ -11,8 +11,6 @@ import uuid
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -22,6 +20,7 @@ from djc.data.shards import (CorruptDataError, DatasetError, decode_image, read_
                              write_dataset)
 from djc.data.sources import cifar, digits, folder
 from djc.data.stream import ShardStream
+from tests.damage import with_bad_image
 
 N, C = 300, 4
 
@@ -144,7 +143,14 @@ def test_truncated_shard_is_corrupt_data_naming_it(tmp_path, data):
     url = str(tmp_path / "ds")
     write(url, *data)
     p = tmp_path / "ds" / "shard-00002.parquet"
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    whole = p.read_bytes()
+    p.write_bytes(whole[: len(whole) // 2])
+    # The manifest's listing already shows the size, before any worker starts.
+    with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00002.parquet is {len(whole) // 2} bytes, but "
+                                               f"manifest.json says {len(whole)}: it was truncated"):
+        read_manifest(url)
+    # Garbage of the right size passes the listing: reading names the shard, and the cache checks the sha256.
+    p.write_bytes(whole[: len(whole) // 2] + bytes(len(whole) - len(whole) // 2))
     with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00002.parquet"):
         read_all(url)
     with pytest.raises(CorruptDataError, match="shard-00002.parquet does not match its sha256"):
@@ -156,12 +162,7 @@ def test_truncated_shard_is_corrupt_data_naming_it(tmp_path, data):
 def test_undecodable_image_names_shard_and_row_or_is_skipped(tmp_path, data):
     url = str(tmp_path / "ds")
     write(url, *data)
-    p = str(tmp_path / "ds" / "shard-00001.parquet")
-    t = pq.read_table(p)
-    images = t.column("image").to_pylist()
-    images[37] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 5
-    pq.write_table(t.set_column(2, "image", pa.array(images, pa.binary())), p, row_group_size=32)
-    bad_index = t.column("index")[37].as_py()
+    bad_index = with_bad_image(url, 1, 37)
     with pytest.raises(CorruptDataError, match=f"shard {url}/shard-00001.parquet row 37 \\(index {bad_index}\\)"):
         read_all(url)
     batches = read_all(url, on_corrupt="skip")

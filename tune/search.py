@@ -1,8 +1,7 @@
 """`djc tune CONFIG --space NAME --samples N`: a Ray Tune search in which every trial is a djc Train run.
 
 The pattern Ray 2.60's Train V2 asks for: a Tune function per trial (`train_trial`, reserving 0.01 CPU; Tune
-refuses 0) builds the run's TorchTrainer through djc.train.build_trainer with Tune's report callback and calls
-fit(); the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
+refuses 0) builds and fits the run's TorchTrainer through djc.launch.fit with Tune's report callback; the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
 compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
 Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
@@ -35,13 +34,13 @@ def train_trial(values: dict[str, Any], base: dict[str, Any], root: str) -> None
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from djc import train
+    from djc import launch
     from djc.export import write_text
 
     cfg = from_dict(with_values(base, values))
     run_dir = f"{root}/trials/{ray.tune.get_context().get_trial_name()}"
     write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
-    train.build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
+    launch.fit(cfg, run_dir, callbacks=[TuneReportCallback()])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def _check_metric(cfg: Config, metric: str) -> None:
 def concurrent_trials(cfg: Config) -> int:
     """How many trials the cluster holds at once (at its largest, with an autoscaler): each is a driver of
     TRIAL_CPU plus its workers."""
-    from djc.train import cluster_capacity
+    from djc.ray_setup import cluster_capacity
 
     t, total = cfg.trainer, cluster_capacity()
     n = int(total.get("CPU", 0.0) / (t.num_workers * t.cpus_per_worker + TRIAL_CPU) + 1e-9)
@@ -113,7 +112,7 @@ def _trial_name(prefix: str, trial) -> str:
 
 
 def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str, scheduler: str):
-    """Tuner.fit over `space`; returns Ray's ResultGrid. Ray must be up (djc.train.ensure_ray)."""
+    """Tuner.fit over `space`; returns Ray's ResultGrid. Ray must be up (djc.ray_setup.ensure_ray)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -184,10 +183,11 @@ def best_yaml(tree: dict[str, Any], best: dict[str, Any], key: str, command: str
 
 
 def main(args: argparse.Namespace) -> int:
-    from djc import train
-    from djc.cli import _absolute, check_against_data, ensure_datasets, resolve
+    from djc import launch, ray_setup
     from djc.export import write_text
 
+    if args.samples < 1:
+        raise ConfigError(f"--samples {args.samples}: a search needs at least one trial")
     tree = load_tree(args.config, args.overrides)
     cfg = from_dict(tree)
     if not cfg.eval.select_split:  # the first held-out split, else the training set itself
@@ -195,17 +195,17 @@ def main(args: argparse.Namespace) -> int:
         cfg = from_dict(tree)
     space = spaces.load(args.space)(cfg)
     check_space(args.space, space, tree, cfg)
-    cfg = resolve(cfg)
-    ensure_datasets(cfg)
-    check_against_data(cfg)
+    cfg = launch.resolve(cfg)
+    launch.ensure_datasets(cfg)
+    launch.check_against_data(cfg)
     _check_metric(cfg, args.metric)
-    out = _absolute(args.out or f"runs/tune/{cfg.name}")
+    out = launch.absolute(launch.out_url(args.out or f"runs/tune/{cfg.name}"))
     print(f"[djc tune] {args.samples} trials of space {args.space!r} ({', '.join(space)}), ranked by "
           f"{METRICS[args.metric]} on split {cfg.eval.select_split!r}, scheduler {args.scheduler}; out: {out}",
           flush=True)
 
-    train.ensure_ray(cfg, dashboard=True)
-    train.check_resources(cfg)
+    ray_setup.ensure_ray(cfg)
+    ray_setup.check_resources(cfg)
     grid = run(cfg, space, args.samples, out, args.metric, args.scheduler)
 
     key = METRICS[args.metric]

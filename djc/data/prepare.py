@@ -25,7 +25,8 @@ def dataset_exists(url: str) -> bool:
     return bool(fs.exists(f"{root}/{MANIFEST}"))
 
 
-def load_source(source: str, root: str | None = None, split: str = "train") -> sources.Source:
+def load_source(source: str, root: str | None = None, split: str = "train", size: int | None = None,
+                mode: str = "auto") -> sources.Source:
     if source == "digits":
         return sources.digits(split, seed=DIGITS_SPLIT_SEED, test_fraction=DIGITS_TEST_FRACTION)
     if source not in SOURCES:
@@ -33,7 +34,7 @@ def load_source(source: str, root: str | None = None, split: str = "train") -> s
     if not root:
         raise ValueError(f"source {source!r} needs root= (the folder holding it); djc never downloads")
     if source == "folder":
-        return sources.folder(root)
+        return sources.folder(root, size=size, mode=mode)
     return sources.cifar(root, 10 if source == "cifar10" else 100, split)
 
 
@@ -49,6 +50,10 @@ class _Take(Sequence[Any]):
     def __getitem__(self, i: int) -> Any:  # type: ignore[override]
         return self.images[int(self.idx[i])]
 
+    def where(self, i: int) -> str:
+        where = getattr(self.images, "where", None)
+        return where(int(self.idx[i])) if where else f"source sample {int(self.idx[i])}"
+
 
 def _progress(name: str) -> Any:
     t0 = time.time()
@@ -62,18 +67,21 @@ def _progress(name: str) -> Any:
 
 def prepare(source: str, out_url: str, *, root: str | None = None, split: str = "train",
             imbalance_ratio: float = 1.0, profile: str = "exp", seed: int = 0, overwrite: bool = False,
-            progress: bool = True) -> Manifest:
+            progress: bool = True, size: int | None = None, mode: str = "auto") -> Manifest:
     """Write `source`'s `split` as a dataset at `out_url`, long-tailed when imbalance_ratio > 1.
 
     The long-tailed subset takes class_counts(n_max, C, ratio, profile) images per class, where n_max is the
     SMALLEST class count of the split: the largest size every class can supply, so the profile is realised
     exactly (CIFAR's classes are equal, 5000 / 500 each; digits' train classes hold 139-146, n_max = 139).
-    `seed` draws the subset and the shard order. A test split is normally prepared with ratio 1.
+    `seed` draws the subset and the shard order. A test split is normally prepared with ratio 1. `size` and
+    `mode` make one image shape out of a folder of photos (sources.folder); other sources have one already.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     class_counts(1 << 30, 2, imbalance_ratio, profile)  # validate ratio and profile before reading anything
-    src = load_source(source, root, split)
+    if (size is not None or mode != "auto") and source != "folder":
+        raise ValueError(f"--size and --mode apply to folder sources; {source} images have one shape already")
+    src = load_source(source, root, split, size=size, mode=mode)
     images, labels, C = src.images, np.asarray(src.labels, dtype=np.int64), len(src.class_names)
     n_source = len(labels)
     if imbalance_ratio > 1:

@@ -204,18 +204,26 @@ def read_manifest(url: str) -> Manifest:
 
 
 def check_shards(manifest: Manifest) -> None:
-    """DatasetError naming the first listed shard that does not exist. One listing, not one request per
-    shard: a 300-shard dataset on S3 is checked in a single LIST call."""
+    """DatasetError naming the first listed shard that does not exist, CorruptDataError naming the first whose
+    size differs from the manifest's (truncated, or replaced). One listing, not one request per shard: a
+    300-shard dataset on S3 is checked in a single LIST call."""
     fs, root = fs_path(manifest.url)
     fs.invalidate_cache(root)  # s3fs caches listings: a dataset written after our last look must be seen
     try:
-        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        present = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(root, detail=True)}
     except FileNotFoundError:
-        present = set()
+        present = {}
     for i, s in enumerate(manifest.shards):
-        there = s.path in present if "/" not in s.path else fs.exists(f"{root}/{s.path}")
+        if "/" in s.path:  # a shard in a subfolder: not in the listing
+            size = fs.size(f"{root}/{s.path}") if fs.exists(f"{root}/{s.path}") else None
+            there = size is not None
+        else:
+            there, size = s.path in present, present.get(s.path)
         if not there:
             raise DatasetError(f"shard {manifest.shard_url(i)} listed in {manifest.url}/{MANIFEST} is missing")
+        if size is not None and s.bytes and size != s.bytes:
+            raise CorruptDataError(f"shard {manifest.shard_url(i)} is {size} bytes, but {MANIFEST} says {s.bytes}: "
+                                   f"it was truncated or replaced; prepare the dataset again")
 
 
 def verify_checksums(manifest: Manifest) -> None:
@@ -329,7 +337,8 @@ def write_dataset(out_url: str, images: Sequence[Any], labels: Sequence[int] | n
                     blob = encode_png(a)
                     stats.add(a[:, :, None] if a.ndim == 2 else a)
             except (ValueError, CorruptDataError) as e:
-                raise DatasetError(f"source sample {int(i)} cannot be stored: {e}") from e
+                where = images.where(int(i)) if hasattr(images, "where") else f"source sample {int(i)}"
+                raise DatasetError(f"{where} cannot be stored: {e}") from e
             encodings.add(image_encoding(blob))
             blobs.append(blob)
         path = f"shard-{s:05d}.parquet"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -72,10 +73,33 @@ def _key(d: dict, key: str) -> Any:
     return d[key]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """A pickle reader that rebuilds numpy arrays and plain data and nothing else.
+
+    A pickle names the callables that rebuild its objects, so a plain pickle.load of a crafted "CIFAR batch" runs
+    any code it likes. The release needs only numpy's array reconstruction (numpy 1 names it numpy.core, numpy 2
+    numpy._core); every other global is refused with its name."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never does")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    # pickle runs code from the file: only ever point this at the CIFAR release you downloaded yourself.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            d = _ArraysOnly(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a CIFAR python-pickle batch that loads without running code: {e}"
+                             ) from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a CIFAR python-pickle batch (a {type(d).__name__}, not a dict)")
+    return d
 
 
 def cifar(root: str, num_classes: int, split: str) -> Source:
@@ -114,21 +138,102 @@ def cifar(root: str, num_classes: int, split: str) -> Source:
 
 class FileImages(Sequence[bytes]):
     """The encoded bytes of image files, read when indexed: an ImageNet-LT-sized folder never sits in memory
-    at once. PNG and JPEG files are kept byte for byte; other formats (BMP, WebP) are re-encoded as PNG."""
+    at once. PNG and JPEG files are kept byte for byte; other formats (BMP, WebP) are re-encoded as PNG.
 
-    def __init__(self, paths: Sequence[str]):
-        self.paths = list(paths)
+    `size` (short side resized to it, antialiased, then centre-cropped square, as ImageNet-LT's prepare does)
+    and `channels` (1 = grayscale, 3 = RGB) make one image shape out of a folder of photos: a dataset has one
+    shape, because batches are stacked and augmented on the device. A converted image is re-encoded (JPEG
+    sources as JPEG at quality 95, the others as lossless PNG)."""
+
+    def __init__(self, paths: Sequence[str], size: int | None = None, channels: int | None = None):
+        self.paths, self.size, self.channels = list(paths), size, channels
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def where(self, i: int) -> str:
+        """How an error names image i: its file."""
+        return self.paths[i]
 
     def __getitem__(self, i: int) -> bytes:  # type: ignore[override]  # ints only: nothing here slices
         with open(self.paths[i], "rb") as f:
             data = f.read()
         try:
-            return as_png_or_jpeg(data)
-        except ValueError as e:  # CorruptDataError included: name the file, not just its size
+            if self.size is None and self.channels is None:
+                return as_png_or_jpeg(data)
+            return _convert(data, self.size, self.channels)
+        except (ValueError, OSError) as e:  # CorruptDataError included: name the file, not just its size
             raise ValueError(f"{self.paths[i]}: {e}") from None
+
+
+def _convert(data: bytes, size: int | None, channels: int | None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format
+        ch = channels or (1 if im.mode == "L" else 3)
+        im = im.convert("L" if ch == 1 else "RGB")
+        if size is not None:
+            w, h = im.size
+            s = size / min(w, h)
+            nw, nh = max(size, round(w * s)), max(size, round(h * s))
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        buf = io.BytesIO()
+        if fmt == "JPEG":
+            im.save(buf, format="JPEG", quality=95)
+        else:
+            im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _shapes(paths: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(height, width, channels) of every file from its header (no decoding: ~0.1 ms a file); channels as the
+    decoder will give them (grayscale "L" stays 1 channel, every other mode becomes RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+                out.append((h, w, 1 if im.mode == "L" else 3))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"{p} is not a readable image: {type(e).__name__}: {e}") from None
+    return out
+
+
+def _one_shape(paths: list[str], size: int | None, mode: str) -> tuple[int | None, int | None]:
+    """(size, channels) that make every image of the folder one shape; ValueError naming two files that
+    differ when the sizes differ and no `size` was given."""
+    shapes = _shapes(paths)
+    chans = [c for _, _, c in shapes]
+    if mode == "rgb":
+        channels = 3
+    elif mode == "gray":
+        channels = 1
+    else:  # the majority; ties go to RGB, which loses nothing of a gray image
+        channels = 1 if chans.count(1) > len(chans) / 2 else 3
+    if mode == "auto" and len(set(chans)) > 1:
+        minority = next(p for p, c in zip(paths, chans) if c != channels)
+        print(f"[djc prepare] {chans.count(1)} gray and {chans.count(3)} colour images: converting all to "
+              f"{'gray' if channels == 1 else 'RGB'} (e.g. {minority}); --mode rgb|gray chooses", file=sys.stderr)
+    if size is None:
+        sizes = [(h, w) for h, w, _ in shapes]
+        if len(set(sizes)) > 1:
+            common = max(set(sizes), key=sizes.count)
+            a = paths[sizes.index(common)]
+            b = next(p for p, hw in zip(paths, sizes) if hw != common)
+            hb, wb = next(hw for hw in sizes if hw != common)
+            raise ValueError(f"images of different sizes: {a} is {common[1]}x{common[0]}, {b} is {wb}x{hb} (and "
+                             f"{sum(hw != common for hw in sizes) - 1} more); a dataset has one image shape: pass "
+                             f"--size N to resize every image (short side to N, then a centre crop)")
+    if size is None and set(chans) == {channels}:
+        return None, None  # already one shape: the files are stored byte for byte
+    return size, channels
 
 
 def _images_under(d: str) -> list[str]:
@@ -142,12 +247,19 @@ def _images_under(d: str) -> list[str]:
     return sorted(out, key=lambda p: os.path.relpath(p, d))
 
 
-def folder(root: str) -> Source:
+def folder(root: str, size: int | None = None, mode: str = "auto") -> Source:
     """An ImageFolder-style tree: class subfolders (sorted names -> labels 0..C-1), or one flat folder of
     images (labels -1, no class names). Extensions .png .jpg .jpeg .bmp .webp, any case.
 
-    Images beside class subfolders would have no class: that tree is refused rather than half read.
+    Images beside class subfolders would have no class: that tree is refused rather than half read. Every
+    image gets one shape: `size` resizes (short side, then centre crop); gray and colour images are converted
+    to the majority, or to `mode` ("rgb" / "gray"); images of different sizes without `size` are refused here,
+    naming two of them, rather than when training reads them.
     """
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    if mode not in ("auto", "rgb", "gray"):
+        raise ValueError(f"--mode must be auto, rgb or gray, got {mode!r}")
     base = os.path.expanduser(root)
     if not os.path.isdir(base):
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -168,4 +280,4 @@ def folder(root: str) -> Source:
         paths, labels = [os.path.join(base, e) for e in top], [-1] * len(top)
     if not paths:
         raise FileNotFoundError(f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
-    return Source(FileImages(paths), np.asarray(labels, dtype=np.int64), classes)
+    return Source(FileImages(paths, *_one_shape(paths, size, mode)), np.asarray(labels, dtype=np.int64), classes)
