@@ -85,9 +85,9 @@ class HostSyncs(TorchDispatchMode):
         return [c for c in self.calls if c]
 
 
-def _cfg(name: str, **trainer):
+def _cfg(name: str, backbone: str = "smallconv", **trainer):
     return from_dict({
-        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "model": {"backbone": backbone, "width": 8, "proj_hidden": 32, "proj_dim": 16},
         "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
                    "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}},
         "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": {"epochs": 10},
