@@ -148,34 +148,7 @@ def test_channels_last_and_bf16_reach_every_convolution(backbone, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# trainer.compile and DDP.
-
-
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
-def test_a_compiled_backbone_gives_the_eager_losses(device, capsys):
-    """trainer.compile=true (inductor) against eager, 3 fp32 SeCu steps: losses to rtol 1e-3 (inductor fuses
-    batch norm and reorders sums). Graph breaks are printed: each one splits the backbone's graph."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    torch.manual_seed(0)
-    eager, eager_opt, views, batches = _setup("secu", device, precision="fp32")
-    cfg = _cfg("secu", precision="fp32", compile=True)
-    compiled = to_device(copy.deepcopy(eager), cfg, torch.device(device))
-    opt = make_optimizer(cfg, compiled)
-    with _exact_fp32():
-        for step, (index, images) in enumerate(batches):
-            x1, x2 = views.for_method(eager, images, step, 0)
-            a = train_step(eager, eager, eager_opt, index, x1, x2)
-            b = train_step(compiled, compiled, opt, index, x1, x2)
-            torch.testing.assert_close(b.loss, a.loss, rtol=1e-3, atol=1e-5, msg=lambda m: f"step {step}: {m}")
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
-    breaks = dict(counters["graph_break"])
-    with capsys.disabled():
-        print(f"\n[compile] {device}: {counters['stats']['unique_graphs']} graph(s), graph breaks: {breaks or 'none'}")
-    torch._dynamo.reset()
+# DDP and trainer.compile (last: compiling takes the longest).
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
@@ -206,3 +179,30 @@ def test_ddp_on_one_process_runs_the_step(name, backend, tmp_path, monkeypatch):
         _assert_same_state(plain, method, rtol=1e-5, atol=1e-6)
     finally:
         torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
+def test_a_compiled_backbone_gives_the_eager_losses(device, capsys):
+    """trainer.compile=true (inductor) against eager, 3 fp32 SeCu steps: losses to rtol 1e-3 (inductor fuses
+    batch norm and reorders sums). Graph breaks are printed: each one splits the backbone's graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    eager, eager_opt, views, batches = _setup("secu", device, precision="fp32")
+    cfg = _cfg("secu", precision="fp32", compile=True)
+    compiled = to_device(copy.deepcopy(eager), cfg, torch.device(device))
+    opt = make_optimizer(cfg, compiled)
+    with _exact_fp32():
+        for step, (index, images) in enumerate(batches):
+            x1, x2 = views.for_method(eager, images, step, 0)
+            a = train_step(eager, eager, eager_opt, index, x1, x2)
+            b = train_step(compiled, compiled, opt, index, x1, x2)
+            torch.testing.assert_close(b.loss, a.loss, rtol=1e-3, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    breaks = dict(counters["graph_break"])
+    with capsys.disabled():
+        print(f"\n[compile] {device}: {counters['stats']['unique_graphs']} graph(s), graph breaks: {breaks or 'none'}")
+    torch._dynamo.reset()
