@@ -275,13 +275,16 @@ def profile_loops(fns: dict[str, Callable[[int], object]], device: torch.device,
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     parts = [f"# {path.stem}: {why}\n"]
-    for who, fn in fns.items():
-        with profile(activities=acts) as prof:
-            for s in range(steps):
-                fn(start + s)
-            _sync(device)
-        parts.append(f"## {who}: {steps} steps, ops by {key}\n\n"
-                     + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    try:
+        for who, fn in fns.items():
+            with profile(activities=acts) as prof:
+                for s in range(steps):
+                    fn(start + s)
+                _sync(device)
+            parts.append(f"## {who}: {steps} steps, ops by {key}\n\n"
+                         + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    except Exception as err:  # a profiler that fails must not cost the measurements around it
+        parts.append(f"profiling failed: {type(err).__name__}: {err}")
     path.write_text("\n".join(parts))
     print(f"[djc bench] profile: {path} ({why})", flush=True)
 
@@ -402,7 +405,18 @@ def _run(args: argparse.Namespace, dev: torch.device) -> int:
     profile = getattr(args, "profile", "auto")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    peak, peak_what = matmul_tflops(dev)
+    rows: list[dict] = []
+    method_rows: list[dict] = []
+
+    def write() -> str:  # after every case: a run stopped part-way keeps what it measured
+        table = _tables(dev, rows, method_rows, peak, peak_what)
+        (out_dir / f"throughput-{dev.type}.md").write_text(table + "\n")
+        (out_dir / f"throughput-{dev.type}.json").write_text(json.dumps(
+            {"device": device_name(dev), "matmul_tflops": peak, "matmul": peak_what, "models": rows,
+             "methods": method_rows}, indent=1) + "\n")
+        return table
+
     for name in models:
         backbone, _, out = CASES[name]
         batch, steps, rounds = d[name]
@@ -414,8 +428,8 @@ def _run(args: argparse.Namespace, dev: torch.device) -> int:
         torch.manual_seed(0)
         rows.append(bench_case(name, cfg, dev, batch, args.steps or steps, args.rounds or rounds, d["warmup"],
                                profile, out_dir))
+        write()
         _free(dev)
-    method_rows = []
     name = models[0]  # every method at the first model's setting
     for m in methods:
         backbone, _, out = CASES[name]
@@ -425,14 +439,9 @@ def _run(args: argparse.Namespace, dev: torch.device) -> int:
         torch.manual_seed(0)
         method_rows.append(bench_method(name, cfg, dev, batch, args.steps or steps, args.rounds or rounds,
                                         d["warmup"], profile, out_dir))
+        write()
         _free(dev)
-    peak, peak_what = matmul_tflops(dev)
-    table = _tables(dev, rows, method_rows, peak, peak_what)
-    print("\n" + table)
-    (out_dir / f"throughput-{dev.type}.md").write_text(table + "\n")
-    (out_dir / f"throughput-{dev.type}.json").write_text(json.dumps(
-        {"device": device_name(dev), "matmul_tflops": peak, "matmul": peak_what, "models": rows,
-         "methods": method_rows}, indent=1) + "\n")
+    print("\n" + write())
     return 0
 
 
