@@ -51,7 +51,7 @@ from djc.models.backbones import resnet
 CASES = {"resnet18_cifar": ("resnet18_cifar", 32, 32), "resnet50": ("resnet50", 256, 224)}
 # per device and model: batch size (global = local: one process), timed steps per round, rounds; warm-up steps.
 # On a CPU, one step per round and many rounds: a machine shared with other jobs drifts within seconds.
-# `methods`: what --methods means when not given (each method adds about a minute on a CPU).
+# `methods`: what --methods means when not given (on a CPU each method adds two more slow timed loops).
 DEFAULTS = {"cpu": {"resnet18_cifar": (16, 1, 16), "resnet50": (8, 1, 12), "warmup": 1, "methods": ""},
             "cuda": {"resnet18_cifar": (512, 20, 5), "resnet50": (256, 10, 5), "warmup": 5, "methods": "all"}}
 METHOD_NAMES = ("secu", "dcl", "statdec", "aecm", "p2ot")
