@@ -11,12 +11,22 @@ by side in one process, reported as a ratio.
 Both start from the same uint8 batch on the device (decoding is the loader's work, the same for both). Rounds
 alternate which loop goes first, so drift in the machine's speed cancels; the ratio is the median of the
 per-round ratios. Also reported: the bytes each worker puts into collectives per step, cluster statistics and
-global batch norm (counted by djc.dist) against DDP's all-reduce of every gradient.
+global batch norm (counted by djc.dist) against DDP's all-reduce of every gradient; the FLOPs of one djc step
+(torch's FlopCounterMode: convolutions and matmuls, forward and backward) and the rate they are done at, against a
+dense matmul timed on the same device.
+
+  --methods  every method's djc step against the plain loop of its network (PlainLoop: the same backbone and
+             views without the cluster side), at the first model's setting. 1 - plain / djc is the share of the
+             step that goes to the cluster side (statistics, assignments, Sinkhorn, cluster losses, state updates)
+             and djc's own overhead (which SeCu's same-work ratio above measures alone).
+  profiles   when SeCu's ratio is below 0.97 or a method's cluster side is above 10% of its step (--profile auto),
+             torch.profiler summaries of both loops go to profile-<device>-<case>.txt: where the time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -32,6 +42,7 @@ from djc import dist
 from djc.config import Config, ConfigError, load_config
 from djc.data import views as V
 from djc.engine import Views, amp_dtype, apply_lr, build_method, lr_factor, make_optimizer, to_device, train_step
+from djc.methods import aecm
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.secu import auto_gamma, center_loss, dual_step, representation_loss
 from djc.models.backbones import resnet
@@ -40,8 +51,16 @@ from djc.models.backbones import resnet
 CASES = {"resnet18_cifar": ("resnet18_cifar", 32, 32), "resnet50": ("resnet50", 256, 224)}
 # per device and model: batch size (global = local: one process), timed steps per round, rounds; warm-up steps.
 # On a CPU, one step per round and many rounds: a machine shared with other jobs drifts within seconds.
-DEFAULTS = {"cpu": {"resnet18_cifar": (16, 1, 16), "resnet50": (8, 1, 12), "warmup": 1},
-            "cuda": {"resnet18_cifar": (512, 20, 5), "resnet50": (256, 10, 5), "warmup": 5}}
+# `methods`: what --methods means when not given (on a CPU each method adds two more slow timed loops).
+DEFAULTS = {"cpu": {"resnet18_cifar": (16, 1, 16), "resnet50": (8, 1, 12), "warmup": 1, "methods": ""},
+            "cuda": {"resnet18_cifar": (512, 20, 5), "resnet50": (256, 10, 5), "warmup": 5, "methods": "all"}}
+METHOD_NAMES = ("secu", "dcl", "statdec", "aecm", "p2ot")
+# What a method's step needs beyond the defaults to run its whole loss from step 0: AE-CM's joint stage (its
+# default init pretrains the autoencoder alone first) with its job's Adam (jobs/digits_lt_aecm.yaml).
+METHOD_SETTINGS = {"aecm": ["method.aecm.init=rand", "optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0"]}
+MIN_RATIO = 0.97  # below it, SeCu's step is profiled against its same-work reference
+MAX_CLUSTER_SHARE = 0.10  # above it, a method's step is profiled against its plain loop
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 class Reference(nn.Module):
@@ -64,7 +83,7 @@ class Reference(nn.Module):
         self.hist = [torch.zeros(w.shape[1], dtype=torch.long) for w in self.centers]
         self.memory: list[Tensor] = []
         self.to(device)
-        if device.type == "cuda":
+        if _nhwc(cfg, device):
             self.backbone.to(memory_format=torch.channels_last)
         self.w_prev, self.rho, self.hist = ([t.to(device) for t in ts] for ts in (self.w_prev, self.rho, self.hist))
         groups = [{"params": [*self.backbone.parameters(), *self.proj.parameters()]},
@@ -106,6 +125,55 @@ class Reference(nn.Module):
         return loss.detach()
 
 
+class PlainLoop(nn.Module):
+    """A method's network trained as a plain loop, without its cluster side: torchvision's backbone with plain
+    BatchNorm and a Linear-BN-ReLU-Linear head on both views, the loss the views' disagreement (|f1 - f2|^2 of the
+    normalised projections); for AE-CM its encoder and decoder on the plain view and the reconstruction error.
+    The same batch, views, precision, memory format and optimiser (the config's) as the method's djc step."""
+
+    def __init__(self, cfg: Config, backbone: str, image_dim: int, device: torch.device):
+        super().__init__()
+        self.amp = amp_dtype(cfg.trainer.precision, device)
+        self.autoencoder = cfg.method.name == "aecm"
+        if self.autoencoder:  # AE-CM's MLPs, as djc.methods.aecm builds them, float32 (no backbone to autocast)
+            c = cfg.method.aecm
+            self.encoder = aecm.mlp([image_dim, *c.hidden, c.code_dim])
+            self.decoder = aecm.mlp([c.code_dim, *reversed(c.hidden), image_dim])
+        else:
+            net = resnet(18 if backbone == "resnet18_cifar" else 50, 3, backbone == "resnet18_cifar").net
+            feat, hid = 512 if backbone == "resnet18_cifar" else 2048, cfg.model.proj_hidden
+            self.backbone = net
+            self.proj = nn.Sequential(nn.Linear(feat, hid), nn.BatchNorm1d(hid), nn.ReLU(inplace=True),
+                                      nn.Linear(hid, cfg.model.proj_dim))
+        self.to(device)
+        if not self.autoencoder and _nhwc(cfg, device):
+            self.backbone.to(memory_format=torch.channels_last)
+        o = cfg.optim
+        self.opt = (torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+                    if o.name == "sgd" else torch.optim.Adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay))
+
+    def step(self, x1: Tensor, x2: Tensor) -> Tensor:
+        if self.autoencoder:
+            x = x1.flatten(1)  # x2 is the same plain view
+            loss = (x - self.decoder(self.encoder(x))).pow(2).sum(dim=1).mean()
+        else:
+            b = x1.shape[0]
+            with torch.autocast(x1.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                f = self.backbone(torch.cat([x1, x2]))
+            f = F.normalize(self.proj(f.float()), dim=1)
+            loss = (f[:b] - f[b:]).pow(2).sum(dim=1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+def _nhwc(cfg: Config, device: torch.device) -> bool:
+    """engine.to_device's rule for the conv weights' memory format, for the plain loops."""
+    f = cfg.trainer.memory_format
+    return f == "channels_last" or (f == "auto" and device.type == "cuda")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,35 +188,124 @@ def _timed(fn: Callable[[int], object], steps: int, device: torch.device, start:
     return time.perf_counter() - t0
 
 
+class DjcLoop:
+    """The body of djc/train.py's loop on one fixed uint8 batch: engine.apply_lr, Views.for_method (the batched
+    views on the device), engine.train_step on the method built by engine.build_method and placed by
+    engine.to_device. `step(s)` runs global step s."""
+
+    def __init__(self, cfg: Config, device: torch.device, side: int, batch: int, num_samples: int):
+        info = DataInfo(num_samples, (side, side, 3), cfg.method.num_clusters)
+        self.cfg, self.device = cfg, device
+        self.method = to_device(build_method(cfg, info), cfg, device)
+        self.method.on_epoch_start(EpochContext(0, cfg.optim.epochs, 1000, map_train=None))
+        self.opt = make_optimizer(cfg, self.method)
+        self.views = Views(cfg, MEAN, STD, side)
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (batch, 3, side, side), generator=g, dtype=torch.uint8).to(device)
+        self.index = torch.randperm(num_samples, generator=g)[:batch].to(device)
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (MEAN, STD))  # for the plain loops' views
+        self.logs: list[Tensor] = []  # what the loop accumulates between host syncs
+
+    def step(self, step: int) -> None:
+        apply_lr(self.opt, lr_factor(self.cfg, step, 1000))
+        x1, x2 = self.views.for_method(self.method, self.images, step, 0)
+        o = train_step(self.method, self.method, self.opt, self.index, x1, x2)
+        self.logs.append(torch.stack([o.loss.detach(), *o.logs.values()]))
+
+    def view_pair(self, step: int) -> tuple[Tensor, Tensor]:
+        """The same kind of views for a plain loop, from its own generator (the timing, not the values, matters)."""
+        gen = torch.Generator(device=self.device).manual_seed(step)
+        if self.method.views == "plain":
+            x = self.views.eval(self.images)
+            return x, x
+        return V.two_views(self.images, self.views.specs, self.mean, self.std, generator=gen, out_size=self.views.out)
+
+
+def _interleaved(fns: dict[str, Callable[[int], object]], batch: int, steps: int, rounds: int, warmup: int,
+                 device: torch.device, label: str) -> dict[str, float]:
+    """Warm-up, then `rounds` rounds alternating which loop goes first; median img/s of each and of the per-round
+    ratio other / djc (drift in the machine's speed cancels in it)."""
+    for fn in fns.values():
+        _timed(fn, warmup, device, 1)
+    rates: dict[str, list[float]] = {who: [] for who in fns}
+    ratios = []
+    for r in range(rounds):
+        order = list(fns.items())[:: 1 if r % 2 == 0 else -1]
+        t = {who: _timed(fn, steps, device, 1 + warmup + r * steps) for who, fn in order}
+        for who in fns:
+            rates[who].append(batch * steps / t[who])
+        other = next(who for who in fns if who != "djc")
+        ratios.append(t[other] / t["djc"])
+        print(f"[djc bench] {label} round {r + 1}/{rounds}: " + ", ".join(
+            f"{who} {rates[who][-1]:.1f} img/s" for who in fns), flush=True)
+    return {**{who: statistics.median(v) for who, v in rates.items()}, "ratio": statistics.median(ratios)}
+
+
+def step_flops(fn: Callable[[int], object], step: int) -> int:
+    """FLOPs of one call of fn (convolutions and matmuls, forward and backward, as torch's FlopCounterMode counts
+    them: 2 per multiply-add); runs the step once more, untimed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(step)
+    return int(counter.get_total_flops())
+
+
+def matmul_tflops(device: torch.device) -> tuple[float, str]:
+    """The device's dense matmul rate at the step's precision: bf16 8192^3 on CUDA (tensor cores), float32 1024^3
+    on a CPU. The ceiling the step's TFLOP/s is read against."""
+    n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 3)
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}^3"
+
+
+def profile_loops(fns: dict[str, Callable[[int], object]], device: torch.device, path: Path, why: str,
+                  steps: int = 3, start: int = 10_000) -> None:
+    """torch.profiler over `steps` steps of each loop: its ops by self time on the device (CUDA) or the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    parts = [f"# {path.stem}: {why}\n"]
+    try:
+        for who, fn in fns.items():
+            with profile(activities=acts) as prof:
+                for s in range(steps):
+                    fn(start + s)
+                _sync(device)
+            parts.append(f"## {who}: {steps} steps, ops by {key}\n\n"
+                         + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    except Exception as err:  # a profiler that fails must not cost the measurements around it
+        parts.append(f"profiling failed: {type(err).__name__}: {err}")
+    path.write_text("\n".join(parts))
+    print(f"[djc bench] profile: {path} ({why})", flush=True)
+
+
+def _wants_profile(mode: str, bad: bool) -> bool:
+    return mode == "always" or (mode == "auto" and bad)
+
+
 def bench_case(name: str, cfg: Config, device: torch.device, batch: int, steps: int, rounds: int,
-               warmup: int) -> dict[str, float | str]:
+               warmup: int, profile: str = "auto", out_dir: Path | None = None) -> dict[str, float | str]:
     backbone, side, out = CASES[name]
     n = 50_000  # per-instance state sized like CIFAR's train split
-    info = DataInfo(n, (side, side, 3), cfg.method.num_clusters)
-    method = to_device(build_method(cfg, info), cfg, device)
-    method.on_epoch_start(EpochContext(0, cfg.optim.epochs, 1000, map_train=None))
-    opt = make_optimizer(cfg, method)
-    views = Views(cfg, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], side)
+    loop = DjcLoop(cfg, device, side, batch, n)
+    method = loop.method
     ref = Reference(cfg, backbone, 3, device)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, side, side), generator=g, dtype=torch.uint8).to(device)
-    index = torch.randperm(n, generator=g)[:batch].to(device)
-    mean, std = (torch.tensor(v, device=device) for v in ([0.5] * 3, [0.25] * 3))
-    logs: list[Tensor] = []
-
-    def djc_step(step: int) -> None:  # the body of djc/train.py's loop
-        apply_lr(opt, lr_factor(cfg, step, 1000))
-        x1, x2 = views.for_method(method, images, step, 0)
-        o = train_step(method, method, opt, index, x1, x2)
-        logs.append(torch.stack([o.loss.detach(), *o.logs.values()]))
 
     def ref_step(step: int) -> None:
-        gen = torch.Generator(device=device).manual_seed(step)
-        x1, x2 = V.two_views(images, views.specs, mean, std, generator=gen, out_size=out)
-        ref.step(index, x1, x2, n)
+        ref.step(loop.index, *loop.view_pair(step), n)
 
     with dist.count_traffic() as traffic:
-        djc_step(0)
+        loop.step(0)
     bn_bytes = traffic.pop("all_reduce_sum_with_grad", 0)  # SeCu's only with-gradient collective: global BN
     # Gradients: DDP's all-reduce of every parameter but the centers, plus what SeCu sends for the centers
     # (all of them, or only the assigned columns when a head has more clusters than the batch has samples).
@@ -156,21 +313,37 @@ def bench_case(name: str, cfg: Config, device: torch.device, batch: int, steps: 
     grad_bytes = traffic.pop("average_gradients", 0) + sum(
         p.numel() * p.element_size() for n, p in method.named_parameters() if p.requires_grad and n not in own)
     stats_bytes = sum(traffic.values())  # gathers of (index, labels), histograms
-    _timed(djc_step, warmup, device, 1)
-    _timed(ref_step, warmup, device, 1)
-    ours, theirs, ratios = [], [], []
-    for r in range(rounds):
-        order = [("djc", djc_step), ("ref", ref_step)][:: 1 if r % 2 == 0 else -1]
-        t = {who: _timed(fn, steps, device, 1 + warmup + r * steps) for who, fn in order}
-        ours.append(batch * steps / t["djc"])
-        theirs.append(batch * steps / t["ref"])
-        ratios.append(t["ref"] / t["djc"])
-        print(f"[djc bench] {name} round {r + 1}/{rounds}: djc {ours[-1]:.1f} img/s, reference "
-              f"{theirs[-1]:.1f} img/s", flush=True)
+    r = _interleaved({"djc": loop.step, "reference": ref_step}, batch, steps, rounds, warmup, device, name)
+    flops = step_flops(loop.step, 1 + warmup + rounds * steps)
+    if out_dir is not None and _wants_profile(profile, r["ratio"] < MIN_RATIO):
+        profile_loops({"djc": loop.step, "reference": ref_step}, device, out_dir / f"profile-{device.type}-{name}.txt",
+                      f"SeCu's djc / reference = {r['ratio']:.3f} (profiled below {MIN_RATIO})")
     return {"model": name, "px": out, "batch": batch, "precision": str(method.amp_dtype or torch.float32),
-            "djc": statistics.median(ours), "reference": statistics.median(theirs),
-            "ratio": statistics.median(ratios), "stats_bytes": stats_bytes, "bn_bytes": bn_bytes,
-            "grad_bytes": grad_bytes}
+            "djc": r["djc"], "reference": r["reference"], "ratio": r["ratio"], "stats_bytes": stats_bytes,
+            "bn_bytes": bn_bytes, "grad_bytes": grad_bytes, "flops": flops}
+
+
+def bench_method(model: str, cfg: Config, device: torch.device, batch: int, steps: int, rounds: int,
+                 warmup: int, profile: str = "auto", out_dir: Path | None = None) -> dict[str, float | str]:
+    """cfg.method.name's djc step against PlainLoop at the model's setting."""
+    backbone, side, out = CASES[model]
+    loop = DjcLoop(cfg, device, side, batch, 50_000)
+    plain = PlainLoop(cfg, backbone, 3 * out * out, device)
+
+    def plain_step(step: int) -> None:
+        plain.step(*loop.view_pair(step))
+
+    loop.step(0)
+    r = _interleaved({"djc": loop.step, "plain": plain_step}, batch, steps, rounds, warmup, device,
+                     f"{model} {cfg.method.name}")
+    share = 1.0 - r["ratio"]
+    if out_dir is not None and _wants_profile(profile, share > MAX_CLUSTER_SHARE):
+        profile_loops({"djc": loop.step, "plain": plain_step}, device,
+                      out_dir / f"profile-{device.type}-{model}-{cfg.method.name}.txt",
+                      f"{cfg.method.name}: 1 - plain / djc = {share:.1%} (profiled above {MAX_CLUSTER_SHARE:.0%})")
+    return {"method": cfg.method.name, "model": model, "batch": batch,
+            "precision": str(loop.method.amp_dtype or torch.float32), "djc": r["djc"], "plain": r["plain"],
+            "ratio": r["ratio"], "cluster_share": share}
 
 
 def device_name(device: torch.device) -> str:
@@ -191,6 +364,8 @@ def _bytes(b: float) -> str:
 
 def main(args: argparse.Namespace) -> int:
     dev = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     threads = torch.get_num_threads()
     if dev.type == "cpu":  # as djc/train.py's workers: one thread each unless DJC_THREADS_PER_WORKER says more
         torch.set_num_threads(max(1, int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))))
@@ -200,33 +375,100 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
 
 
+def _methods(arg: str | None, dev: torch.device) -> list[str]:
+    arg = DEFAULTS[dev.type]["methods"] if arg is None else arg
+    names = list(METHOD_NAMES) if arg == "all" else [m for m in arg.split(",") if m]
+    for m in names:
+        if m not in METHOD_NAMES:
+            raise ConfigError(f"unknown method {m!r} for --methods; choose from all, {', '.join(METHOD_NAMES)}")
+    return names
+
+
+def _config(backbone: str, batch: int, out: int, overrides: list[str]) -> Config:
+    k = min(10, batch)  # SeCu needs K <= the global batch
+    return load_config(None, [f"model.backbone={backbone}", f"data.batch_size={batch}", "trainer.num_workers=1",
+                              f"method.num_clusters={k}", f"augment.out_size={out}", *overrides])
+
+
+def _free(dev: torch.device) -> None:
+    if dev.type == "cuda":  # one model's and method's buffers at a time on the device
+        torch.cuda.empty_cache()
+
+
 def _run(args: argparse.Namespace, dev: torch.device) -> int:
     d = DEFAULTS[dev.type]
-    rows = []
-    for name in args.models.split(","):
+    models = args.models.split(",")
+    for name in models:
         if name not in CASES:
             raise ConfigError(f"unknown model {name!r} for --models; choose from {', '.join(CASES)}")
+    methods = _methods(getattr(args, "methods", None), dev)
+    profile = getattr(args, "profile", "auto")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peak, peak_what = matmul_tflops(dev)
+    rows: list[dict] = []
+    method_rows: list[dict] = []
+
+    def write() -> str:  # after every case: a run stopped part-way keeps what it measured
+        table = _tables(dev, rows, method_rows, peak, peak_what)
+        (out_dir / f"throughput-{dev.type}.md").write_text(table + "\n")
+        (out_dir / f"throughput-{dev.type}.json").write_text(json.dumps(
+            {"device": device_name(dev), "matmul_tflops": peak, "matmul": peak_what, "models": rows,
+             "methods": method_rows}, indent=1) + "\n")
+        return table
+
+    for name in models:
         backbone, _, out = CASES[name]
         batch, steps, rounds = d[name]
         batch = args.batch_size or batch
-        k = min(10, batch)  # SeCu needs K <= the global batch
-        cfg = load_config(None, [f"model.backbone={backbone}", f"data.batch_size={batch}", "trainer.num_workers=1",
-                                 f"method.num_clusters={k}", f"augment.out_size={out}", *args.overrides])
+        cfg = _config(backbone, batch, out, args.overrides)
         if cfg.method.name != "secu":
             raise ConfigError("djc bench throughput compares SeCu with its plain-loop reference: "
                               "method.name must stay secu")
         torch.manual_seed(0)
-        rows.append(bench_case(name, cfg, dev, batch, args.steps or steps, args.rounds or rounds, d["warmup"]))
+        rows.append(bench_case(name, cfg, dev, batch, args.steps or steps, args.rounds or rounds, d["warmup"],
+                               profile, out_dir))
+        write()
+        _free(dev)
+    name = models[0]  # every method at the first model's setting
+    for m in methods:
+        backbone, _, out = CASES[name]
+        batch, steps, rounds = d[name]
+        batch = args.batch_size or batch
+        cfg = _config(backbone, batch, out, [*args.overrides, f"method.name={m}", *METHOD_SETTINGS.get(m, [])])
+        torch.manual_seed(0)
+        method_rows.append(bench_method(name, cfg, dev, batch, args.steps or steps, args.rounds or rounds,
+                                        d["warmup"], profile, out_dir))
+        write()
+        _free(dev)
+    print("\n" + write())
+    return 0
+
+
+def _tables(dev: torch.device, rows: list[dict], method_rows: list[dict], peak: float, peak_what: str) -> str:
     head = ("| model | px | batch | precision | djc img/s | reference img/s | djc / reference | "
             "cluster statistics / step | global BN / step | gradients / step |")
-    lines = [f"device: {device_name(dev)}", "", head, "|" + "---|" * 10]
+    lines = [f"device: {device_name(dev)}", "", "throughput (images per second, two views each; median over rounds)",
+             "", head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['model']} | {r['px']} | {r['batch']} | {r['precision'].removeprefix('torch.')} | "
                      f"{r['djc']:.1f} | {r['reference']:.1f} | {r['ratio']:.3f} | {_bytes(r['stats_bytes'])} | "
                      f"{_bytes(r['bn_bytes'])} | {_bytes(r['grad_bytes'])} |")
-    table = "\n".join(lines)
-    print("\nthroughput (images per second, two views each; median over rounds)\n" + table)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"throughput-{dev.type}.md").write_text(table + "\n")
-    return 0
+    lines += ["", f"work per djc step (FlopCounterMode), against a dense {peak_what} matmul on the same device: "
+              f"{peak:.3g} TFLOP/s", "", "| model | batch | GFLOP / step | steps/s | TFLOP/s | of matmul rate |",
+              "|" + "---|" * 6]
+    for r in rows:
+        rate = r["djc"] / r["batch"]  # steps per second
+        tflops = r["flops"] * rate / 1e12
+        lines.append(f"| {r['model']} | {r['batch']} | {r['flops'] / 1e9:,.1f} | {rate:.2f} | {tflops:.3g} | "
+                     f"{tflops / peak:.1%} |")
+    if method_rows:
+        m0 = method_rows[0]
+        lines += ["", f"every method's djc step against the plain loop of its network ({m0['model']}, batch "
+                  f"{m0['batch']}); cluster side = 1 - plain / djc", "",
+                  "| method | precision | djc img/s | plain img/s | plain / djc | cluster side / step |",
+                  "|" + "---|" * 6]
+        for r in method_rows:
+            lines.append(f"| {r['method']} | {r['precision'].removeprefix('torch.')} | {r['djc']:.1f} | "
+                         f"{r['plain']:.1f} | {r['ratio']:.3f} | {r['cluster_share']:.1%} |")
+    return "\n".join(lines)

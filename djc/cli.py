@@ -187,6 +187,12 @@ def parser() -> argparse.ArgumentParser:
     tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
     tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tp.add_argument("--methods", default=None,
+                    help="each method's step against the plain loop of its network, at the first model's setting: "
+                         "all or a list of secu,dcl,statdec,aecm,p2ot (default: all on CUDA, none on a CPU)")
+    tp.add_argument("--profile", default="auto", choices=["auto", "always", "never"],
+                    help="torch.profiler summaries in --out: auto = when SeCu's djc / reference < 0.97 or a "
+                         "method's cluster side > 10%% of its step")
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
     da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
     da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")

@@ -1,5 +1,6 @@
 """Shared fixtures: one local Ray session for every test that starts Ray workers (each fit costs ~15 s of
-start-up, so the suite shares one session and few fits), and a real S3 server on loopback."""
+start-up, so the suite shares one session and few fits), and a real S3 server on loopback. Tests marked `gpu`
+are skipped, saying why, where torch sees no CUDA device."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from djc.loopback_s3 import LoopbackS3
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIADJCTESTKEYID0001", "AWS_SECRET_ACCESS_KEY": "djc-test-SECRET-f00d"}
 os.environ.pop("AWS_PROFILE", None)
 os.environ.update(S3_CREDENTIALS, AWS_DEFAULT_REGION="us-east-1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: no CUDA device here (torch.cuda.is_available() is False); "
+                                   "benchmarks/gpu_check.sh runs the gpu tests on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,14 @@
 """The training step on the hot path: no host syncs per step, and bf16 autocast confined to the backbone.
 
-Both are checked on the CPU with a dispatch mode that sees every op a real step runs (views, forward, backward,
-optimiser, state update): the ops that make a host wait for a GPU are the same ops on any device.
+Both are checked with a dispatch mode that sees every op a real step runs (views, forward, backward, optimiser,
+state update): the ops that make a host wait for a GPU are the same ops on any device, so the CPU run checks them
+everywhere. The `gpu` variants run the same checks on CUDA, where CUDA's own sync detector must agree.
 """
 
 from __future__ import annotations
 
 import traceback
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -21,6 +23,7 @@ from djc.methods.p2ot import CHECK_EVERY
 aten = torch.ops.aten
 METHODS = ["secu", "dcl", "statdec", "aecm", "p2ot"]
 N, B, SIDE = 64, 16, 16  # 16 px: the blur runs too
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 class HostSyncs(TorchDispatchMode):
@@ -82,26 +85,28 @@ class HostSyncs(TorchDispatchMode):
         return [c for c in self.calls if c]
 
 
-def _cfg(name: str, **trainer):
+def _cfg(name: str, backbone: str = "smallconv", **trainer):
     return from_dict({
-        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "model": {"backbone": backbone, "width": 8, "proj_hidden": 32, "proj_dim": 16},
         "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
                    "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}},
         "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": {"epochs": 10},
     })
 
 
-def _setup(name: str, **trainer):
+def _setup(name: str, device: str = "cpu", **trainer):
+    """Method, optimiser, views and 3 batches (index, uint8 images) on `device`; the same numbers on any device."""
     cfg = _cfg(name, **trainer)
-    method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device("cpu"))
+    method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device(device))
     opt = make_optimizer(cfg, method)  # SGD: Adam's step counter is a host tensor by design
     views = Views(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
     method.on_epoch_start(EpochContext(0, 10, N // B, map_train=None))
     if name == "statdec":  # statistics ready: the KL term and the pooled EMA run too
-        method.pool.reset(torch.rand(4, 1 + 2 * 16) + 0.5)
+        method.pool.reset((torch.rand(4, 1 + 2 * 16) + 0.5).to(device))
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randperm(N, generator=g)[:B], torch.randint(0, 256, (B, 3, SIDE, SIDE), generator=g,
-                                                                  dtype=torch.uint8)) for _ in range(3)]
+    batches = [(torch.randperm(N, generator=g)[:B].to(device),
+                torch.randint(0, 256, (B, 3, SIDE, SIDE), generator=g, dtype=torch.uint8).to(device))
+               for _ in range(3)]
     return method, opt, views, batches
 
 
@@ -113,14 +118,35 @@ def _step(method, opt, views, batch, step: int):
     return out
 
 
+@contextmanager
+def _cuda_syncs(device: str):
+    """CUDA's own detector, on a GPU: the synchronising calls (device -> host copies, stream syncs) made in the
+    block, as warnings of torch.cuda.set_sync_debug_mode. Yields a list that fills in; empty on a CPU."""
+    found: list[str] = []
+    if device != "cuda":
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", METHODS)
-def test_a_training_step_never_waits_on_the_device(name):
+def test_a_training_step_never_waits_on_the_device(name, device):
     torch.manual_seed(0)
-    method, opt, views, batches = _setup(name)
+    method, opt, views, batches = _setup(name, device)
     for step in range(2):  # epoch 0 fills the memories, so the next step takes the update's every branch
         _step(method, opt, views, batches[step], step)
-    with HostSyncs() as mode:
+    with _cuda_syncs(device) as cuda_syncs, HostSyncs() as mode:
         out = _step(method, opt, views, batches[2], 2)
+    # On CUDA nothing synchronises beyond what the dispatch mode saw (P2OT's reads, one copy each).
+    assert len(cuda_syncs) <= len(mode.syncs), cuda_syncs
     if name == "p2ot":
         # The Sinkhorn loop decides convergence on the host, one read per CHECK_EVERY scaling iterations (of
         # each view's solve, so up to one more per solve), and nothing else reads.
@@ -134,6 +160,9 @@ def test_a_training_step_never_waits_on_the_device(name):
         x = torch.randn(4)
         float(x.sum()), x[x > 0], x + torch.tensor([1.0, 2.0, 3.0, 4.0]), x.tolist(), x.numpy()
     assert len(mode.syncs) == 5
+    with _cuda_syncs(device) as cuda_syncs:  # and CUDA's detector sees a read of a device value
+        torch.ones(1, device=device).sum().item()
+    assert len(cuda_syncs) == (1 if device == "cuda" else 0)
 
 
 class DtypesByRegion(TorchDispatchMode):
@@ -163,10 +192,11 @@ def _watch(module: torch.nn.Module, mode: DtypesByRegion):
         post.remove()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", METHODS)
-def test_bf16_runs_the_backbone_only_and_the_step_trains(name):
+def test_bf16_runs_the_backbone_only_and_the_step_trains(name, device):
     torch.manual_seed(0)
-    method, opt, views, batches = _setup(name, precision="bf16")
+    method, opt, views, batches = _setup(name, device, precision="bf16")
     assert method.amp_dtype == torch.bfloat16
     before = {k: v.clone() for k, v in method.state_dict().items()}
     index, images = batches[0]
