@@ -18,7 +18,7 @@ USER_ERRORS = launch.USER_ERRORS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from djc.outputs import metrics_table
+    from djc.evaluate import metrics_table
 
     cfg = launch.resolve(load_config(args.config, args.overrides))
     run_dir = launch.absolute(launch.out_url(args.out or f"runs/{cfg.name}"))
@@ -36,8 +36,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import yaml
 
     from djc.data.shards import read_manifest
-    from djc.export import read_text
-    from djc.outputs import metrics_table, write_metrics
+    from djc.evaluate import metrics_table, write_outputs
+    from djc.runfiles import read_assignments, read_text
 
     run_dir = launch.out_url(args.run_dir, flag="djc eval")
     try:
@@ -50,7 +50,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir}/config.yaml is not valid YAML: {str(err).splitlines()[0]}") from None
     storage.configure(cfg.storage)
     try:
-        result = write_metrics(run_dir, cfg.method.num_clusters, read_manifest(cfg.data.train).class_counts,
+        table = read_assignments(f"{run_dir}/assignments.parquet")
+        result = write_outputs(run_dir, table, cfg.method.num_clusters, read_manifest(cfg.data.train).class_counts,
                                cfg.eval.primary)
     except ValueError as err:  # assignments.parquet damaged or missing columns
         raise DatasetError(str(err)) from None
@@ -163,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--samples", type=int, default=8, help="number of trials")
     tu.add_argument("--out", help="search dir (trials/, best.yaml, trials.txt); default runs/tune/<name>")
     tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
-                    help="score: label-free (djc/selection.py); acc / balanced_acc: on a labelled eval.select_split")
+                    help="score: label-free (djc/evaluate.py); acc / balanced_acc: on a labelled eval.select_split")
     tu.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops poor trials early")
     tu.set_defaults(func=cmd_tune)
 

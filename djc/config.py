@@ -74,6 +74,10 @@ class DataConfig(_Node):
     prefetch_batches: int = Field(4, ge=0)
     retries: int = Field(5, gt=0)  # attempts per shard read on transient storage errors (backoff 0.2 s, 0.4 s, ...)
 
+    def splits(self) -> dict[str, str]:
+        """Every split a run reads and evaluates: name -> dataset URL, "train" first."""
+        return {"train": self.train, **self.eval}
+
 
 class StorageConfig(_Node):
     """Where object storage is and who we are there. Names only: credentials come from the environment,
@@ -278,7 +282,7 @@ class TrainerConfig(_Node):
 class EvalConfig(_Node):
     baseline: bool = True  # also run k-means on raw pixels through the same evaluation
     primary: str = "train"  # the split whose metrics head metrics.json
-    # Split scored every epoch for model selection (djc tune, djc/selection.py): "train" or a data.eval name;
+    # Split scored every epoch for model selection (djc tune, djc/evaluate.py): "train" or a data.eval name;
     # "" = none. Use a held-out split that training never reads (a `val` entry in data.eval).
     select_split: str = ""
 

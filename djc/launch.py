@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from djc import export, ray_setup, rundir, storage
+from djc import ray_setup, rundir, runfiles, storage
 from djc.checkpoint import CheckpointError
 from djc.config import Config, ConfigError, from_dict, has_credentials, to_dict, to_yaml
 from djc.data.shards import DatasetError
@@ -53,17 +53,12 @@ def resolve(cfg: Config) -> Config:
     return from_dict(tree)
 
 
-def splits(cfg: Config) -> dict[str, str]:
-    """Every split a run reads: name -> dataset URL (train first)."""
-    return {"train": cfg.data.train, **cfg.data.eval}
-
-
 def ensure_datasets(cfg: Config) -> None:
     """Prepare the run's datasets on first use when the config names a source; otherwise refuse clearly. Two
     runs that start together on the same new dataset take turns: the second finds it made."""
     from djc.data.prepare import dataset_exists, prepare
 
-    for split, url in splits(cfg).items():
+    for split, url in cfg.data.splits().items():
         if dataset_exists(url):
             continue
         if not cfg.data.source:
@@ -175,8 +170,8 @@ def run(cfg: Config, run_dir: str, *, echo_config: bool = True) -> dict[str, Any
                   f"{', '.join(dropped)}", flush=True)
         if echo_config:
             print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
-        export.write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
+        runfiles.write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
         ray_setup.ensure_ray(cfg)
         ray_setup.check_resources(cfg)
         fit(cfg, run_dir)
-    return export.read_json(f"{run_dir}/metrics.json")
+    return runfiles.read_json(f"{run_dir}/metrics.json")

@@ -93,8 +93,14 @@ def cluster_health(y_pred: np.ndarray, num_clusters: int) -> dict[str, float]:
     y_pred = np.asarray(y_pred).astype(np.int64, copy=False).ravel()
     if y_pred.size and (y_pred.min() < 0 or y_pred.max() >= num_clusters):
         raise ValueError(f"cluster ids must lie in [0, {num_clusters}), got [{y_pred.min()}, {y_pred.max()}]")
-    sizes = np.bincount(y_pred, minlength=num_clusters)  # (K,)
-    n = sizes.sum()
+    return size_health(np.bincount(y_pred, minlength=num_clusters))
+
+
+def size_health(sizes: np.ndarray) -> dict[str, float]:
+    """`cluster_health` from the (K,) cluster sizes themselves: the training loop's replicated counts, which are
+    soft (fractional) for some methods; min and max are then truncated to ints, the entropy is exact."""
+    sizes = np.asarray(sizes, dtype=np.float64).ravel()
+    num_clusters, n = sizes.size, sizes.sum()
     if num_clusters == 1:
         entropy = 1.0
     elif n == 0:

@@ -17,16 +17,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from djc import checkpoint, dist, export, outputs, rundir, storage
+from djc import checkpoint, dist, evaluate, rundir, runfiles, storage
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.stream import ShardStream, StreamLoader
 from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.selection import selection_metrics
+from djc.metrics import size_health
 
 def data_info(m: Manifest) -> DataInfo:
     if m.image_shape is None:
@@ -49,7 +48,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     except BaseException:
         with contextlib.suppress(Exception):  # an unwritable run dir must not hide the original error
             log = rundir.ERROR_LOG.format(rank=dist.rank())
-            export.write_text(f"{loop_config['run_dir']}/{log}", traceback.format_exc())
+            runfiles.write_text(f"{loop_config['run_dir']}/{log}", traceback.format_exc())
         raise
 
 
@@ -98,17 +97,17 @@ def _train(loop_config: dict[str, Any]) -> None:
         # checkpoint goes (everything, on a fresh start), so no epoch appears twice.
         _drop_epochs_after(f"{run_dir}/metrics.jsonl", start_epoch)
         if ckpt is not None:
-            export.append_jsonl(f"{run_dir}/resumes.jsonl",
+            runfiles.append_jsonl(f"{run_dir}/resumes.jsonl",
                                 {"epoch": start_epoch, "step": step, "time": round(time.time(), 3)})
             print(f"[djc] resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
     model = wrap_ddp(method) if world > 1 else method
 
-    select_url = {"train": cfg.data.train, **cfg.data.eval}.get(cfg.eval.select_split)
+    select_url = cfg.data.splits().get(cfg.eval.select_split)
 
     def map_train(fn):
         method.eval()
         try:
-            return outputs.map_split(cfg.data.train, fn, views, device, cfg.data.on_corrupt)
+            return evaluate.map_split(cfg.data.train, fn, views, device, cfg.data.on_corrupt)
         finally:
             method.train()
 
@@ -138,13 +137,13 @@ def _train(loop_config: dict[str, Any]) -> None:
                 break
         loader.set_epoch(epoch + 1)  # position 0 of the next epoch: what a checkpoint here resumes from
         metrics = _epoch_metrics(cfg, method, out.logs.keys(), sums, n, epoch, step, time.time() - t0, opt)
-        if select_url:  # every rank: the criterion is reduced over workers (djc/selection.py)
+        if select_url:  # every rank: the criterion is reduced over workers (djc/evaluate.py)
             method.eval()
-            metrics.update(selection_metrics(method, select_url, views, device, cfg.method.num_clusters,
-                                             cfg.data.on_corrupt))
+            metrics.update(evaluate.selection_metrics(method, select_url, views, device,
+                                                      cfg.method.num_clusters, cfg.data.on_corrupt))
             method.train()
         if rank == 0:
-            export.append_jsonl(f"{run_dir}/metrics.jsonl", metrics)
+            runfiles.append_jsonl(f"{run_dir}/metrics.jsonl", metrics)
             print(_progress_line(cfg, metrics), flush=True)
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.trainer.checkpoint_every == 0 or last:
@@ -155,7 +154,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     # --- evaluation and outputs -------------------------------------------------------------------------
     method.on_train_end()
     method.eval()
-    outputs.evaluate_run(cfg, method, views, run_dir, device)
+    evaluate.evaluate_run(cfg, method, views, run_dir, device)
     dist.barrier()
 
 
@@ -178,11 +177,8 @@ def _epoch_metrics(cfg: Config, method, names, sums, n, epoch, step, seconds, op
     out.update({k: float(v / vals[-1]) for k, v in zip(names, vals[1:-1])})
     counts = method.health_counts()
     if counts is not None:  # replicated state: identical on every worker, no collective needed
-        c = counts.detach().float().cpu()
-        p = c / c.sum().clamp_min(1)
-        ent = float(-(p[p > 0] * p[p > 0].log()).sum() / np.log(len(c)))
-        out.update(min_cluster_size=int(c.min()), max_cluster_size=int(c.max()),
-                   empty_clusters=int((c == 0).sum()), size_entropy=round(ent, 4))
+        health = size_health(counts.detach().cpu().numpy())
+        out.update(health, size_entropy=round(health["size_entropy"], 4))
     return out
 
 
@@ -197,12 +193,12 @@ def _progress_line(cfg: Config, m: dict[str, float]) -> str:
 def _drop_epochs_after(url: str, epoch: int) -> None:
     """Keep the log lines of epochs <= `epoch` (the checkpoint this attempt starts from)."""
     try:
-        lines = export.read_jsonl(url)
+        lines = runfiles.read_jsonl(url)
     except FileNotFoundError:
         return
     kept = [m for m in lines if m.get("epoch", 0) <= epoch]
     if len(kept) < len(lines):
-        export.write_text(url, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+        runfiles.write_text(url, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
 
 
 def _report_with_checkpoint(cfg: Config, method, opt, loader, epoch: int, step: int, metrics: dict) -> None:

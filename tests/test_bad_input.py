@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 from djc import checkpoint, cli, rundir
-from djc.export import read_assignments
+from djc.runfiles import read_assignments
 from tests.damage import with_bad_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from djc import cli
-from djc.export import read_assignments, read_jsonl
+from djc.runfiles import read_assignments, read_jsonl
 from tests.procs import descendants, title
 
 pytestmark = pytest.mark.slow

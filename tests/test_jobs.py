@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from djc.export import read_jsonl
+from djc.runfiles import read_jsonl
 from tests.procs import descendants, title
 
 ROOT = Path(__file__).resolve().parents[1]

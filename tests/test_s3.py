@@ -16,7 +16,7 @@ from djc.config import ConfigError, StorageConfig, load_config
 from djc.data.prepare import prepare
 from djc.data.shards import CorruptDataError, DatasetError, read_manifest
 from djc.data.stream import ShardStream
-from djc.export import read_jsonl
+from djc.runfiles import read_jsonl
 from tests.conftest import S3_CREDENTIALS
 from tests.damage import with_bad_image
 from tests.test_stream import B, s3_url, write_toy  # noqa: F401 (s3_url is a fixture)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from djc import cli
-from djc.export import read_assignments, read_jsonl
+from djc.runfiles import read_assignments, read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ The pattern Ray 2.60's Train V2 asks for: a Tune function per trial (`train_tria
 refuses 0) builds and fits the run's TorchTrainer through djc.launch.fit with Tune's report callback; the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
 compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
-Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
+Trials are ranked by a metric of the run config's `eval.select_split` (djc/evaluate.py): the label-free
 `select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it. The best
 trial that ran all its epochs is written as best.yaml: the run config plus its values, which `djc train` takes
 as is. Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
@@ -23,7 +23,7 @@ import yaml
 
 from djc.config import Config, ConfigError, from_dict, load_tree, to_dict, to_yaml, with_values
 from djc.engine import METHODS
-from djc.selection import METRICS
+from djc.evaluate import METRICS
 from tune import spaces
 
 TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; the workers reserve the real CPUs
@@ -35,7 +35,7 @@ def train_trial(values: dict[str, Any], base: dict[str, Any], root: str) -> None
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from djc import launch
-    from djc.export import write_text
+    from djc.runfiles import write_text
 
     cfg = from_dict(with_values(base, values))
     run_dir = f"{root}/trials/{ray.tune.get_context().get_trial_name()}"
@@ -85,7 +85,7 @@ def _check_metric(cfg: Config, metric: str) -> None:
 
     if metric == "score":
         return
-    url = {"train": cfg.data.train, **cfg.data.eval}[cfg.eval.select_split]
+    url = cfg.data.splits()[cfg.eval.select_split]
     if sum(read_manifest(url).class_counts) == 0:
         raise ConfigError(f"--metric {metric} needs labels, but eval.select_split={cfg.eval.select_split} "
                           f"({url}) has none; use --metric score (label-free)")
@@ -184,7 +184,7 @@ def best_yaml(tree: dict[str, Any], best: dict[str, Any], key: str, command: str
 
 def main(args: argparse.Namespace) -> int:
     from djc import launch, ray_setup
-    from djc.export import write_text
+    from djc.runfiles import write_text
 
     if args.samples < 1:
         raise ConfigError(f"--samples {args.samples}: a search needs at least one trial")

@@ -39,8 +39,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from djc.runfiles import write_bytes
 from djc.data.shards import (MANIFEST, DatasetError, Manifest, ShardInfo, _Stats, decode_array, fs_path, shard_bytes,
-                             write_atomic, write_manifest)
+                             write_manifest)
 
 PLAN_FORMAT = "djc-imagenet-lt-plan/1"
 WORK_DIR = "_prepare"
@@ -190,7 +191,7 @@ def prepare_imagenet_lt(root: str, split_file: str, out_url: str, *, size: int =
                                f"run it with the same arguments, or pass --overwrite to start over")
     else:
         fs.makedirs(work, exist_ok=True)
-        write_atomic(f"{url}/{WORK_DIR}/plan.json", json.dumps(plan).encode())
+        write_bytes(f"{url}/{WORK_DIR}/plan.json", json.dumps(plan).encode())
 
     order = np.random.default_rng(seed).permutation(n)
     num_shards = -(-n // rows_per_shard)
@@ -214,9 +215,9 @@ def prepare_imagenet_lt(root: str, split_file: str, out_url: str, *, size: int =
     show = _progress(name, n, num_shards) if progress else None
     finished = len(done)
     for s, buf, info, stats in _run(tasks, workers or os.cpu_count() or 1):
-        write_atomic(f"{url}/{info.path}", buf)
+        write_bytes(f"{url}/{info.path}", buf)
         receipt = {"shard": dataclasses.asdict(info), "stats": stats}
-        write_atomic(f"{url}/{WORK_DIR}/shard-{s:05d}.json", json.dumps(receipt).encode())
+        write_bytes(f"{url}/{WORK_DIR}/shard-{s:05d}.json", json.dumps(receipt).encode())
         finished += 1
         if show is not None:
             show(min(n, finished * rows_per_shard), finished)

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from djc.runfiles import write_bytes
 from djc.storage import StorageError, require_bucket
 
 if TYPE_CHECKING:
@@ -368,14 +368,6 @@ def shard_bytes(path: str, first_index: int, labels: np.ndarray, blobs: list[byt
     return buf, ShardInfo(path, len(blobs), groups, hashlib.sha256(buf).hexdigest(), len(buf))
 
 
-def write_atomic(url: str, data: bytes) -> None:
-    """`data` at `url` all or nothing: a temporary name, then one rename (local) / one PUT of the final key (S3)."""
-    fs, path = fs_path(url)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
-
-
 def write_manifest(url: str, *, name: str, class_names: Sequence[str], labels: np.ndarray, stats: _Stats,
                    encodings: set[str | None], shards: list[ShardInfo], provenance: dict[str, Any]) -> Manifest:
     """The manifest of written shards, written last and atomically: until it exists the URL is no dataset."""
@@ -387,5 +379,5 @@ def write_manifest(url: str, *, name: str, class_names: Sequence[str], labels: n
                  image=ImageInfo(next(iter(stats.shapes)) if len(stats.shapes) == 1 else None,
                                  next(iter(encodings)) if len(encodings) == 1 else "mixed", tuple(mean), tuple(std)),
                  shards=tuple(shards), provenance=dict(provenance), created_by=f"djc {_version()}")
-    write_atomic(f"{url}/{MANIFEST}", m.to_json().encode())
+    write_bytes(f"{url}/{MANIFEST}", m.to_json().encode())
     return m

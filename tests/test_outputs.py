@@ -7,17 +7,10 @@ import pytest
 from matplotlib.image import imread
 from PIL import Image
 
-from djc import export
-from djc.export import (
-    append_jsonl,
-    evaluate_assignments,
-    plot_cluster_sizes,
-    plot_confusion,
-    read_assignments,
-    read_jsonl,
-    write_assignments,
-    write_json,
-)
+from djc import plots, runfiles
+from djc.evaluate import evaluate_table
+from djc.plots import plot_cluster_sizes, plot_confusion
+from djc.runfiles import append_jsonl, read_assignments, read_jsonl, write_assignments, write_json
 from djc.metrics import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,12 +119,12 @@ def test_plots(root):
     y_true = np.repeat(np.arange(5), [200, 80, 30, 12, 5])  # long-tailed: max/min = 40 -> log y
     y_pred = np.where(rng.random(y_true.size) < 0.8, y_true, rng.integers(0, 7, y_true.size))
     y_true[:10] = -1
-    w, h = (int(x * export.PLOT_DPI) for x in export.SIZES_FIGSIZE)
+    w, h = (int(x * runfiles.PLOT_DPI) for x in plots.SIZES_FIGSIZE)
     plot_cluster_sizes(f"{root}/sizes.png", y_pred, y_true, 8, title="sizes")  # cluster 7 is empty
     _check_png(f"{root}/sizes.png", (w, h))
     plot_cluster_sizes(f"{root}/sizes_nolabel.png", y_pred, None, 8, class_counts=np.array([5, 5, 5]))
     _check_png(f"{root}/sizes_nolabel.png", (w, h))
-    w, h = (int(x * export.PLOT_DPI) for x in export.CONFUSION_FIGSIZE)
+    w, h = (int(x * runfiles.PLOT_DPI) for x in plots.CONFUSION_FIGSIZE)
     plot_confusion(f"{root}/confusion.png", y_true, y_pred, title="confusion")
     _check_png(f"{root}/confusion.png", (w, h))
     assert not [n for n in _listing(root) if ".tmp-" in n]
@@ -145,7 +138,7 @@ def test_evaluate_assignments_per_split_with_baseline(root):
     url = f"{root}/assignments.parquet"
     write_assignments(url, index=np.arange(10), clusters=y_pred, confidence=np.ones(10), label=y_true,
                       split=split, extra={"kmeans_pixels": np.zeros(10, np.int64)})
-    out = evaluate_assignments(read_assignments(url), num_clusters=3)
+    out = evaluate_table(read_assignments(url), num_clusters=3)
     assert set(out) == {"train", "test"}
     assert out["train"]["acc"] == pytest.approx(5 / 6)
     assert out["test"]["acc"] == pytest.approx(1.0)
@@ -155,5 +148,5 @@ def test_evaluate_assignments_per_split_with_baseline(root):
     ref = evaluate(y_true[:6], y_pred[:6], 3)
     assert {k: v for k, v in out["train"].items() if k != "baseline"} == pytest.approx(ref)
     # another head through `column`
-    out = evaluate_assignments({"label": y_true, "h": np.zeros(10, np.int64)}, 3, column="h")
+    out = evaluate_table({"label": y_true, "h": np.zeros(10, np.int64)}, 3, column="h")
     assert set(out) == {"all"} and "baseline" not in out["all"]
