@@ -57,7 +57,7 @@ class DataConfig(_Node):
     source: Literal["", "digits", "cifar10", "cifar100", "folder"] = ""
     source_root: str = ""  # where cifar/folder sources live (ignored for digits)
     imbalance_ratio: float = Field(1.0, ge=1.0)  # long-tail ratio for the prepared train split (1 = balanced)
-    profile: Literal["exp", "step"] = "exp"  # long-tail profile, methods.md section 6
+    profile: Literal["exp", "step"] = "exp"  # long-tail profile (docs/data.md)
     prepare_seed: int = 0  # seed of the train/test split and of the long-tail subset
     batch_size: int = Field(128, gt=0)  # GLOBAL batch over all workers; each worker takes batch_size / workers
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0 = decode in-process)

@@ -1,4 +1,4 @@
-"""Clustering metrics: numpy arrays in, Python numbers out (methods.md section 6).
+"""Clustering metrics: numpy arrays in, Python numbers out (docs/methods.md, "Evaluation").
 
 Conventions shared by every function here:
 - ``y_true`` holds class labels >= 0, or -1 for an unlabeled sample. Metrics that need labels drop the -1
@@ -82,7 +82,7 @@ def cluster_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def cluster_health(y_pred: np.ndarray, num_clusters: int) -> dict[str, float]:
-    """Label-free collapse indicators over all samples (style.md 14).
+    """Label-free collapse indicators over all samples (logged every epoch too: collapse shows here first).
 
     ``size_entropy`` is normalised: the entropy of the cluster-size distribution divided by log K, so 1.0 means
     perfectly balanced clusters and 0.0 means everything in one cluster (defined as 1.0 when K == 1, where
@@ -151,7 +151,7 @@ def evaluate(
     num_clusters: int,
     class_counts: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All of methods.md section 6 for one split: LABEL_KEYS (when any label is known) + HEALTH_KEYS.
+    """Every metric of docs/methods.md's "Evaluation" for one split: LABEL_KEYS (when any label is known) + HEALTH_KEYS.
 
     Per-class quantities (balanced ACC, macro-F1, head/medium/tail) average over the classes present in
     ``y_true``; a frequency group with no class present is NaN. ``class_counts`` are the *training* counts

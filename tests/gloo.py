@@ -60,9 +60,10 @@ def run_gloo(fn: Callable, world: int, *args: Any, timeout: float = 240.0) -> li
 
 
 def assert_two_workers_equal_one(fn: Callable, *args: Any, rtol: float = 1e-4, atol: float = 1e-5) -> dict:
-    """The equivalence property (design.md contract 4): fn(rank, world, *args) -> {name: array} of every parameter
-    and buffer after some steps. Both workers must hold the same state, equal to one process's on the
-    concatenated batches: integers exactly, floats to `rtol` / `atol`. Returns the one-process state."""
+    """The equivalence property: fn(rank, world, *args) -> {name: array} of every parameter and buffer after some
+    steps. Both workers must hold the same state, equal to one process's on the concatenated batches (one step
+    on W workers = one step on one worker with the concatenated batch): integers exactly, floats to `rtol` /
+    `atol`. Returns the one-process state."""
     import numpy as np
     import torch
 

@@ -1,4 +1,4 @@
-"""The dataset format (contract 2): round trips, manifest fields, clear errors, and the sources behind it."""
+"""The dataset format (docs/data.md): round trips, manifest fields, clear errors, and the sources behind it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The streaming reader (contract 3): exactly once over ranks x loader workers, per-epoch order, resume, retries,
+"""The streaming reader (docs/data.md): exactly once over ranks x loader workers, per-epoch order, resume, retries,
 and the local cache. Real shards in tmp_path, real DataLoader worker processes."""
 
 from __future__ import annotations

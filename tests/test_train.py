@@ -26,7 +26,7 @@ def test_train_smoke_then_resume(ray_local, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "balanced_acc" in printed and "kmeans-pixels" in printed
 
-    # The run dir holds what contract 7 promises.
+    # The run dir holds what the README's run-dir table promises.
     for name in ("config.yaml", "metrics.jsonl", "metrics.json", "assignments.parquet",
                  "plots/cluster_sizes_train.png", "plots/confusion_test.png"):
         assert (out / name).is_file(), name

@@ -1,4 +1,4 @@
-"""Long-tailed class profiles (methods.md section 6) and the fixed-seed per-class subsets that realise them.
+"""Long-tailed class profiles (docs/data.md) and the fixed-seed per-class subsets that realise them.
 
 Class c = 0 is the largest and sizes fall with the label, as in Cao et al.'s (LDAM) CIFAR-LT, so the published
 totals are reproduced exactly: CIFAR-10-LT ratio 100 = 12,406 images (5000 -> 50), ratio 10 = 20,431,

@@ -1,4 +1,4 @@
-"""The dataset format (design.md contract 2): `manifest.json` + Parquet shards at any fsspec URL.
+"""The dataset format (docs/data.md): `manifest.json` + Parquet shards at any fsspec URL.
 
     <url>/shard-00000.parquet ...   columns: index int64 (global, dense, [0, N)), label int64 (-1 = unknown),
                                     image binary (PNG for arrays; JPEG/PNG file bytes as given)

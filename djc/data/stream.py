@@ -1,4 +1,4 @@
-"""The streaming reader (design.md contract 3): shards -> decoded batches, split over ranks x loader workers.
+"""The streaming reader (docs/data.md): shards -> decoded batches, split over ranks x loader workers.
 
 The order of an epoch is a pure function of (seed, epoch) and the manifest; no I/O decides it:
   1. units = the Parquet row groups of every shard, permuted by rng(seed, epoch) (shuffle=False: as written);
