@@ -111,15 +111,24 @@ class SeCuConfig(_Node):
     gamma: float | Literal["auto"] = 0.9
     expected_imbalance: float = Field(1.0, ge=1.0)  # for the "auto" settings: expected largest/smallest class ratio
     eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
+    # Clamp of the size duals at 0: "below_one" only when gamma < 1 (the release; at gamma = 1 the duals keep a
+    # zero sum), "always" at every gamma (djc before; differs only at gamma = 1, e.g. gamma=auto at ratio 1)
+    dual_clamp: Literal["below_one", "always"] = "below_one"
     # Sizes the entropy constraint pulls towards: uniform = SeCu's -H(p) (equal sizes); profile = KL(p || pi),
     # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods.md)
     size_prior: Literal["uniform", "profile"] = "uniform"
     alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
+    # What the entropy constraint's shares p_k = n_k / norm divide by: "dataset" = N (djc); "counted" = the
+    # instances counted so far (+1 for a new one), the release's rule. They differ in epoch 0 only
+    share_norm: Literal["dataset", "counted"] = "dataset"
     t_x: float = Field(0.05, gt=0.0)  # temperature of the representation loss
     t_w: float = Field(0.05, gt=0.0)  # temperature of the center loss
     tau: float = Field(0.2, ge=0.0, le=1.0)  # weight of the previous label in the representation target
     center_lr: float = Field(1.2, gt=0.0)  # constant lr of the centers (0.8 on CIFAR-100-20)
     center_wd: float = Field(0.0, ge=0.0)
+    # Batch norm over the two views: "joint" = one encoder pass over both (statistics over 2B images, djc);
+    # "separate" = one pass per view (the release). Only models with batch norm see a difference.
+    bn_views: Literal["joint", "separate"] = "joint"
     # The evaluated clustering (predict's column 0). "head": head 0's argmax, SeCu's rule. "merge": head
     # `merge_head`'s K (merge_head + 1) clusters merged to K by average linkage on their centers: on long-tailed
     # data the balanced head 0 splits big classes and merges small ones, while an over-clustered head gives
