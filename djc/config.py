@@ -230,6 +230,13 @@ class P2OTConfig(_Node):
     sinkhorn_iters: int = Field(1000, gt=0)  # cap on scaling iterations (warm-started solves converge in far fewer)
     sinkhorn_tol: float = Field(1e-6, gt=0.0)  # relative change of the column scalings that counts as converged
     weight_by_mass: bool = True  # targets keep each sample's transported mass; false = renormalise every row to 1
+    # The cluster head: "mlp" = Linear-BN-ReLU-Linear on the features (model.proj_hidden), unbounded logits (djc);
+    # "cosine" = the release's cosine classifier, logit_scale * cos(features, v_k), so |logit| <= logit_scale
+    head: Literal["mlp", "cosine"] = "mlp"
+    logit_scale: float = Field(10.0, gt=0.0)  # head=cosine: the logits' bound (the release's 10)
+    # Epochs whose plan is solved on the current global batch alone, without the bank (the release: 1, its bank
+    # starts at epoch 1); the bank is still written, so it is full when it starts
+    batch_only_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _rho_grows(self) -> P2OTConfig:
