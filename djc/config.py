@@ -207,6 +207,17 @@ class AECMConfig(_Node):
     average_last_epoch: bool = True  # final weights = mean over the last epoch's steps (the paper's averaging epoch)
     adam_eps: float = Field(2e-6, gt=0.0)  # the paper's 1e-3 on a loss summed over 500 samples = 2e-6 on our mean
     constant_lr: bool = True  # the paper's constant lr; false = the optim schedule (starves the averaging epoch)
+    # CM-alone stage (init=pre): alpha matched to the clusters by size rank, as in the joint stage ("sorted", djc),
+    # or alpha_k to cluster k ("index", the release). The same for a uniform alpha; differs for profile / sorted.
+    cm_alpha_order: Literal["sorted", "index"] = "sorted"
+    # The release's optimisers (pretrain_optimizer=sgd, fresh_optimizer or adam_eps_hat: djc/methods/stage_optim.py;
+    # they need optim.name=adam). "sgd" pretrains the AE with SGD at pretrain_lr, pretrain_momentum (the release's
+    # MNIST 1e-2, 0.9, on its loss sum_i mean_d (x - x^)^2; djc converts the lr to its own loss); "same" = Adam
+    pretrain_optimizer: Literal["same", "sgd"] = "same"
+    pretrain_lr: float = Field(0.01, gt=0.0)  # pretrain_optimizer=sgd: the release's lr (MNIST 1e-2, CIFAR-10 1e-3)
+    pretrain_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # pretrain_optimizer=sgd: the release's momentum
+    fresh_optimizer: bool = False  # true: each stage starts a new optimiser (zero moments), as the release does
+    adam_eps_hat: bool = False  # true: adam_eps is added before Adam's bias correction (TensorFlow's, the release's)
 
     @model_validator(mode="after")
     def _alpha_matches_mode(self) -> AECMConfig:
@@ -333,6 +344,11 @@ class Config(_Node):
                              f"({', '.join(self.data.eval) or 'none'})")
         if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
             raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
+        a = self.method.aecm
+        if self.method.name == "aecm" and self.optim.name != "adam" and (
+                a.pretrain_optimizer != "same" or a.fresh_optimizer or a.adam_eps_hat):
+            raise ValueError(f"method.aecm.pretrain_optimizer / fresh_optimizer / adam_eps_hat are the release's Adam "
+                             f"stages: they need optim.name=adam (got {self.optim.name})")
         secu = self.method.secu
         if secu.size_prior != "uniform" and secu.constraint != "entropy":
             raise ValueError(f"method.secu.size_prior={secu.size_prior} shapes the entropy constraint; it needs "

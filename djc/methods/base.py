@@ -101,6 +101,11 @@ class ClusteringMethod(nn.Module):
         """Optimiser groups; a group with `fixed_lr=True` keeps its lr (the schedule scales the others)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+        """The method's own optimiser over `groups` (param_groups with the run's lr, weight decay and schedule
+        keys filled in), or None for optim.name's SGD / Adam. AE-CM's release settings use it."""
+        return None
+
     def predict(self, x: Tensor) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError
 
