@@ -153,6 +153,12 @@ class DCLConfig(_Node):
     tau_plus_mode: Literal["cluster", "global"] = "cluster"
     tau_plus: float = Field(0.1, ge=0.0, lt=1.0)  # global tau+ (and the first step's in cluster mode): ~1 / classes
     tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of the per-anchor tau+; a head cluster above it is cut here
+    # cluster mode: n_c divided by the instances counted so far ("counted") or by N ("dataset": a smaller tau+
+    # until every instance has been seen once; the same after the first epoch)
+    tau_plus_share: Literal["counted", "dataset"] = "counted"
+    # Batch norm over the two views: one encoder pass over both ("joint", djc) or one pass per view ("separate",
+    # Chuang et al.'s release: net(pos_1), net(pos_2))
+    bn_views: Literal["joint", "separate"] = "joint"
     lam: float = Field(1.0, ge=0.0)  # weight of DDC's divergence loss; 0 = contrastive learning only
     cluster_hidden: int = Field(100, gt=0)  # hidden units h of the cluster head (DDC's 100)
     sigma_frac: float = Field(0.15, gt=0.0)  # kernel sigma^2 as a fraction of the median squared distance (DDC)

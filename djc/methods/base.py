@@ -61,6 +61,16 @@ def cluster_counts(y: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     return torch.zeros(k, dtype=torch.long, device=y.device).index_add_(0, y, ones)
 
 
+def both_views(fn: Callable[[Tensor], Any], x1: Tensor, x2: Tensor, separate: bool) -> Any:
+    """fn on the 2B images [view 1; view 2], its output (a tensor or a tuple of tensors) in that order. In one
+    pass, batch norm normalises both views with their joint statistics; with `separate`, each view is its own
+    pass with its own statistics, as the releases' encoder(view1), encoder(view2)."""
+    if not separate:
+        return fn(torch.cat([x1, x2]))
+    o1, o2 = fn(x1), fn(x2)
+    return tuple(torch.cat(p) for p in zip(o1, o2)) if isinstance(o1, tuple) else torch.cat([o1, o2])
+
+
 class ClusteringMethod(nn.Module):
     # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from djc import dist
 from djc.config import Config
 from djc.methods.agglomerate import merge_clusters
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
+from djc.methods.base import (ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, both_views,
+                              cluster_counts)
 from djc.models.backbones import build_backbone, projection_head
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,12 +191,9 @@ class SeCu(ClusteringMethod):
         return F.normalize(self.proj(self.encode(x)), dim=1)
 
     def embed_views(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Both views' features: one pass over the 2B images, batch norm statistics over both views together
-        ("joint"), or one pass per view, each normalised by its own view's global statistics ("separate", the
+        """Both views' features, batch norm over both views together ("joint") or per view ("separate": the
         release's encoder(view1), encoder(view2))."""
-        if self.c.bn_views == "separate":
-            return self.embed(x1), self.embed(x2)
-        f = self.embed(torch.cat([x1, x2]))
+        f = both_views(self.embed, x1, x2, self.c.bn_views == "separate")
         return f[: x1.shape[0]], f[x1.shape[0] :]
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
