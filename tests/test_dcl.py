@@ -182,6 +182,38 @@ def test_debiased_loss_is_chuangs_release(t, tau):
     assert out.loss.item() == pytest.approx(_chuang_loss(z1, z2, t, tau).item(), rel=1e-5)
 
 
+def _mvc_ddc(output, hidden, n_clusters, rel_sigma=0.15):
+    """DanielTrosten/mvc (the DDC authors' group, PyTorch) src/lib/loss.py DDC1 + DDC2 + DDC3, kernel.py."""
+    eps = 1e-9
+
+    def sqdist(x, y):
+        return (x**2).sum(1, keepdim=True) - 2 * x @ y.t() + (y**2).sum(1, keepdim=True).t()
+
+    def d_cs(a, k):
+        nom = a.t() @ k @ a
+        dnom_squared = torch.diagonal(nom).unsqueeze(-1) @ torch.diagonal(nom).unsqueeze(0)
+        nom = torch.where(nom < eps, nom.new_tensor(eps), nom)
+        dnom_squared = torch.where(dnom_squared < eps**2, dnom_squared.new_tensor(eps**2), dnom_squared)
+        return 2 / (n_clusters * (n_clusters - 1)) * torch.triu(nom / torch.sqrt(dnom_squared), diagonal=1).sum()
+
+    dist = F.relu(sqdist(hidden, hidden))
+    sigma2 = (rel_sigma * torch.median(dist)).detach()
+    kern = torch.exp(-dist / (2 * torch.where(sigma2 < eps, sigma2.new_tensor(eps), sigma2)))
+    n = output.size(0)
+    l2 = 2 / (n * (n - 1)) * torch.triu(output @ output.t(), diagonal=1).sum()
+    m = torch.exp(-sqdist(output, torch.eye(n_clusters, dtype=output.dtype)))
+    return d_cs(output, kern), l2, d_cs(m, kern)
+
+
+def test_ddc_loss_is_the_ddc_authors_implementation():
+    g = torch.Generator().manual_seed(4)
+    a = F.softmax(3 * torch.randn(20, 5, generator=g, dtype=torch.float64), dim=1)
+    h = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    ours, ref = ddc_loss(a, h, 0.15), _mvc_ddc(a, h, 5)
+    for name, x, y in zip(("l1", "l2", "l3"), ours, ref):
+        assert x.item() == pytest.approx(y.item(), rel=1e-9), name
+
+
 def test_separate_bn_views_are_chuangs_two_passes():
     cfg = _cfg(1, "cluster", bn_views="separate")
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4)).train()
