@@ -107,7 +107,7 @@ class SeCuConfig(_Node):
     num_heads: int = Field(10, gt=0)  # head h has K * (h + 1) clusters; head 0 is evaluated
     constraint: Literal["size", "entropy"] = "size"
     # Lower bound of every cluster's share, as a fraction of N/K. "auto" derives it from expected_imbalance:
-    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods.md).
+    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods/secu.md).
     gamma: float | Literal["auto"] = 0.9
     expected_imbalance: float = Field(1.0, ge=1.0)  # for the "auto" settings: expected largest/smallest class ratio
     eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
@@ -115,7 +115,7 @@ class SeCuConfig(_Node):
     # zero sum), "always" at every gamma (djc before; differs only at gamma = 1, e.g. gamma=auto at ratio 1)
     dual_clamp: Literal["below_one", "always"] = "below_one"
     # Sizes the entropy constraint pulls towards: uniform = SeCu's -H(p) (equal sizes); profile = KL(p || pi),
-    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods.md)
+    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods/secu.md)
     size_prior: Literal["uniform", "profile"] = "uniform"
     alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
     # What the entropy constraint's shares p_k = n_k / norm divide by: "dataset" = N (djc); "counted" = the
@@ -132,7 +132,7 @@ class SeCuConfig(_Node):
     # The evaluated clustering (predict's column 0). "head": head 0's argmax, SeCu's rule. "merge": head
     # `merge_head`'s K (merge_head + 1) clusters merged to K by average linkage on their centers: on long-tailed
     # data the balanced head 0 splits big classes and merges small ones, while an over-clustered head gives
-    # small classes clusters of their own that the merge keeps (docs/methods.md, "SeCu on long-tailed data")
+    # small classes clusters of their own that the merge keeps (docs/methods/secu.md, "SeCu on long-tailed data")
     predict: Literal["head", "merge"] = "head"
     merge_head: int = Field(1, ge=1)
 

@@ -9,7 +9,7 @@ Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
 The state (duals, entropy histogram, assignment memory, W_prev) is replicated and changed only from global data.
 
 Prediction: head 0's argmax (SeCu), or with predict=merge an over-clustered head's clusters merged to K by
-average linkage on their centers (djc's rule for long-tailed data; docs/methods.md).
+average linkage on their centers (djc's rule for long-tailed data; docs/methods/secu.md).
 """
 
 from __future__ import annotations
