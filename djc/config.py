@@ -147,7 +147,7 @@ class SeCuConfig(_Node):
 
 
 class DCLConfig(_Node):
-    """Debiased contrastive clustering (methods.md section 2). The DCL release trains with Adam lr 1e-3,
+    """Debiased contrastive clustering (docs/methods/dcl.md). The DCL release trains with Adam lr 1e-3,
     wd 1e-6 (set optim.name=adam in the job)."""
 
     temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss; lower (0.2) for sharper features
@@ -192,7 +192,7 @@ class StatDECConfig(_Node):
 
 
 class AECMConfig(_Node):
-    """AE-CM (methods.md section 4)."""
+    """AE-CM (docs/methods/aecm.md)."""
 
     code_dim: int = Field(10, gt=0)  # autoencoder code size d_code (10 on MNIST); raise for richer images
     hidden: list[int] = Field(default_factory=lambda: [500, 500, 2000])  # encoder widths (decoder mirrors); 8x8: less
@@ -239,7 +239,7 @@ class AECMConfig(_Node):
 
 
 class P2OTConfig(_Node):
-    """P2OT (methods.md section 5)."""
+    """P2OT (docs/methods/p2ot.md)."""
 
     eps: float = Field(0.1, gt=0.0)  # entropic regularisation of the transport plan
     lam: float = Field(1.0, gt=0.0)  # KL weight on the cluster marginal: larger = more balanced (1e6 ~ balanced OT)

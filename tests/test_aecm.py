@@ -1,4 +1,4 @@
-"""The clustering module and AE-CM behave as methods.md section 4 says, and 2 gloo workers == 1 worker."""
+"""The clustering module and AE-CM behave as docs/methods/aecm.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Debiased contrastive clustering: the losses behave as methods.md section 2 says, and 2 gloo workers == 1."""
+"""Debiased contrastive clustering: the losses behave as docs/methods/dcl.md says, and 2 gloo workers == 1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""P2OT's partial OT and its method behave as methods.md section 5 says, and 2 gloo workers == 1 worker."""
+"""P2OT's partial OT and its method behave as docs/methods/p2ot.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 

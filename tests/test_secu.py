@@ -1,4 +1,4 @@
-"""SeCu: the losses and state rules behave as methods.md section 1 says, and 2 gloo workers == 1 worker."""
+"""SeCu: the losses and state rules behave as docs/methods/secu.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """AE-CM: an autoencoder with the clustering module on its code (Boubekki et al., Machine Learning 2021),
-methods.md section 4.
+docs/methods/aecm.md.
 
 Encoder d - 500 - 500 - 2000 - d_code (widths: method.aecm.hidden) and a mirrored decoder (LeakyReLU 0.2), the
 CM (djc/methods/cm.py) on the code c. Per step, with n the GLOBAL batch and every sum over this worker's samples:

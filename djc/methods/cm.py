@@ -1,5 +1,5 @@
 """The clustering module (CM) of Boubekki, Kampffmeyer, Jenssen and Brefeld (Machine Learning 2021),
-methods.md section 4: the losses as pure functions, the module, and a scikit-learn-like estimator.
+docs/methods/aecm.md: the losses as pure functions, the module, and a scikit-learn-like estimator.
 
   gamma = softmax(V x + b) (n, K);  x_tilde = gamma U, centroids u_k = rows of U (K, d)
   E1 = sum_i |x_i - x_tilde_i|^2

@@ -1,4 +1,4 @@
-"""Debiased contrastive clustering (Zheng, Nam, Dorigatti, Bischl, Azizi, Rezaei), methods.md section 2.
+"""Debiased contrastive clustering (Zheng, Nam, Dorigatti, Bischl, Azizi, Rezaei), docs/methods/dcl.md.
 
   L = L_debiased + lambda L_div, one backbone f, a projection z = normalize(g(f(x))) and a cluster head
   A = softmax(out(h)), h = BN(ReLU(Linear(f(x)))).

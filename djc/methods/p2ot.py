@@ -1,5 +1,5 @@
 """P2OT: progressive partial optimal transport for imbalanced clustering (Zhang, Ren, He, ICLR 2024),
-methods.md section 5.
+docs/methods/p2ot.md.
 
 Pseudo-labels come from a partial, unbalanced OT between the samples of a logits bank and K clusters plus a
 virtual cluster:

@@ -1,4 +1,4 @@
-"""SeCu: stable cluster discrimination (Qian, ICCV 2023), methods.md section 1.
+"""SeCu: stable cluster discrimination (Qian, ICCV 2023), docs/methods/secu.md.
 
 Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
   assignment (no grad)  y_i = argmax_k s_ik + rho_k            (size constraint, duals rho >= 0)
