@@ -107,23 +107,34 @@ class SeCuConfig(_Node):
     num_heads: int = Field(10, gt=0)  # head h has K * (h + 1) clusters; head 0 is evaluated
     constraint: Literal["size", "entropy"] = "size"
     # Lower bound of every cluster's share, as a fraction of N/K. "auto" derives it from expected_imbalance:
-    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods.md).
+    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods/secu.md).
     gamma: float | Literal["auto"] = 0.9
     expected_imbalance: float = Field(1.0, ge=1.0)  # for the "auto" settings: expected largest/smallest class ratio
     eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
+    # Clamp of the size duals at 0: "below_one" only when gamma < 1 (the release; at gamma = 1 the duals keep a
+    # zero sum), "always" at every gamma (djc before; differs only at gamma = 1, e.g. gamma=auto at ratio 1)
+    dual_clamp: Literal["below_one", "always"] = "below_one"
     # Sizes the entropy constraint pulls towards: uniform = SeCu's -H(p) (equal sizes); profile = KL(p || pi),
-    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods.md)
+    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods/secu.md)
     size_prior: Literal["uniform", "profile"] = "uniform"
     alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
+    # What the entropy constraint's shares p_k = n_k / norm divide by: "dataset" = N (djc); "counted" = the
+    # instances counted so far (+1 for a new one), the release's rule. They differ in epoch 0 only; counted read
+    # 0.745 against 0.783 on digits-LT (3 seeds, noise; docs/methods/secu.md)
+    share_norm: Literal["dataset", "counted"] = "dataset"
     t_x: float = Field(0.05, gt=0.0)  # temperature of the representation loss
     t_w: float = Field(0.05, gt=0.0)  # temperature of the center loss
     tau: float = Field(0.2, ge=0.0, le=1.0)  # weight of the previous label in the representation target
     center_lr: float = Field(1.2, gt=0.0)  # constant lr of the centers (0.8 on CIFAR-100-20)
     center_wd: float = Field(0.0, ge=0.0)
+    # Batch norm over the two views: "joint" = one encoder pass over both (statistics over 2B images, djc);
+    # "separate" = one pass per view (the release; 0.764 against 0.783 on digits-LT, 3 seeds, noise). Only models
+    # with batch norm see a difference.
+    bn_views: Literal["joint", "separate"] = "joint"
     # The evaluated clustering (predict's column 0). "head": head 0's argmax, SeCu's rule. "merge": head
     # `merge_head`'s K (merge_head + 1) clusters merged to K by average linkage on their centers: on long-tailed
     # data the balanced head 0 splits big classes and merges small ones, while an over-clustered head gives
-    # small classes clusters of their own that the merge keeps (docs/methods.md, "SeCu on long-tailed data")
+    # small classes clusters of their own that the merge keeps (docs/methods/secu.md, "SeCu on long-tailed data")
     predict: Literal["head", "merge"] = "head"
     merge_head: int = Field(1, ge=1)
 
@@ -136,7 +147,7 @@ class SeCuConfig(_Node):
 
 
 class DCLConfig(_Node):
-    """Debiased contrastive clustering (methods.md section 2). The DCL release trains with Adam lr 1e-3,
+    """Debiased contrastive clustering (docs/methods/dcl.md). The DCL release trains with Adam lr 1e-3,
     wd 1e-6 (set optim.name=adam in the job)."""
 
     temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss; lower (0.2) for sharper features
@@ -144,6 +155,12 @@ class DCLConfig(_Node):
     tau_plus_mode: Literal["cluster", "global"] = "cluster"
     tau_plus: float = Field(0.1, ge=0.0, lt=1.0)  # global tau+ (and the first step's in cluster mode): ~1 / classes
     tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of the per-anchor tau+; a head cluster above it is cut here
+    # cluster mode: n_c divided by the instances counted so far ("counted") or by N ("dataset": a smaller tau+
+    # until every instance has been seen once; the same after the first epoch)
+    tau_plus_share: Literal["counted", "dataset"] = "counted"
+    # Batch norm over the two views: one encoder pass over both ("joint", djc) or one pass per view ("separate",
+    # Chuang et al.'s release: net(pos_1), net(pos_2))
+    bn_views: Literal["joint", "separate"] = "joint"
     lam: float = Field(1.0, ge=0.0)  # weight of DDC's divergence loss; 0 = contrastive learning only
     cluster_hidden: int = Field(100, gt=0)  # hidden units h of the cluster head (DDC's 100)
     sigma_frac: float = Field(0.15, gt=0.0)  # kernel sigma^2 as a fraction of the median squared distance (DDC)
@@ -175,7 +192,7 @@ class StatDECConfig(_Node):
 
 
 class AECMConfig(_Node):
-    """AE-CM (methods.md section 4)."""
+    """AE-CM (docs/methods/aecm.md)."""
 
     code_dim: int = Field(10, gt=0)  # autoencoder code size d_code (10 on MNIST); raise for richer images
     hidden: list[int] = Field(default_factory=lambda: [500, 500, 2000])  # encoder widths (decoder mirrors); 8x8: less
@@ -198,6 +215,17 @@ class AECMConfig(_Node):
     average_last_epoch: bool = True  # final weights = mean over the last epoch's steps (the paper's averaging epoch)
     adam_eps: float = Field(2e-6, gt=0.0)  # the paper's 1e-3 on a loss summed over 500 samples = 2e-6 on our mean
     constant_lr: bool = True  # the paper's constant lr; false = the optim schedule (starves the averaging epoch)
+    # CM-alone stage (init=pre): alpha matched to the clusters by size rank, as in the joint stage ("sorted", djc),
+    # or alpha_k to cluster k ("index", the release). The same for a uniform alpha; differs for profile / sorted.
+    cm_alpha_order: Literal["sorted", "index"] = "sorted"
+    # The release's optimisers (pretrain_optimizer=sgd, fresh_optimizer or adam_eps_hat: djc/methods/stage_optim.py;
+    # they need optim.name=adam). "sgd" pretrains the AE with SGD at pretrain_lr, pretrain_momentum (the release's
+    # MNIST 1e-2, 0.9, on its loss sum_i mean_d (x - x^)^2; djc converts the lr to its own loss); "same" = Adam
+    pretrain_optimizer: Literal["same", "sgd"] = "same"
+    pretrain_lr: float = Field(0.01, gt=0.0)  # pretrain_optimizer=sgd: the release's lr (MNIST 1e-2, CIFAR-10 1e-3)
+    pretrain_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # pretrain_optimizer=sgd: the release's momentum
+    fresh_optimizer: bool = False  # true: each stage starts a new optimiser (zero moments), as the release does
+    adam_eps_hat: bool = False  # true: adam_eps is added before Adam's bias correction (TensorFlow's, the release's)
 
     @model_validator(mode="after")
     def _alpha_matches_mode(self) -> AECMConfig:
@@ -211,7 +239,7 @@ class AECMConfig(_Node):
 
 
 class P2OTConfig(_Node):
-    """P2OT (methods.md section 5)."""
+    """P2OT (docs/methods/p2ot.md)."""
 
     eps: float = Field(0.1, gt=0.0)  # entropic regularisation of the transport plan
     lam: float = Field(1.0, gt=0.0)  # KL weight on the cluster marginal: larger = more balanced (1e6 ~ balanced OT)
@@ -221,6 +249,13 @@ class P2OTConfig(_Node):
     sinkhorn_iters: int = Field(1000, gt=0)  # cap on scaling iterations (warm-started solves converge in far fewer)
     sinkhorn_tol: float = Field(1e-6, gt=0.0)  # relative change of the column scalings that counts as converged
     weight_by_mass: bool = True  # targets keep each sample's transported mass; false = renormalise every row to 1
+    # The cluster head: "mlp" = Linear-BN-ReLU-Linear on the features (model.proj_hidden), unbounded logits (djc);
+    # "cosine" = the release's cosine classifier, logit_scale * cos(features, v_k), so |logit| <= logit_scale
+    head: Literal["mlp", "cosine"] = "mlp"
+    logit_scale: float = Field(10.0, gt=0.0)  # head=cosine: the logits' bound (the release's 10)
+    # Epochs whose plan is solved on the current global batch alone, without the bank (the release: 1, its bank
+    # starts at epoch 1); the bank is still written, so it is full when it starts
+    batch_only_epochs: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _rho_grows(self) -> P2OTConfig:
@@ -317,6 +352,11 @@ class Config(_Node):
                              f"({', '.join(self.data.eval) or 'none'})")
         if self.method.secu.gamma != "auto" and not 0.0 <= self.method.secu.gamma <= 1.0:
             raise ValueError(f"method.secu.gamma={self.method.secu.gamma} must lie in [0, 1] or be 'auto'")
+        a = self.method.aecm
+        if self.method.name == "aecm" and self.optim.name != "adam" and (
+                a.pretrain_optimizer != "same" or a.fresh_optimizer or a.adam_eps_hat):
+            raise ValueError(f"method.aecm.pretrain_optimizer / fresh_optimizer / adam_eps_hat are the release's Adam "
+                             f"stages: they need optim.name=adam (got {self.optim.name})")
         secu = self.method.secu
         if secu.size_prior != "uniform" and secu.constraint != "entropy":
             raise ValueError(f"method.secu.size_prior={secu.size_prior} shapes the entropy constraint; it needs "

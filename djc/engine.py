@@ -46,6 +46,8 @@ def make_optimizer(cfg: Config, method: ClusteringMethod) -> torch.optim.Optimiz
         g = {"lr": o.lr, "weight_decay": o.weight_decay, "fixed_lr": False, **g}
         g["base_lr"] = g["lr"]
         groups.append(g)
+    if (own := method.make_optimizer(groups)) is not None:
+        return own
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)

@@ -1,7 +1,9 @@
-"""The clustering module and AE-CM behave as methods.md section 4 says, and 2 gloo workers == 1 worker."""
+"""The clustering module and AE-CM behave as docs/methods/aecm.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 
 import numpy as np
@@ -12,8 +14,10 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
+from djc.methods.aecm import CM_ONLY, JOINT, PRETRAIN
 from djc.methods.cm import (ClusteringModule, alpha_vector, cm_terms, dirichlet_prior, orthonormality,
                             soft_distortion)
+from djc.methods.stage_optim import StageOptimizer
 from tests.gloo import assert_two_workers_equal_one
 
 
@@ -92,12 +96,16 @@ def test_sorted_alpha_recovers_a_10_to_1_mixture_that_uniform_alpha_does_not():
 N, B, EPOCHS, STEPS = 48, 16, 5, 2
 
 
-def _cfg(world: int, init: str = "pre", cm_init: str = "posterior"):
+# The release's settings: SGD pretraining, a fresh Adam per stage with epsilon hat, alpha by index when CM alone.
+RELEASE = {"pretrain_optimizer": "sgd", "fresh_optimizer": True, "adam_eps_hat": True, "cm_alpha_order": "index"}
+
+
+def _cfg(world: int, init: str = "pre", cm_init: str = "posterior", release: bool = False):
     return from_dict({
         "method": {"name": "aecm", "num_clusters": 3,
                    "aecm": {"hidden": [16, 16, 32], "code_dim": 4, "alpha": 3.0, "alpha_mode": "profile",
                             "expected_imbalance": 4.0, "init": init, "pretrain_epochs": 1, "cm_epochs": 1,
-                            "cm_init": cm_init}},
+                            "cm_init": cm_init} | (RELEASE if release else {})},
         "optim": {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": EPOCHS},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
@@ -106,16 +114,22 @@ def _cfg(world: int, init: str = "pre", cm_init: str = "posterior"):
 DATA = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(7))
 
 
-def aecm_run(rank: int, world: int, init: str = "pre", record: bool = False) -> dict[str, np.ndarray]:
-    cfg = _cfg(world, init)
+def aecm_run(rank: int, world: int, init: str = "pre", record: bool = False, release: bool = False
+             ) -> dict[str, np.ndarray]:
+    cfg = _cfg(world, init, release=release)
+    # The release's Adam restarts at every stage, where m / sqrt(v) is g / |g|: float32 summation differences
+    # between 1 and 2 workers (~1e-7) flip near-zero gradients' steps. Compared in float64 there.
+    dtype = torch.float64 if release else torch.float32
+    torch.set_default_dtype(dtype)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 3))
+    data = DATA.to(dtype)
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 0.0)  # constant_lr: the groups keep their lr whatever the schedule says
     mine = torch.arange(rank, N, world)  # this worker's slice of the training set, interleaved
 
     def map_train(fn):
-        return fn(DATA[mine], mine), mine
+        return fn(data[mine], mine), mine
 
     g = torch.Generator().manual_seed(123)
     lo, hi = rank * B // world, (rank + 1) * B // world
@@ -124,11 +138,12 @@ def aecm_run(rank: int, world: int, init: str = "pre", record: bool = False) -> 
         method.on_epoch_start(EpochContext(epoch, EPOCHS, STEPS, map_train))
         for _ in range(STEPS):
             index = torch.randperm(N, generator=g)[:B]
-            x = DATA[index]
+            x = data[index]
             train_step(model, method, opt, index[lo:hi], x[lo:hi], x[lo:hi])
             if epoch == EPOCHS - 1:
                 after_last_steps.append(torch.nn.utils.parameters_to_vector(method.parameters()).detach().clone())
     method.on_train_end()
+    torch.set_default_dtype(torch.float32)
     out = {k: v.numpy() for k, v in state_tensors(method).items()}
     if record:
         out["_expected_average"] = torch.stack(after_last_steps).mean(0).numpy()
@@ -185,7 +200,136 @@ def test_pre_init_puts_u_on_the_code_centers(cm_init):
         torch.testing.assert_close(method.cm(codes), F.softmax(-d2 / (2 * var), dim=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["pre", "rand"])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(init):
-    single = assert_two_workers_equal_one(aecm_run, init)
+@pytest.mark.parametrize("init,release", [("pre", False), ("rand", False), ("pre", True)])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(init, release):
+    single = assert_two_workers_equal_one(aecm_run, init, False, release)
     assert single["hist"].sum() == STEPS * B  # the last epoch's argmax counts cover the global batches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The release's rules (Ahcene-B/clustering-Module, Module/module_AECM.py and Module/utils.py, TensorFlow),
+# transcribed on small tensors.
+
+
+def _release_cm_prior(g, alpha):
+    """AECM.loss_cm's loss_op4: sum(log(mean(g, 0) + 1e-10) * (1 - alpha)), alpha sorted ascending by pre_fit."""
+    return (torch.log(g.mean(0) + 1e-10) * (1 - torch.as_tensor(np.sort(alpha)))).sum()
+
+
+def _tf_adam(p, grads, lr, eps, b1=0.9, b2=0.999):
+    """tf.keras.optimizers.Adam(lr, .9, .999, eps): epsilon hat, the bias correction folded into the step size."""
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        p = p - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (torch.sqrt(v) + eps)
+    return p
+
+
+def _tf_sgd(p, grads, lr, momentum):
+    """tf.keras.optimizers.SGD(lr, momentum, nesterov=False): velocity = momentum v - lr g; p += velocity."""
+    vel = torch.zeros_like(p)
+    for g in grads:
+        vel = momentum * vel - lr * g
+        p = p + vel
+    return p
+
+
+def test_index_alpha_order_is_the_releases_cm_alone_prior():
+    g = F.softmax(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    alpha = [9.0, 1.0, 3.0, 20.0]
+    vec = alpha_vector(alpha, 4, "sorted")
+    assert dirichlet_prior(g.mean(0), vec, sort=False).item() == pytest.approx(_release_cm_prior(g, alpha).item())
+    assert dirichlet_prior(g.mean(0), vec).item() != pytest.approx(_release_cm_prior(g, alpha).item())
+
+
+@pytest.mark.parametrize("order", ["sorted", "index"])
+def test_cm_alone_stage_pairs_alpha_as_configured(order):
+    torch.set_num_threads(1)
+    cfg = _cfg(1).model_copy(deep=True)
+    cfg = from_dict({**cfg.model_dump(), "method": {**cfg.method.model_dump(), "aecm": {
+        **cfg.method.aecm.model_dump(), "cm_alpha_order": order}}})
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 3))
+    all_rows = torch.arange(N)
+    method.on_epoch_start(EpochContext(1, EPOCHS, STEPS, lambda fn: (fn(DATA, all_rows), all_rows)))
+    out = method(all_rows[:B], DATA[:B], DATA[:B])
+    with torch.no_grad():
+        gamma = method.cm(method.encoder(DATA[:B].flatten(1)))
+    alpha = method.alpha.numpy()
+    release = _release_cm_prior(gamma, alpha) / B
+    ranked = dirichlet_prior(gamma.mean(0), method.alpha) / B
+    assert out.logs["prior"].item() == pytest.approx((release if order == "index" else ranked).item(), rel=1e-5)
+    assert release.item() != pytest.approx(ranked.item(), rel=1e-3)  # the profile's alphas differ per cluster
+
+
+def _stage_optimizer(p, stage, **kw):
+    groups = [{"params": [p], "lr": 1e-2, "eps": 1e-3, "weight_decay": 0.0}]
+    return StageOptimizer(groups, lambda: stage[0], lr=1e-2, eps=1e-3, **kw)
+
+
+def _run(opt, p, grads):
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach().clone()
+
+
+def test_stage_optimizer_is_torch_adam_or_the_releases_adam_and_sgd():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=gen) * 10 ** (-k % 4) for k in range(30)]  # small grads: eps matters
+    start = torch.randn(5, generator=gen)
+
+    p = start.clone().requires_grad_()
+    ours = _run(_stage_optimizer(p, [JOINT], eps_hat=False, fresh=False), p, grads)
+    q = start.clone().requires_grad_()
+    torch_adam = _run(torch.optim.Adam([q], lr=1e-2, eps=1e-3), q, grads)
+    torch.testing.assert_close(ours, torch_adam, rtol=1e-6, atol=1e-7)
+
+    p = start.clone().requires_grad_()
+    hat = _run(_stage_optimizer(p, [JOINT], eps_hat=True, fresh=False), p, grads)
+    torch.testing.assert_close(hat, _tf_adam(start, grads, 1e-2, 1e-3), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(hat, torch_adam, atol=1e-4)  # epsilon hat is a different rule
+
+    p = start.clone().requires_grad_()
+    sgd = _run(_stage_optimizer(p, [PRETRAIN], eps_hat=True, fresh=True, sgd_stage=PRETRAIN, sgd_lr=0.05,
+                                sgd_momentum=0.9), p, grads)
+    torch.testing.assert_close(sgd, _tf_sgd(start, grads, 0.05, 0.9), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_fresh_optimizer_per_stage_restarts_adam_at_each_stage(fresh):
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(5, generator=gen) for _ in range(12)]
+    start = torch.randn(5, generator=gen)
+    stage = [PRETRAIN]
+    p = start.clone().requires_grad_()
+    opt = _stage_optimizer(p, stage, eps_hat=True, fresh=fresh, sgd_stage=PRETRAIN, sgd_lr=0.05, sgd_momentum=0.9)
+    _run(opt, p, grads[:4])
+    stage[0] = CM_ONLY
+    after_cm = _run(opt, p, grads[4:8])
+    stage[0] = JOINT
+    after_joint = _run(opt, p, grads[8:])
+    # The release: SGD, then a new Adam for the CM stage and another for the joint stage.
+    cm_expected = _tf_adam(_tf_sgd(start, grads[:4], 0.05, 0.9), grads[4:8], 1e-2, 1e-3)
+    torch.testing.assert_close(after_cm, cm_expected, rtol=1e-6, atol=1e-7)  # SGD -> Adam always restarts
+    joint_fresh = _tf_adam(cm_expected, grads[8:], 1e-2, 1e-3)
+    joint_kept = _tf_adam(_tf_sgd(start, grads[:4], 0.05, 0.9), grads[4:], 1e-2, 1e-3)
+    torch.testing.assert_close(after_joint, joint_fresh if fresh else joint_kept, rtol=1e-6, atol=1e-7)
+    assert opt.state_dict()["param_groups"][0]["stage"] == JOINT  # a checkpoint carries the stage
+
+
+def test_release_pretraining_lr_is_converted_to_djcs_loss_scale():
+    """The release's AE loss sum_i mean_d (x - x^)^2 has n / d times djc's gradient (sum_i |x - x^|^2 / n), so
+    make_optimizer's SGD runs at pretrain_lr * n / d: one step moves the weights as the release's step."""
+    torch.set_num_threads(1)
+    cfg = _cfg(1, release=True)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 3))
+    opt = make_optimizer(cfg, method)
+    assert isinstance(opt, StageOptimizer) and opt.sgd_lr == pytest.approx(0.01 * B / 64)
+    method.on_epoch_start(EpochContext(0, EPOCHS, STEPS, map_train=None))
+    x = DATA[:B].flatten(1)
+    ae = copy.deepcopy(torch.nn.Sequential(method.encoder, method.decoder))  # the release's AE, same weights
+    ((x - ae(x)) ** 2).mean(1).sum().backward()  # tf.losses.mean_squared_error per sample, summed by the tape
+    train_step(method, method, opt, torch.arange(B), DATA[:B], DATA[:B])
+    ours = list(method.encoder.parameters()) + list(method.decoder.parameters())
+    for p, r in zip(ours, ae.parameters()):  # release: SGD lr 1e-2, first step (velocity = -lr g)
+        torch.testing.assert_close(p.detach(), r.detach() - 0.01 * r.grad, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,7 @@ def test_every_job_config_loads():
     (["data.batch_size=100", "trainer.num_workers=3"], "divisible by trainer.num_workers=3"),
     (["model.backbone=vgg"], "model.backbone"),
     (["data.batch_size"], "key.sub=value"),
+    (["method.name=aecm", "method.aecm.adam_eps_hat=true"], "they need optim.name=adam (got sgd)"),
 ])
 def test_bad_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError) as err:

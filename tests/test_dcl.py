@@ -1,4 +1,4 @@
-"""Debiased contrastive clustering: the losses behave as methods.md section 2 says, and 2 gloo workers == 1."""
+"""Debiased contrastive clustering: the losses behave as docs/methods/dcl.md says, and 2 gloo workers == 1."""
 
 from __future__ import annotations
 
@@ -145,16 +145,104 @@ def test_cardinality_shares_fall_back_then_follow_the_counts():
     assert card.hist.tolist() == [4, 1, 3]
 
 
+def test_dataset_share_divides_by_n_and_counted_by_the_instances_seen():
+    """tau+_i = n_c / N (tau_plus_share=dataset, the spec's formula) or n_c / (instances counted so far)."""
+    card = Cardinality(3, 20)  # N = 20, 8 of them counted
+    card.update(torch.arange(8), torch.tensor([0, 0, 0, 0, 0, 1, 2, 2]))
+    y = torch.tensor([0, 1, 2])
+    assert card.tau_plus(y, 0.1, 0.9, "dataset").tolist() == pytest.approx([5 / 20, 1 / 20, 2 / 20])
+    assert card.tau_plus(y, 0.1, 0.9, "counted").tolist() == pytest.approx([5 / 8, 1 / 8, 2 / 8])
+    card.update(torch.arange(8, 20), torch.full((12,), 1))  # once all N are counted, the two agree
+    assert card.tau_plus(y, 0.1, 0.9, "dataset").tolist() == card.tau_plus(y, 0.1, 0.9, "counted").tolist()
+
+
+def _chuang_loss(out_1, out_2, temperature, tau_plus):
+    """chingyaoc/DCL main.py train(): the debiased loss of one batch (both views as anchors)."""
+    batch_size = out_1.shape[0]
+    out = torch.cat([out_1, out_2], dim=0)
+    neg = torch.exp(torch.mm(out, out.t().contiguous()) / temperature)
+    mask = torch.ones((batch_size, 2 * batch_size), dtype=bool)
+    for i in range(batch_size):
+        mask[i, i] = 0
+        mask[i, i + batch_size] = 0
+    mask = torch.cat((mask, mask), 0)
+    neg = neg.masked_select(mask).view(2 * batch_size, -1)
+    pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
+    pos = torch.cat([pos, pos], dim=0)
+    n = batch_size * 2 - 2
+    ng = (-tau_plus * n * pos + neg.sum(dim=-1)) / (1 - tau_plus)
+    ng = torch.clamp(ng, min=n * np.e ** (-1 / temperature))
+    return (-torch.log(pos / (pos + ng))).mean()
+
+
+@pytest.mark.parametrize("t,tau", [(0.5, 0.1), (0.2, 0.3), (0.5, 0.0)])
+def test_debiased_loss_is_chuangs_release(t, tau):
+    z1, z2 = _pairs(10, 6, 3)
+    out = debiased_contrastive_loss(*_simclr_layout(z1, z2), temperature=t, tau_plus=tau)
+    assert out.loss.item() == pytest.approx(_chuang_loss(z1, z2, t, tau).item(), rel=1e-5)
+
+
+def _mvc_ddc(output, hidden, n_clusters, rel_sigma=0.15):
+    """DanielTrosten/mvc (the DDC authors' group, PyTorch) src/lib/loss.py DDC1 + DDC2 + DDC3, kernel.py."""
+    eps = 1e-9
+
+    def sqdist(x, y):
+        return (x**2).sum(1, keepdim=True) - 2 * x @ y.t() + (y**2).sum(1, keepdim=True).t()
+
+    def d_cs(a, k):
+        nom = a.t() @ k @ a
+        dnom_squared = torch.diagonal(nom).unsqueeze(-1) @ torch.diagonal(nom).unsqueeze(0)
+        nom = torch.where(nom < eps, nom.new_tensor(eps), nom)
+        dnom_squared = torch.where(dnom_squared < eps**2, dnom_squared.new_tensor(eps**2), dnom_squared)
+        return 2 / (n_clusters * (n_clusters - 1)) * torch.triu(nom / torch.sqrt(dnom_squared), diagonal=1).sum()
+
+    dist = F.relu(sqdist(hidden, hidden))
+    sigma2 = (rel_sigma * torch.median(dist)).detach()
+    kern = torch.exp(-dist / (2 * torch.where(sigma2 < eps, sigma2.new_tensor(eps), sigma2)))
+    n = output.size(0)
+    l2 = 2 / (n * (n - 1)) * torch.triu(output @ output.t(), diagonal=1).sum()
+    m = torch.exp(-sqdist(output, torch.eye(n_clusters, dtype=output.dtype)))
+    return d_cs(output, kern), l2, d_cs(m, kern)
+
+
+def test_ddc_loss_is_the_ddc_authors_implementation():
+    g = torch.Generator().manual_seed(4)
+    a = F.softmax(3 * torch.randn(20, 5, generator=g, dtype=torch.float64), dim=1)
+    h = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    ours, ref = ddc_loss(a, h, 0.15), _mvc_ddc(a, h, 5)
+    for name, x, y in zip(("l1", "l2", "l3"), ours, ref):
+        assert x.item() == pytest.approx(y.item(), rel=1e-9), name
+
+
+def test_separate_bn_views_are_chuangs_two_passes():
+    cfg = _cfg(1, "cluster", bn_views="separate")
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4)).train()
+    g = torch.Generator().manual_seed(2)
+    x1, x2 = torch.randn(B, 1, 8, 8, generator=g), 2 * torch.randn(B, 1, 8, 8, generator=g) + 1
+    captured = []
+    handle = method.cluster_out.register_forward_hook(lambda m, i, o: captured.append(o))
+    method(torch.arange(B), x1, x2)
+    handle.remove()
+    with torch.no_grad():  # the release: feature_1, out_1 = net(pos_1); feature_2, out_2 = net(pos_2)
+        a1, a2 = method.cluster_out(method.cluster_hidden(method.encode(x1))), method.cluster_out(
+            method.cluster_hidden(method.encode(x2)))
+    assert torch.allclose(torch.cat(captured), torch.cat([a1, a2]), atol=1e-6)
+    with torch.no_grad():
+        joint = method.cluster_out(method.cluster_hidden(method.encode(torch.cat([x1, x2]))))
+    assert not torch.allclose(joint, torch.cat([a1, a2]), atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
 
 N, B = 64, 16
 
 
-def _cfg(world: int, mode: str):
+def _cfg(world: int, mode: str, **dcl):
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
-        "method": {"name": "dcl", "num_clusters": 4, "dcl": {"tau_plus_mode": mode, "cluster_hidden": 12}},
+        "method": {"name": "dcl", "num_clusters": 4,
+                   "dcl": {"tau_plus_mode": mode, "cluster_hidden": 12} | dcl},
         # SGD, not the release's Adam: Adam turns the ~1e-9 float noise in the gradient of a bias that a
         # BatchNorm cancels (proj.0.bias) into full lr-sized steps of random sign, on 1 and 2 workers alike.
         "optim": {"name": "sgd", "lr": 0.1},
@@ -162,8 +250,9 @@ def _cfg(world: int, mode: str):
     })
 
 
-def dcl_steps(rank: int, world: int, mode: str) -> dict[str, np.ndarray]:
-    cfg = _cfg(world, mode)
+def dcl_steps(rank: int, world: int, mode: str, release: bool = False) -> dict[str, np.ndarray]:
+    # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N
+    cfg = _cfg(world, mode, **({"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}))
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
@@ -180,7 +269,7 @@ def dcl_steps(rank: int, world: int, mode: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("mode", ["cluster", "global"])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode):
-    single = assert_two_workers_equal_one(dcl_steps, mode)
+@pytest.mark.parametrize("mode,release", [("cluster", False), ("global", False), ("cluster", True)])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release):
+    single = assert_two_workers_equal_one(dcl_steps, mode, release)
     assert single["card.hist"].sum() == (single["card.memory"] >= 0).sum() > 0

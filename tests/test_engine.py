@@ -85,18 +85,29 @@ class HostSyncs(TorchDispatchMode):
         return [c for c in self.calls if c]
 
 
-def _cfg(name: str, backbone: str = "smallconv", **trainer):
+# Each method with the settings that restore its official release's rules (docs/methods/*.md).
+RELEASE = {"secu": {"constraint": "entropy", "share_norm": "counted", "bn_views": "separate"},
+           "dcl": {"tau_plus_share": "dataset", "bn_views": "separate"},
+           "aecm": {"pretrain_optimizer": "sgd", "fresh_optimizer": True, "adam_eps_hat": True},
+           "p2ot": {"head": "cosine", "batch_only_epochs": 1}}
+
+
+def _cfg(name: str, backbone: str = "smallconv", release: bool = False, **trainer):
+    method = {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
+              "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}}
+    optim = {"epochs": 10}
+    if release and name in RELEASE:
+        method[name] = {**method.get(name, {}), **RELEASE[name]}
+        optim |= {"name": "adam"} if name == "aecm" else {}  # the release's optimisers are Adam's
     return from_dict({
         "model": {"backbone": backbone, "width": 8, "proj_hidden": 32, "proj_dim": 16},
-        "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
-                   "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}},
-        "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": {"epochs": 10},
+        "method": method, "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": optim,
     })
 
 
-def _setup(name: str, device: str = "cpu", **trainer):
+def _setup(name: str, device: str = "cpu", release: bool = False, **trainer):
     """Method, optimiser, views and 3 batches (index, uint8 images) on `device`; the same numbers on any device."""
-    cfg = _cfg(name, **trainer)
+    cfg = _cfg(name, release=release, **trainer)
     method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device(device))
     opt = make_optimizer(cfg, method)  # SGD: Adam's step counter is a host tensor by design
     views = Views(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
@@ -136,11 +147,13 @@ def _cuda_syncs(device: str):
     found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
+@pytest.mark.parametrize("release", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", METHODS)
-def test_a_training_step_never_waits_on_the_device(name, device):
+def test_a_training_step_never_waits_on_the_device(name, device, release):
+    """release: each method with the settings that restore its official release."""
     torch.manual_seed(0)
-    method, opt, views, batches = _setup(name, device)
+    method, opt, views, batches = _setup(name, device, release)
     for step in range(2):  # epoch 0 fills the memories, so the next step takes the update's every branch
         _step(method, opt, views, batches[step], step)
     with _cuda_syncs(device) as cuda_syncs, HostSyncs() as mode:

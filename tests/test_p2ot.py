@@ -1,4 +1,4 @@
-"""P2OT's partial OT and its method behave as methods.md section 5 says, and 2 gloo workers == 1 worker."""
+"""P2OT's partial OT and its method behave as docs/methods/p2ot.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.p2ot import CHECK_EVERY, TINY, partial_ot, rho_schedule, soft_cross_entropy
+from djc.methods.p2ot import CHECK_EVERY, TINY, CosineHead, partial_ot, rho_schedule, soft_cross_entropy
 from tests.gloo import assert_two_workers_equal_one
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
@@ -117,38 +117,124 @@ def test_soft_cross_entropy_weights_rows_by_their_mass():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The release's rules (rhfeiyang/PPOT), transcribed on small tensors.
+
+
+class _ReleaseCosClassifier(torch.nn.Module):
+    """models/classifer.py Cos_classifier: weight-normalised Linear without bias, g fixed at 1, logits x 10."""
+
+    def __init__(self, dim, k, v, logit_factor=10.0):
+        super().__init__()
+        self.logit_factor = logit_factor
+        lin = torch.nn.Linear(dim, k, bias=False)
+        lin.weight.data.copy_(v)
+        self.embedding = torch.nn.utils.parametrizations.weight_norm(lin)  # weight = g v / |v|, per output row
+        self.embedding.parametrizations.weight.original0.data.fill_(1)  # weight_g
+        self.embedding.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, x):
+        return self.embedding(F.normalize(x, dim=1, p=2)) * self.logit_factor
+
+
+def _release_semicurr_sk(logits, rho, b=None, epsilon=0.1, gamma=1.0, stoperr=1e-6, num_itermax=1000):
+    """utils/sinkhorn_knopp.py SemiCurrSinkhornKnopp.forward; returns (n P[:, :K], b) (the release keeps b)."""
+    p = -torch.log(torch.softmax(logits.detach().double(), dim=1))
+    n, k = p.shape
+    q = torch.exp(-torch.cat([p, torch.zeros(n, 1, dtype=p.dtype)], dim=1) / epsilon)
+    pa = torch.ones(n, 1, dtype=p.dtype) / n
+    pb = rho * torch.ones(q.shape[1], 1, dtype=p.dtype) / k
+    pb[-1] = 1 - rho
+    b = torch.ones(q.shape[1], 1, dtype=p.dtype) / q.shape[1] if b is None else b
+    fi = gamma / (gamma + epsilon)
+    err, last_b, it = 1.0, b.clone(), 0
+    while err > stoperr and it < num_itermax:
+        a = pa / (q @ b)
+        b = pb / (q.t() @ a)
+        b[:-1, :] = torch.pow(b[:-1, :], fi)
+        err = torch.norm(b - last_b)
+        last_b, it = b.clone(), it + 1
+    plan = q.shape[0] * a * q * b.T
+    return plan[:, :-1].float(), b
+
+
+def test_cosine_head_is_the_releases_cos_classifier():
+    g = torch.Generator().manual_seed(0)
+    f = 3 * torch.randn(7, 12, generator=g)
+    head = CosineHead(12, 5, scale=10.0)
+    ref = _ReleaseCosClassifier(12, 5, head.weight.detach())
+    ours, theirs = head(f), ref(f)
+    assert torch.allclose(ours, theirs, atol=1e-5) and ours.abs().max() <= 10.0
+    w = torch.randn(7, 5, generator=g)
+    (ours * w).sum().backward()
+    (theirs * w).sum().backward()
+    assert torch.allclose(head.weight.grad, ref.embedding.parametrizations.weight.original1.grad, atol=1e-5)
+
+
+def test_batch_only_epoch_solves_each_view_on_the_batch_as_the_release():
+    """batch_only_epochs=1: in epoch 0 each view's plan is the release's on the batch alone (no bank), view 2
+    warm-started from view 1's column scalings; from epoch 1 the bank, written during epoch 0, is used."""
+    cfg = from_dict({"model": {"backbone": "mlp", "width": 16}, "data": {"batch_size": 24},
+                     "method": {"name": "p2ot", "num_clusters": 4,
+                                "p2ot": {"head": "cosine", "batch_only_epochs": 1, "bank_batches": 2}}})
+    method = build_method(cfg, DataInfo(96, (8, 8, 1), 4)).train()
+    g = torch.Generator().manual_seed(1)
+    b_rel = None
+    for epoch, steps in ((0, 3), (1, 1)):
+        method.on_epoch_start(EpochContext(epoch, 2, 3, map_train=None))
+        for _ in range(steps):
+            x1, x2 = torch.randn(24, 1, 8, 8, generator=g), torch.randn(24, 1, 8, 8, generator=g)
+            with torch.no_grad():
+                z = method.head(method.encode(torch.cat([x1, x2])))  # train-mode BN: what forward computes
+            rho = rho_schedule(int(method.counters[0]), int(method.counters[2]), 0.1)
+            t1, b_rel = _release_semicurr_sk(z[:24], rho, b_rel)
+            t2, b_rel = _release_semicurr_sk(z[24:], rho, b_rel)
+            release = 0.5 * (F.cross_entropy(z[:24], t2) + F.cross_entropy(z[24:], t1))  # the release sums; djc means
+            out = method(torch.arange(24), x1, x2)
+            method.update_state(out.update)
+            if epoch == 0:
+                assert out.loss.item() == pytest.approx(release.item(), rel=1e-4)
+            else:  # the bank's 48 rows (2 batches written in epoch 0) change the plan
+                assert out.loss.item() != pytest.approx(release.item(), rel=1e-3)
+    assert int(method.counters[1]) == 4 * 24  # the bank was written in every step
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Equivalence: one step on 2 gloo workers with local batches b1, b2 == one step on 1 worker on concat(b1, b2).
 # bank_batches = 2 and 4 steps: the bank fills, then wraps.
 
 N, B, STEPS = 64, 16, 4
 
 
-def _cfg(world: int):
+def _cfg(world: int, release: bool = False):
+    p2ot = {"bank_batches": 2} | ({"head": "cosine", "batch_only_epochs": 1} if release else {})
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32},
-        "method": {"name": "p2ot", "num_clusters": 4, "p2ot": {"bank_batches": 2}},
+        "method": {"name": "p2ot", "num_clusters": 4, "p2ot": p2ot},
         "optim": {"name": "sgd", "lr": 0.1},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
 
-def p2ot_steps(rank: int, world: int) -> dict[str, np.ndarray]:
-    cfg = _cfg(world)
+def p2ot_steps(rank: int, world: int, release: bool = False) -> dict[str, np.ndarray]:
+    cfg = _cfg(world, release)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
     lo, hi = rank * B // world, (rank + 1) * B // world
-    method.on_epoch_start(EpochContext(0, 2, STEPS, map_train=None))
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if step % (STEPS // 2) == 0:  # two epochs of 2 steps: with `release`, epoch 0 solves on the batch alone
+            method.on_epoch_start(EpochContext(step // (STEPS // 2), 2, STEPS // 2, map_train=None))
         index = torch.randperm(N, generator=g)[:B]
         x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
         train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-def test_two_workers_equal_one_worker_on_the_concatenated_batch():
-    single = assert_two_workers_equal_one(p2ot_steps)
-    assert single["counters"].tolist() == [STEPS, STEPS * B, 2 * STEPS]
+@pytest.mark.parametrize("release", [False, True])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(release):
+    """release: the cosine head and an epoch 0 solved on the batch alone."""
+    single = assert_two_workers_equal_one(p2ot_steps, release)
+    assert single["counters"].tolist() == [STEPS, STEPS * B, STEPS]
     assert (single["bank"] != 0).all()  # 4 global batches through a 2-batch ring: full, every row written

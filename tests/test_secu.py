@@ -1,4 +1,4 @@
-"""SeCu: the losses and state rules behave as methods.md section 1 says, and 2 gloo workers == 1 worker."""
+"""SeCu: the losses and state rules behave as docs/methods/secu.md says, and 2 gloo workers == 1 worker."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from djc.config import from_dict
 from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
-                              profile_shares, representation_loss)
+                              profile_shares, representation_loss, share_norm)
 from tests.gloo import assert_two_workers_equal_one
 
 
@@ -98,6 +98,115 @@ def test_entropy_delta_is_the_exact_change():
             assert delta[i, k].item() == pytest.approx(expect, abs=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The release's rules (idstcv/SeCu, secu/builder.py), transcribed on small tensors: each djc setting that restores
+# the release must reproduce them.
+
+
+def _release_gen_label_entropy(obj_val, labels, counter, alpha, epoch):
+    """SeCu.gen_label_entropy: obj_val = -s (B, K), labels the remembered ones (epoch > 0), counter the histogram."""
+    if epoch == 0:
+        base = torch.sum(counter)
+        if base == 0:
+            return torch.argmin(obj_val, dim=1)
+        tmp_prob = counter / (base + 1.0)
+        tmp_entropy = torch.zeros_like(tmp_prob)
+        tmp_entropy[tmp_prob > 0] = tmp_prob[tmp_prob > 0] * torch.log(tmp_prob[tmp_prob > 0])
+        inc = tmp_prob + 1.0 / (base + 1.0)
+        entropy = inc * torch.log(inc) - tmp_entropy
+        return torch.argmin(obj_val + alpha * entropy.repeat(obj_val.shape[0], 1), dim=1)
+    base = torch.sum(counter)
+    tmp_prob = counter / base
+    tmp_entropy = torch.zeros_like(tmp_prob)
+    tmp_entropy[tmp_prob > 0] = tmp_prob[tmp_prob > 0] * torch.log(tmp_prob[tmp_prob > 0])
+    inc = tmp_prob + 1.0 / base
+    label_prob = tmp_prob[labels]
+    new_prob = label_prob - 1.0 / base
+    new_entropy = torch.zeros_like(new_prob)
+    new_entropy[new_prob > 0] = new_prob[new_prob > 0] * torch.log(new_prob[new_prob > 0])
+    entropy = (new_entropy - label_prob * torch.log(label_prob)).reshape(-1, 1) - tmp_entropy + inc * torch.log(inc)
+    entropy.scatter_(1, labels.reshape(-1, 1), 0)
+    return torch.argmin(obj_val + alpha * entropy, dim=1)
+
+
+def _release_update_dual(ldual, labels, dual_lr, lratio):
+    """SeCu.update_dual_mini_batch (lbound = lratio / K)."""
+    k = ldual.shape[0]
+    idx, count = torch.unique(labels, return_counts=True)
+    ldual = ldual.clone()
+    ldual[idx] -= dual_lr / len(labels) * count
+    ldual += dual_lr * lratio / k
+    if lratio < 1:
+        ldual[ldual < 0] = 0
+    return ldual
+
+
+def _djc_entropy_labels(s, hist, current, n, rule, alpha):
+    norm = share_norm(hist, current, n, rule)
+    return (s - alpha * entropy_delta(hist, current, norm)).argmax(1)
+
+
+def test_counted_share_norm_assigns_as_the_release_in_epoch_0_and_after():
+    """share_norm=counted: epoch 0 divides by the instances counted so far + 1, later epochs by those counted."""
+    g = torch.Generator().manual_seed(0)
+    N, K, B, alpha = 60, 5, 12, 40.0
+    hist = torch.zeros(K, dtype=torch.long)
+    memory = torch.full((N,), -1)
+    differs = 0
+    for step in range(15):  # 5 batches make an epoch: epoch 0, then epochs 1 and 2 with removals
+        epoch = step // 5
+        index = torch.arange(step % 5 * B, (step % 5 + 1) * B)
+        s = 0.2 * torch.randn(B, K, generator=g, dtype=torch.float64)
+        prev = memory[index]
+        y = _djc_entropy_labels(s, hist, prev, N, "counted", alpha)
+        ref = _release_gen_label_entropy(-s, None if epoch == 0 else prev, hist.double(), alpha, epoch)
+        assert torch.equal(y, ref), f"step {step}"
+        differs += int((y != _djc_entropy_labels(s, hist, prev, N, "dataset", alpha)).sum())
+        hist += torch.bincount(y, minlength=K) - torch.bincount(prev.clamp_min(0), weights=(prev >= 0).long(),
+                                                                  minlength=K).long()
+        memory[index] = y
+    assert (memory >= 0).all() and int(hist.sum()) == N
+    assert differs > 0  # the rule matters: djc's default divides by N and assigns some instances elsewhere
+
+
+def test_share_norms_agree_once_every_instance_is_counted():
+    hist = torch.tensor([20, 5, 10, 25])
+    current = torch.tensor([0, 3, 1])
+    assert torch.equal(entropy_delta(hist, current, share_norm(hist, current, 60, "counted")),
+                       entropy_delta(hist, current, 60))
+
+
+@pytest.mark.parametrize("gamma", [0.9, 1.0])
+def test_dual_clamp_below_one_is_the_releases_dual_update(gamma):
+    g = torch.Generator().manual_seed(1)
+    rho, ref, old = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    for _ in range(10):
+        y = torch.randint(0, 4, (16,), generator=g)
+        y[y == 3] = 0  # cluster 3 starved, cluster 0 crowded: unclamped duals would go below 0
+        counts = torch.bincount(y, minlength=4)
+        rho = dual_step(rho, counts, 16, 0.1, gamma)  # default clamp: the release's
+        ref = _release_update_dual(ref, y, 0.1, gamma)
+        old = dual_step(old, counts, 16, 0.1, gamma, clamp="always")
+        assert torch.allclose(rho, ref, atol=1e-6)
+    if gamma == 1.0:
+        assert rho.min() < 0 and abs(float(rho.sum())) < 1e-5  # zero-sum duals
+        assert not torch.allclose(rho, old)  # djc's earlier rule clamped here
+    else:
+        assert torch.equal(rho, old)
+
+
+def test_separate_bn_views_encode_each_view_in_its_own_pass():
+    cfg = _cfg(1, "entropy-separate")
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4)).train()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(B, 1, 8, 8, generator=g), 3 * torch.randn(B, 1, 8, 8, generator=g) + 1
+    f1, f2 = method.embed_views(x1, x2)
+    # the release: x1 = encoder(view1); x2 = encoder(view2), each view normalised by its own batch statistics
+    assert torch.allclose(f1, method.embed(x1)) and torch.allclose(f2, method.embed(x2))
+    joint = method.embed(torch.cat([x1, x2]))
+    assert not torch.allclose(f1, joint[:B], atol=1e-3)  # one pass over both views normalises differently
+
+
 def test_auto_gamma_is_the_smallest_class_share_of_the_profile():
     assert auto_gamma(10, 1.0) == pytest.approx(1.0)
     # exp profile, ratio 10, 10 classes: the tail class holds 0.1 / sum_c 0.1^(c/9) of the data.
@@ -166,11 +275,16 @@ N, B = 64, 16
 
 
 def _cfg(world: int, constraint: str, heads: int = 2):
-    # "entropy-profile": the entropy constraint with the long-tailed size prior (ranks read the histogram)
-    constraint, _, prior = constraint.partition("-")
+    # "entropy-profile": the entropy constraint with the long-tailed size prior (ranks read the histogram);
+    # "-counted", "-separate": the release's share normalisation, one BN pass per view
+    constraint, *options = constraint.split("-")
     secu = {"num_heads": heads, "constraint": constraint, "alpha": 50.0}
-    if prior:
-        secu |= {"size_prior": prior, "expected_imbalance": 10.0}
+    if "profile" in options:
+        secu |= {"size_prior": "profile", "expected_imbalance": 10.0}
+    if "counted" in options:
+        secu |= {"share_norm": "counted"}
+    if "separate" in options:
+        secu |= {"bn_views": "separate"}
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
         "method": {"num_clusters": 4, "secu": secu},
@@ -199,7 +313,8 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
     return out
 
 
-@pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile"])
+@pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile", "entropy-counted-separate",
+                                        "size-separate"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
     single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.

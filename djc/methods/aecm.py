@@ -1,11 +1,12 @@
 """AE-CM: an autoencoder with the clustering module on its code (Boubekki et al., Machine Learning 2021),
-methods.md section 4.
+docs/methods/aecm.md.
 
 Encoder d - 500 - 500 - 2000 - d_code (widths: method.aecm.hidden) and a mirrored decoder (LeakyReLU 0.2), the
 CM (djc/methods/cm.py) on the code c. Per step, with n the GLOBAL batch and every sum over this worker's samples:
   joint     L = [sum_i |c_i - c~_i|^2 + sum_ik gamma_ik (1 - gamma_ik) + beta sum_i |x_i - x^_i|^2] / n_local
                 + [lambda sum_kl |(U U^T - I)_kl| + E4(mean_i gamma_i)] / n
-  CM alone  L = [E1 + E2 + E3](sg(c)) / n_local + E4 / n                      (init "pre", after k-means)
+  CM alone  L = [E1 + E2 + E3](sg(c)) / n_local + E4 / n                      (init "pre", after k-means;
+                                        E4 pairs alpha by size rank, or by cluster index: cm_alpha_order)
   pretrain  L = sum_i |x_i - x^_i|^2 / n_local                                 (init "pre", first epochs)
 That is the paper's summed loss divided by n: the mean over workers of these local losses equals the one-process
 loss, and E4 reads mean_i gamma_ik from a with-gradient all-reduce of the local sums (it sits inside a log).
@@ -22,6 +23,7 @@ from djc.config import Config
 from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
 from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
 from djc.methods.kmeans import kmeans
+from djc.methods.stage_optim import StageOptimizer
 
 PRETRAIN, CM_ONLY, JOINT = 0, 1, 2
 
@@ -57,11 +59,12 @@ class AECM(ClusteringMethod):
         super().__init__()
         c = cfg.method.aecm
         self.c, self.k, self.seed, self.km = c, cfg.method.num_clusters, cfg.seed, cfg.method.kmeans
+        self.batch = cfg.data.batch_size  # global: converts the release's pretraining lr (make_optimizer)
         if c.init == "pre" and cfg.optim.epochs <= c.pretrain_epochs + c.cm_epochs:
             raise ValueError(f"optim.epochs={cfg.optim.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
                              f"{c.pretrain_epochs} + method.aecm.cm_epochs={c.cm_epochs}")
         h, w, ch = info.image_shape
-        d = h * w * ch
+        self.d = d = h * w * ch
         self.encoder = mlp([d, *c.hidden, c.code_dim])
         self.decoder = mlp([c.code_dim, *reversed(c.hidden), d])
         self.cm = CM(c.code_dim, self.k)
@@ -97,7 +100,7 @@ class AECM(ClusteringMethod):
         # One collective, with gradient: [sum_i gamma_i (K), n_local, argmax counts (K, no grad)].
         glob = dist.all_reduce_sum_with_grad(torch.cat([gamma.sum(0), gamma.new_full((1,), b), counts]))
         n = glob[k].detach()
-        e4 = dirichlet_prior(glob[:k] / n, self.alpha)
+        e4 = dirichlet_prior(glob[:k] / n, self.alpha, sort=stage != CM_ONLY or self.c.cm_alpha_order == "sorted")
         u = self.cm.u
         zero = code.new_zeros(())
         if stage == JOINT:
@@ -171,6 +174,19 @@ class AECM(ClusteringMethod):
         # The paper's Adam (eps rescaled to our per-sample loss) at a constant lr: a cosine schedule would make the
         # averaging epoch's steps vanish.
         return [{"params": list(self.parameters()), "eps": self.c.adam_eps, "fixed_lr": self.c.constant_lr}]
+
+    def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer | None:
+        """The release's optimisers when any of its settings is on (djc/methods/stage_optim.py), else optim.name's.
+
+        The release's pretraining loss is sum_i mean_d (x - x^)^2, djc's sum_i |x_i - x^_i|^2 / n: the same SGD
+        step takes lr x n / d on djc's loss (1e-2 x 256 / 784 = 3.3e-3 for the release's MNIST batch of 256)."""
+        c = self.c
+        if c.pretrain_optimizer == "same" and not c.fresh_optimizer and not c.adam_eps_hat:
+            return None
+        return StageOptimizer(groups, lambda: self._stage()[0], lr=groups[0]["lr"], eps=c.adam_eps,
+                              eps_hat=c.adam_eps_hat, fresh=c.fresh_optimizer,
+                              sgd_stage=PRETRAIN if c.pretrain_optimizer == "sgd" else None,
+                              sgd_lr=c.pretrain_lr * self.batch / self.d, sgd_momentum=c.pretrain_momentum)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:

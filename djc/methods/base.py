@@ -61,6 +61,16 @@ def cluster_counts(y: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     return torch.zeros(k, dtype=torch.long, device=y.device).index_add_(0, y, ones)
 
 
+def both_views(fn: Callable[[Tensor], Any], x1: Tensor, x2: Tensor, separate: bool) -> Any:
+    """fn on the 2B images [view 1; view 2], its output (a tensor or a tuple of tensors) in that order. In one
+    pass, batch norm normalises both views with their joint statistics; with `separate`, each view is its own
+    pass with its own statistics, as the releases' encoder(view1), encoder(view2)."""
+    if not separate:
+        return fn(torch.cat([x1, x2]))
+    o1, o2 = fn(x1), fn(x2)
+    return tuple(torch.cat(p) for p in zip(o1, o2)) if isinstance(o1, tuple) else torch.cat([o1, o2])
+
+
 class ClusteringMethod(nn.Module):
     # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).
@@ -100,6 +110,11 @@ class ClusteringMethod(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser groups; a group with `fixed_lr=True` keeps its lr (the schedule scales the others)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+        """The method's own optimiser over `groups` (param_groups with the run's lr, weight decay and schedule
+        keys filled in), or None for optim.name's SGD / Adam. AE-CM's release settings use it."""
+        return None
 
     def predict(self, x: Tensor) -> Prediction:  # pragma: no cover - interface
         raise NotImplementedError

@@ -1,5 +1,5 @@
 """The clustering module (CM) of Boubekki, Kampffmeyer, Jenssen and Brefeld (Machine Learning 2021),
-methods.md section 4: the losses as pure functions, the module, and a scikit-learn-like estimator.
+docs/methods/aecm.md: the losses as pure functions, the module, and a scikit-learn-like estimator.
 
   gamma = softmax(V x + b) (n, K);  x_tilde = gamma U, centroids u_k = rows of U (K, d)
   E1 = sum_i |x_i - x_tilde_i|^2
@@ -46,10 +46,13 @@ def soft_distortion(x: Tensor, gamma: Tensor, u: Tensor) -> Tensor:
     return (gamma * d2).sum(1)
 
 
-def dirichlet_prior(mean_gamma: Tensor, alpha: Tensor) -> Tensor:
+def dirichlet_prior(mean_gamma: Tensor, alpha: Tensor, sort: bool = True) -> Tensor:
     """E4 = sum_k (1 - alpha_k) log(mean_gamma + 1e-10), the log-means sorted ascending against an ascending alpha:
-    the largest cluster meets the largest alpha, whichever cluster it is. alpha_k > 1 rewards a large share."""
-    lmg = torch.log(mean_gamma + LOG_FLOOR).sort().values
+    the largest cluster meets the largest alpha, whichever cluster it is. alpha_k > 1 rewards a large share.
+    sort=False pairs alpha_k with cluster k instead (the release's CM-alone stage; the same for a uniform alpha)."""
+    lmg = torch.log(mean_gamma + LOG_FLOOR)
+    if sort:
+        lmg = lmg.sort().values
     return ((1.0 - alpha.to(lmg.dtype)) * lmg).sum()
 
 

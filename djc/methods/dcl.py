@@ -1,12 +1,13 @@
-"""Debiased contrastive clustering (Zheng, Nam, Dorigatti, Bischl, Azizi, Rezaei), methods.md section 2.
+"""Debiased contrastive clustering (Zheng, Nam, Dorigatti, Bischl, Azizi, Rezaei), docs/methods/dcl.md.
 
   L = L_debiased + lambda L_div, one backbone f, a projection z = normalize(g(f(x))) and a cluster head
   A = softmax(out(h)), h = BN(ReLU(Linear(f(x)))).
   L_debiased (Chuang et al. 2020), negatives over the GLOBAL batch, M = 2 B_global - 2:
      Ng_i = max((sum_j exp(z_i.z_j / t) - tau_i M exp(z_i.z_i+ / t)) / (1 - tau_i),  M exp(-1/t))
      loss_i = -log(exp(z_i.z_i+ / t) / (exp(z_i.z_i+ / t) + Ng_i))
-  tau_i: one scalar tau_plus ("global"), or the share n_c(i) / N of the anchor's current cluster in the
-     replicated cardinalities, clipped to [0, tau_max] ("cluster": djc's long-tail adaptation).
+  tau_i: one scalar tau_plus ("global"), or the share n_c(i) / (instances counted so far; N once every instance
+     is counted) of the anchor's current cluster in the replicated cardinalities, clipped to [0, tau_max]
+     ("cluster": djc's long-tail adaptation; tau_plus_share=dataset divides by N from the start).
   L_div (DDC, Kampffmeyer et al. 2019) = L1 + L2 + L3 on the global batch's A and h, per view, views averaged.
 """
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut, cluster_counts
+from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut, both_views, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 from djc.models.norm import globalize_batchnorm
 
@@ -114,12 +115,15 @@ class Cardinality(nn.Module):
         self.register_buffer("memory", torch.full((num_samples,), -1, dtype=torch.int32))  # label per index
         self.register_buffer("hist", torch.zeros(num_clusters, dtype=torch.long))  # n_k over remembered ones
 
-    def tau_plus(self, y: Tensor, fallback: float, tau_max: float) -> Tensor:
-        """(B,) n_{y_i} / N clipped to [0, tau_max]; `fallback` while no instance is counted (first step).
-        A tensor condition, not an `if`: no host sync per step."""
+    def tau_plus(self, y: Tensor, fallback: float, tau_max: float, share: str = "counted") -> Tensor:
+        """(B,) the share of y_i's cluster, clipped to [0, tau_max]; `fallback` while no instance is counted (first
+        step). share "counted": n_{y_i} / (instances counted so far), the share among those seen; "dataset":
+        n_{y_i} / N, which in the first epoch, before every instance is counted, is that share times the fraction
+        seen (a smaller tau+). A tensor condition, not an `if`: no host sync per step."""
         total = self.hist.sum()
-        share = self.hist.float()[y] / total.clamp_min(1)
-        return torch.where(total > 0, share.clamp(0.0, tau_max), torch.full_like(share, fallback))
+        norm = total.clamp_min(1) if share == "counted" else self.memory.shape[0]
+        p = self.hist.float()[y] / norm
+        return torch.where(total > 0, p.clamp(0.0, tau_max), torch.full_like(p, fallback))
 
     @torch.no_grad()
     def update(self, index: Tensor, y: Tensor) -> None:
@@ -154,7 +158,7 @@ class DCL(ClusteringMethod):
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         c, b = self.c, x1.shape[0]
-        z, h, a = self._heads(torch.cat([x1, x2]))  # one pass: BN statistics over both views, (2b, .)
+        z, h, a = both_views(self._heads, x1, x2, c.bn_views == "separate")  # (2b, .) each, [view 1; view 2]
         d, e = z.shape[1], h.shape[1]
         # ONE gather (with gradient) for the contrastive negatives and DDC's global batch: (W * 2b, D + H + K),
         # rows in blocks [worker w: view 1 (b rows), view 2 (b rows)].
@@ -166,7 +170,7 @@ class DCL(ClusteringMethod):
         with torch.no_grad():
             y = (a[:b] + a[b:]).argmax(dim=1)  # (b,) the anchor's current cluster, both views agreeing
         if c.tau_plus_mode == "cluster":
-            tau: float | Tensor = self.card.tau_plus(y, c.tau_plus, c.tau_max).repeat(2)  # (2b,)
+            tau: float | Tensor = self.card.tau_plus(y, c.tau_plus, c.tau_max, c.tau_plus_share).repeat(2)  # (2b,)
         else:
             tau = c.tau_plus
         deb = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, c.temperature, tau)

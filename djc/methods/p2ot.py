@@ -1,5 +1,5 @@
 """P2OT: progressive partial optimal transport for imbalanced clustering (Zhang, Ren, He, ICLR 2024),
-methods.md section 5.
+docs/methods/p2ot.md.
 
 Pseudo-labels come from a partial, unbalanced OT between the samples of a logits bank and K clusters plus a
 virtual cluster:
@@ -10,6 +10,8 @@ virtual cluster:
   rho(t) = rho0 + (rho1 - rho0) exp(-5 (1 - t/T)^2) over the global step t of T.
 Loss: soft cross-entropy of each view's logits against the other view's targets n P_i[:K] (row mass in [0, 1] =
 the sample's confidence), mean over this worker's samples and the two directions.
+Head: djc's Linear-BN-ReLU-Linear (unbounded logits) or the release's cosine classifier (head=cosine, |logit| <=
+10). The first batch_only_epochs epochs solve on the global batch alone (the release: epoch 0).
 Distribution: the bank is replicated and filled from all-gathered logits (equal local batches, as the training
 loop makes them: one gather, no size exchange), so every worker solves the same global problem (no collective
 inside the Sinkhorn loop) and keeps its own rows' targets.
@@ -22,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from djc import dist
 from djc.config import Config
@@ -81,6 +83,21 @@ def rho_schedule(step: int, total: int, rho0: float, rho1: float = 1.0) -> float
     return rho0 + (rho1 - rho0) * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+class CosineHead(nn.Module):
+    """The release's cosine classifier: logits = scale * normalize(f) @ normalize(v_k), one weight vector v_k per
+    cluster (a weight-normalised linear layer without bias whose norm g is fixed at 1), so |logit| <= scale. The
+    transport cost -log softmax(logits) then has a bounded range: at scale 10 the most and least likely cluster
+    of a sample differ by at most 20 nats, whatever the features."""
+
+    def __init__(self, dim: int, num_clusters: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(nn.Linear(dim, num_clusters, bias=False).weight.detach().clone())  # (K, D) v
+
+    def forward(self, f: Tensor) -> Tensor:
+        return self.scale * F.normalize(f, dim=1) @ F.normalize(self.weight, dim=1).T  # (B, K)
+
+
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """mean_i -sum_k target_ik log softmax(logits)_ik; a row's mass weights its sample."""
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
@@ -98,7 +115,10 @@ class P2OT(ClusteringMethod):
         self.c, self.k = cfg.method.p2ot, cfg.method.num_clusters
         bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
         self.backbone = bb.net
-        self.head = projection_head(bb.feat_dim, cfg.model.proj_hidden, self.k)  # (B, K) logits
+        if self.c.head == "cosine":  # the release's head, on the backbone's features
+            self.head: nn.Module = CosineHead(bb.feat_dim, self.k, self.c.logit_scale)
+        else:  # djc's: Linear-BN-ReLU-Linear, unbounded logits
+            self.head = projection_head(bb.feat_dim, cfg.model.proj_hidden, self.k)  # (B, K) logits
         rows = self.c.bank_batches * cfg.data.batch_size  # 10 x global batch
         self.register_buffer("bank", torch.zeros(rows, self.k))  # ring of detached global logits
         self.register_buffer("duals", torch.full((self.k + 1,), 1.0 / (self.k + 1), dtype=torch.float64))
@@ -109,6 +129,7 @@ class P2OT(ClusteringMethod):
         # and reading them from the device would stall every step. Read back once after a checkpoint load.
         self._host: list[int] | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host", None))
+        self._batch_only = self.c.batch_only_epochs > 0  # set at every epoch start (a resume starts an epoch)
 
     def _counters(self) -> list[int]:
         if self._host is None:
@@ -124,11 +145,15 @@ class P2OT(ClusteringMethod):
             offset = dist.rank() * b  # rank-order concatenation of equal local batches: our rows start here
             step, written, total = self._counters()
             m, bg = self.bank.shape[0], glob.shape[0]
-            slots = (written + torch.arange(bg, device=z.device)) % m  # the oldest rows, overwritten in turn
-            n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
             rho = rho_schedule(step, total, c.rho0, c.rho1)
             duals, targets, iters = self.duals, [], 0
-            mem = self.bank.to(torch.float64, copy=True)  # one float64 copy; each view overwrites the same slots
+            if self._batch_only:  # the release's epoch 0: the plan on this global batch alone, no bank
+                slots, n = torch.arange(bg, device=z.device), bg
+                mem = glob.new_empty(bg, k)
+            else:
+                slots = (written + torch.arange(bg, device=z.device)) % m  # the oldest rows, overwritten in turn
+                n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
+                mem = self.bank.to(torch.float64, copy=True)  # one float64 copy; each view overwrites the same slots
             for v in range(2):
                 mem[slots] = glob[:, v * k : (v + 1) * k]
                 res = partial_ot(mem[:n], rho, c.eps, c.lam, c.sinkhorn_iters, c.sinkhorn_tol, warm_start=duals)
@@ -161,6 +186,7 @@ class P2OT(ClusteringMethod):
     def on_epoch_start(self, ctx: EpochContext) -> None:
         self.counters[2] = ctx.epochs * ctx.steps_per_epoch  # T of the rho schedule
         self._counters()[2] = ctx.epochs * ctx.steps_per_epoch
+        self._batch_only = ctx.epoch < self.c.batch_only_epochs
         self.hist.zero_()
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""SeCu: stable cluster discrimination (Qian, ICCV 2023), methods.md section 1.
+"""SeCu: stable cluster discrimination (Qian, ICCV 2023), docs/methods/secu.md.
 
 Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
   assignment (no grad)  y_i = argmax_k s_ik + rho_k            (size constraint, duals rho >= 0)
@@ -9,7 +9,7 @@ Per head h with K_h = K (h + 1) centers W (D, K_h), used column-normalised:
 The state (duals, entropy histogram, assignment memory, W_prev) is replicated and changed only from global data.
 
 Prediction: head 0's argmax (SeCu), or with predict=merge an over-clustered head's clusters merged to K by
-average linkage on their centers (djc's rule for long-tailed data; docs/methods.md).
+average linkage on their centers (djc's rule for long-tailed data; docs/methods/secu.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from djc import dist
 from djc.config import Config
 from djc.methods.agglomerate import merge_clusters
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
+from djc.methods.base import (ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, both_views,
+                              cluster_counts)
 from djc.models.backbones import build_backbone, projection_head
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,28 +45,41 @@ def representation_loss(z: Tensor, z_other: Tensor, ybar: Tensor, tau: float) ->
     return -(q * F.log_softmax(z, dim=1)).sum(dim=1).mean()
 
 
-def _plogp(h: Tensor, n: float) -> Tensor:
+def _plogp(h: Tensor, n: float | Tensor) -> Tensor:
     p = h / n
     return torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
 
 
-def entropy_delta(hist: Tensor, current: Tensor, n: int) -> Tensor:
+def share_norm(hist: Tensor, current: Tensor, n: int, rule: str) -> int | Tensor:
+    """What the entropy constraint divides the histogram by to get the shares p_k.
+
+    "dataset": N, the size of the training set (djc). "counted": the instances counted so far, plus 1 for an
+    instance not counted yet (the release's `base + 1` in epoch 0, `base` after it), as (B, 1). They differ only
+    in the first epoch, where after s of S batches the release's penalty is ~S / s times stronger (N / (s B + 1)).
+    """
+    if rule == "dataset":
+        return n
+    return (hist.sum() + (current < 0).long()).to(torch.float64).unsqueeze(1)  # (B, 1)
+
+
+def entropy_delta(hist: Tensor, current: Tensor, n: int | Tensor) -> Tensor:
     """Exact change of sum_k p_k log p_k (p = hist / n) if instance i moved from `current[i]` to k.
 
-    hist (K,) global counts; current (B,) the instance's label in the histogram, -1 if it is not counted yet.
-    Returns (B, K); 0 at the current cluster.
+    hist (K,) global counts; current (B,) the instance's label in the histogram, -1 if it is not counted yet;
+    n a number or (B, 1) per instance (share_norm). Returns (B, K); 0 at the current cluster.
     """
     h = hist.to(torch.float64)
-    gain = (_plogp(h + 1, n) - _plogp(h, n)).unsqueeze(0)  # (1, K) adding one instance to k
-    counted = current >= 0
     c = current.clamp_min(0)
-    loss = _plogp(h[c] - 1, n) - _plogp(h[c], n)  # (B,) removing it from its cluster
+    n_row = n[:, 0] if torch.is_tensor(n) else n
+    gain = _plogp(h + 1, n) - _plogp(h, n)  # (1 or B, K) adding one instance to k
+    counted = current >= 0
+    loss = _plogp(h[c] - 1, n_row) - _plogp(h[c], n_row)  # (B,) removing it from its cluster
     delta = gain + torch.where(counted, loss, torch.zeros_like(loss)).unsqueeze(1)
     delta = torch.where(F.one_hot(c, h.shape[0]).bool() & counted.unsqueeze(1), torch.zeros_like(delta), delta)
     return delta.to(torch.float32)
 
 
-def prior_delta(hist: Tensor, current: Tensor, n: int, log_shares: Tensor) -> Tensor:
+def prior_delta(hist: Tensor, current: Tensor, n: int | Tensor, log_shares: Tensor) -> Tensor:
     """Change of -sum_k p_k log pi_k if instance i moved from `current[i]` (-1: not counted yet) to k, where
     the size profile pi (log_shares, (K,), largest first) is matched to the clusters by rank: the largest
     cluster by hist gets the largest share.
@@ -75,16 +89,22 @@ def prior_delta(hist: Tensor, current: Tensor, n: int, log_shares: Tensor) -> Te
     constant to every k and gives back SeCu's rule. Returns (B, K); 0 at the current cluster.
     """
     rank = torch.argsort(torch.argsort(hist, descending=True, stable=True))  # (K,) 0 = largest cluster
-    cost = -log_shares.to(torch.float64)[rank] / n  # (K,) joining cluster k
+    cost = -log_shares.to(torch.float64)[rank].unsqueeze(0) / n  # (1 or B, K) joining cluster k
+    cost = cost.expand(current.shape[0], -1)  # (B, K)
     counted = current >= 0
-    leave = torch.where(counted, cost[current.clamp_min(0)], torch.zeros_like(cost[:1]))  # (B,)
-    return (cost.unsqueeze(0) - leave.unsqueeze(1)).to(torch.float32)
+    leave = torch.where(counted, cost.gather(1, current.clamp_min(0).unsqueeze(1))[:, 0], torch.zeros_like(cost[:, 0]))
+    return (cost - leave.unsqueeze(1)).to(torch.float32)
 
 
-def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float) -> Tensor:
-    """rho_k <- max(0, rho_k - eta n_k / B + eta gamma / K): a cluster below gamma B / K gains weight."""
+def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float, clamp: str = "below_one") -> Tensor:
+    """rho_k <- rho_k - eta n_k / B + eta gamma / K, a cluster below gamma B / K gains weight, then clamped at 0.
+
+    clamp "below_one" clamps only when gamma < 1 (the release): at gamma = 1 the step's changes sum to 0 over k,
+    so the unclamped duals keep a zero sum and only their differences act on the argmax. "always": djc's earlier rule.
+    """
     k = rho.shape[0]
-    return (rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k).clamp_min(0.0)
+    rho = rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k
+    return rho.clamp_min(0.0) if clamp == "always" or gamma < 1 else rho
 
 
 def profile_shares(num_clusters: int, imbalance_ratio: float) -> list[float]:
@@ -170,11 +190,15 @@ class SeCu(ClusteringMethod):
     def embed(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj(self.encode(x)), dim=1)
 
+    def embed_views(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """Both views' features, batch norm over both views together ("joint") or per view ("separate": the
+        release's encoder(view1), encoder(view2))."""
+        f = both_views(self.embed, x1, x2, self.c.bn_views == "separate")
+        return f[: x1.shape[0]], f[x1.shape[0] :]
+
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
-        b = x1.shape[0]
-        f = self.embed(torch.cat([x1, x2]))  # one pass for both views keeps BN statistics over 2B samples
-        f1, f2 = f[:b], f[b:]
-        lc, lr, labels = f.new_zeros(()), f.new_zeros(()), []
+        f1, f2 = self.embed_views(x1, x2)
+        lc, lr, labels = f1.new_zeros(()), f1.new_zeros(()), []
         for head in self.heads:
             w = head.centers()
             with torch.no_grad():
@@ -183,9 +207,10 @@ class SeCu(ClusteringMethod):
                 if self.c.constraint == "size":
                     y = (s + head.rho).argmax(dim=1)
                 else:
-                    delta = entropy_delta(head.hist, prev, self.n)  # (B, K)
+                    n = share_norm(head.hist, prev, self.n, self.c.share_norm)
+                    delta = entropy_delta(head.hist, prev, n)  # (B, K)
                     if self.c.size_prior == "profile":  # KL(p || long-tailed profile) instead of -H(p)
-                        delta = delta + prior_delta(head.hist, prev, self.n, head.log_prior)
+                        delta = delta + prior_delta(head.hist, prev, n, head.log_prior)
                     y = (s - self.c.alpha * delta).argmax(dim=1)
                 ybar = torch.where(prev >= 0, prev, y)  # epoch 0: the current label
             lc = lc + center_loss(f1, w, y, self.c.t_w) + center_loss(f2, w, y, self.c.t_w)
@@ -206,7 +231,7 @@ class SeCu(ClusteringMethod):
             y = update[:, 1 + h]
             k = head.num_clusters
             counts = cluster_counts(y, k)
-            head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h]))
+            head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h], self.c.dual_clamp))
             old = head.memory[index].long()
             head.hist.add_(counts - cluster_counts(old.clamp_min(0), k, keep=old >= 0))
             head.memory[index] = y.to(head.memory.dtype)
