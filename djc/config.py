@@ -167,7 +167,7 @@ class DCLConfig(_Node):
 
 
 class StatDECConfig(_Node):
-    """StatDEC (methods.md section 3; djc's own design, docs/methods/statdec.md)."""
+    """StatDEC (djc's own design, docs/methods/statdec.md)."""
 
     temperature: float = Field(0.5, gt=0.0)  # t of the contrastive loss; lower (0.2) for sharper features
     tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of tau+ = prior of the anchor's cluster; 0 = plain NT-Xent

@@ -1,5 +1,5 @@
-"""StatDEC: statistics pooling for joint debiased representation and imbalanced clustering (Rezaei et al.),
-methods.md section 3. The published equations could not be read: what follows is djc's own design
+"""StatDEC: statistics pooling for joint debiased representation and imbalanced clustering (Rezaei et al.).
+The published equations could not be read: what follows is djc's own design
 (docs/methods/statdec.md gives the equations and says which parts are djc's).
 
   representation   z = normalize(g(f(x))), debiased contrastive loss over the global batch (djc.methods.dcl) with
