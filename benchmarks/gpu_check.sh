@@ -2,7 +2,7 @@
 # djc's GPU checks in one call, everything measured written to one folder:
 #   1. install what the machine lacks (pydantic, pyyaml, pytest-timeout): from the wheelhouse .whl/ when it is
 #      there (no network needed), else with pip from PyPI; djc itself from this checkout;
-#   2. the tests marked `gpu` (tests/test_engine.py, tests/test_device.py): a CUDA step of every method equals the
+#   2. the tests marked `gpu` (tests/test_step.py, tests/test_device.py): a CUDA step of every method equals the
 #      CPU step, no host sync in a step, bf16 and channels-last reach the convolutions, compile, DDP over NCCL;
 #   3. `djc bench throughput --device cuda`: SeCu's djc step against its same-work plain loop on ResNet-18 (32 px,
 #      batch 512) and ResNet-50 (224 px, batch 256); every method's step against the plain loop of its network at
@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WHL=${WHEELHOUSE:-.whl}
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/djc-gpu-check-site}  # wheels installed here, never into the system
-GPU_TESTS="tests/test_engine.py tests/test_device.py"  # every test file with `gpu` tests (tests/test_gpu_check.py)
+GPU_TESTS="tests/test_step.py tests/test_device.py"  # every test file with `gpu` tests (tests/test_gpu_check.py)
 STATUS=0
 declare -a ROWS=()
 
@@ -100,7 +100,7 @@ EOF
         "$PY" -m pip install --no-deps --no-index --find-links "$WHL" -e . \
             || echo "pip install -e . failed: djc is imported from $REPO through PYTHONPATH"
     fi
-    "$PY" -c "import djc.config, djc.engine, djc.bench_throughput, pytest, pytest_timeout, torchvision; \
+    "$PY" -c "import djc.config, djc.step, djc.bench.throughput, pytest, pytest_timeout, torchvision; \
 import djc; print('djc from', djc.__file__)"
 }
 

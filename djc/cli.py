@@ -109,16 +109,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "throughput":
-        from djc import bench_throughput
+        from djc.bench import throughput
 
-        return bench_throughput.main(args)
+        return throughput.main(args)
     if args.which == "data":
-        from djc import bench_data
+        from djc.bench import data
 
-        return bench_data.main(args)
-    from djc import bench
+        return data.main(args)
+    from djc.bench import quality
 
-    return bench.main(args)
+    return quality.main(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,7 +160,8 @@ def parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA) over a method's space; writes best.yaml for djc train")
     tu.add_argument("config", help="run config YAML (jobs/*.yaml): the base every trial starts from")
     tu.add_argument("overrides", nargs="*", help="key.sub=value overrides of the base")
-    tu.add_argument("--space", required=True, help="secu | dcl | statdec | aecm | p2ot | package.module:function")
+    tu.add_argument("--space", required=True, help="a method's name (its space in djc/methods/__init__.py) or "
+                                                         "package.module:function")
     tu.add_argument("--samples", type=int, default=8, help="number of trials")
     tu.add_argument("--out", help="search dir (trials/, best.yaml, trials.txt); default runs/tune/<name>")
     tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
@@ -172,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "
                                       "(local disk vs S3 vs cache, read and training step rates)")
     be.add_argument("which", choices=["quality", "throughput", "data"])
-    be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: the five digits_lt jobs)")
+    be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: each registered "
+                                                        "method's digits_lt job)")
     be.add_argument("--data", action="append", default=[],
                     help="quality: NAME:key=v,key=v - a data set as overrides applied to every config "
                          "(repeatable; default: lt10 as configured, and balanced digits)")
@@ -190,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     tp.add_argument("--methods", default=None,
                     help="each method's step against the plain loop of its network, at the first model's setting: "
-                         "all or a list of secu,dcl,statdec,aecm,p2ot (default: all on CUDA, none on a CPU)")
+                         "all or a comma list of method names (default: all on CUDA, none on a CPU)")
     tp.add_argument("--profile", default="auto", choices=["auto", "always", "never"],
                     help="torch.profiler summaries in --out: auto = when SeCu's djc / reference < 0.97 or a "
                          "method's cluster side > 10%% of its step")

@@ -22,8 +22,11 @@ import torch
 from djc import checkpoint, dist, evaluate, rundir, runfiles, storage
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
-from djc.data.stream import ShardStream, StreamLoader
-from djc.engine import Views, apply_lr, build_method, lr_factor, make_optimizer, to_device, train_step, wrap_ddp
+from djc.data.loader import StreamLoader
+from djc.data.stream import ShardStream
+from djc.data.augment import ViewPair
+from djc.optim import apply_lr, lr_factor, make_optimizer
+from djc.step import build_method, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.metrics import size_health
 
@@ -74,9 +77,9 @@ def _train(loop_config: dict[str, Any]) -> None:
                          seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
                          cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
                          retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches)
-    loader = StreamLoader(stream, num_workers=cfg.data.loader_workers)
+    loader = StreamLoader(stream, loader_workers=cfg.data.loader_workers)
     steps_per_epoch = loader.steps_per_epoch
-    views = Views(cfg, manifest.mean, manifest.std, info.image_shape[0])
+    views = ViewPair(cfg, manifest.mean, manifest.std, info.image_shape[0])
 
     # --- model and cluster state ------------------------------------------------------------------------
     method = to_device(build_method(cfg, info), cfg, device)  # precision, memory format, compile

@@ -78,3 +78,8 @@ def assert_two_workers_equal_one(fn: Callable, *args: Any, rtol: float = 1e-4, a
         else:
             np.testing.assert_allclose(w0[k], v, rtol=rtol, atol=atol, err_msg=f"{k}: 2 workers != 1 worker")
     return single
+
+
+def state_tensors(method: Any) -> dict[str, Any]:
+    """Every parameter and buffer, by name: what the equivalence test compares."""
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
+from djc.optim import apply_lr, make_optimizer
+from djc.step import build_method, train_step, wrap_ddp
+from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.aecm import CM_ONLY, JOINT, PRETRAIN
 from djc.methods.cm import (ClusteringModule, alpha_vector, cm_terms, dirichlet_prior, orthonormality,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from djc import cli
-from djc.bench_throughput import bench_case
+from djc.bench.throughput import bench_case
 from djc.config import load_config
 
 

@@ -4,7 +4,7 @@ bf16 reach the convolutions, a compiled backbone gives the eager losses, DDP run
 Tests marked `gpu` need CUDA and are skipped without it (benchmarks/gpu_check.sh runs them on a GPU machine); where
 the same check means something on a CPU (channels-last and bf16 on the CPU's kernels, DDP over gloo, compile with
 the CPU's inductor) a CPU variant runs everywhere. No test here needs Ray: the GPU machines lent to this project
-have none. The host-sync and dtype-by-region checks of every method are in tests/test_engine.py (CPU and CUDA).
+have none. The host-sync and dtype-by-region checks of every method are in tests/test_step.py (CPU and CUDA).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from djc.data import views as V
-from djc.engine import build_method, make_optimizer, to_device, train_step, wrap_ddp
+from djc.optim import make_optimizer
+from djc.step import build_method, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo
-from tests.test_engine import DEVICES, METHODS, N, SIDE, _cfg, _setup
+from tests.test_step import DEVICES, METHODS, N, SIDE, _cfg, _setup
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
@@ -114,7 +115,7 @@ def test_the_views_on_cuda_equal_the_cpu_views_under_the_same_choices(degrees):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What engine.to_device sets up reaches the kernels.
+# What step.to_device sets up reaches the kernels.
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,7 +155,7 @@ def test_channels_last_and_bf16_reach_every_convolution(backbone, device):
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", METHODS)
 def test_ddp_on_one_process_runs_the_step(name, backend, tmp_path, monkeypatch):
-    """engine.wrap_ddp on a real process group of one (NCCL on a GPU, gloo on a CPU): every djc.dist helper then
+    """step.wrap_ddp on a real process group of one (NCCL on a GPU, gloo on a CPU): every djc.dist helper then
     runs its collective (no single-process shortcut), so a CPU tensor in a collective or a DDP setting the
     method breaks shows here. 3 steps equal the same steps without a process group."""
     device = "cuda" if backend == "nccl" else "cpu"

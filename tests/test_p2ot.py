@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
+from djc.optim import apply_lr, make_optimizer
+from djc.step import build_method, train_step, wrap_ddp
+from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.p2ot import CHECK_EVERY, TINY, CosineHead, partial_ot, rho_schedule, soft_cross_entropy
 from tests.gloo import assert_two_workers_equal_one

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
+from djc.optim import apply_lr, make_optimizer
+from djc.step import build_method, train_step, wrap_ddp
+from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.secu import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
-                              profile_shares, representation_loss, share_norm)
+from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
+                                     profile_shares, representation_loss, share_norm)
 from tests.gloo import assert_two_workers_equal_one
 
 

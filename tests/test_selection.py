@@ -44,14 +44,15 @@ def test_collapse_and_featureless_embeddings_score_zero():
 def _tiny_method(data_url: str):
     from djc.config import from_dict
     from djc.data.shards import read_manifest
-    from djc.engine import Views, build_method
+    from djc.data.augment import ViewPair
+    from djc.step import build_method
     from djc.train import data_info
 
     cfg = from_dict({"data": {"train": data_url, "batch_size": 64}, "model": {"backbone": "mlp", "width": 16},
                      "method": {"secu": {"num_heads": 1}}})
     m = read_manifest(data_url)
     method = build_method(cfg, data_info(m)).eval()
-    return method, Views(cfg, m.mean, m.std, m.image_shape[0])
+    return method, ViewPair(cfg, m.mean, m.std, m.image_shape[0])
 
 
 def selection_on_workers(rank: int, world: int, data_url: str) -> dict:

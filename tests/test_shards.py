@@ -16,10 +16,10 @@ from PIL import Image
 
 from djc.data.longtail import class_counts
 from djc.data.prepare import dataset_exists, prepare
-from djc.data.shards import (CorruptDataError, DatasetError, decode_image, read_manifest, verify_checksums,
-                             write_dataset)
+from djc.data.shards import CorruptDataError, DatasetError, decode_image, read_manifest, verify_checksums
 from djc.data.sources import cifar, digits, folder
 from djc.data.stream import ShardStream
+from djc.data.writer import write_dataset
 from tests.damage import with_bad_image
 
 N, C = 300, 4

@@ -11,7 +11,9 @@ from scipy.stats import multivariate_normal, multivariate_t
 from sklearn.metrics import roc_auc_score
 
 from djc.config import from_dict
-from djc.engine import apply_lr, build_method, make_optimizer, state_tensors, train_step, wrap_ddp
+from djc.optim import apply_lr, make_optimizer
+from djc.step import build_method, train_step, wrap_ddp
+from tests.gloo import state_tensors
 from djc.methods.agglomerate import merge_clusters
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, pooled_stats,

@@ -12,8 +12,9 @@ import torch
 
 import djc.data.stream as stream_mod
 from djc.data.io import FETCH_THREADS, ShardReadError
-from djc.data.shards import write_dataset
-from djc.data.stream import ShardStream, StreamLoader
+from djc.data.writer import write_dataset
+from djc.data.loader import StreamLoader
+from djc.data.stream import ShardStream
 
 N, B = 1003, 16  # uneven on purpose: 1003 = 2 x 501 + 1, and 501 is not a multiple of 16
 
@@ -56,7 +57,7 @@ def test_exactly_once_over_ranks_and_workers(any_url):
     for rank in range(2):
         s = ShardStream(any_url, batch_size=B, rank=rank, world_size=2, seed=3)
         s.set_epoch(1)
-        batches = list(StreamLoader(s, num_workers=2))
+        batches = list(StreamLoader(s, loader_workers=2))
         assert [b["batch_id"] for b in batches] == list(range(s.num_batches()))  # in order despite 2 workers
         assert [len(b["index"]) for b in batches[:-1]] == [B] * (len(batches) - 1)
         assert sum(len(b["index"]) for b in batches) == s.num_samples() == (502 if rank == 0 else 501)
@@ -72,7 +73,7 @@ def test_order_is_a_function_of_seed_and_epoch(url):
     def order(epoch: int, seed: int = 0, workers: int = 0) -> list[int]:
         s = ShardStream(url, batch_size=B, seed=seed)
         s.set_epoch(epoch)
-        return [i for b in StreamLoader(s, num_workers=workers) for i in b["index"].tolist()]
+        return [i for b in StreamLoader(s, loader_workers=workers) for i in b["index"].tolist()]
 
     e0 = order(0)
     assert e0 == order(0, workers=2)  # same epoch, same order, however many loader workers
@@ -89,7 +90,7 @@ def test_order_is_a_function_of_seed_and_epoch(url):
 @pytest.mark.parametrize("k", [5, 29])  # mid-epoch, and 3 batches before the end of epoch 0 (32 batches)
 def test_resume_yields_the_same_next_batches(any_url, k):
     def fresh() -> StreamLoader:
-        return StreamLoader(ShardStream(any_url, batch_size=B, rank=1, world_size=2, seed=7), num_workers=2)
+        return StreamLoader(ShardStream(any_url, batch_size=B, rank=1, world_size=2, seed=7), loader_workers=2)
 
     full = fresh()
     reference = epoch_indices(full)
@@ -115,7 +116,7 @@ def test_resume_yields_the_same_next_batches(any_url, k):
 
 
 def test_state_at_the_end_of_an_epoch_resumes_to_nothing_left(url):
-    loader = StreamLoader(ShardStream(url, batch_size=B), num_workers=0)
+    loader = StreamLoader(ShardStream(url, batch_size=B), loader_workers=0)
     n = len(epoch_indices(loader))
     again = StreamLoader(ShardStream(url, batch_size=B))
     again.load_state_dict(loader.state_dict())

@@ -30,7 +30,7 @@ def bad_space(cfg):
 def test_every_method_space_fits_its_job_config(method):
     tree = load_tree(ROOT / "jobs" / JOBS[method])
     cfg = from_dict(tree)
-    space = spaces.SPACES[method](cfg)
+    space = spaces.load(method)(cfg)
     assert space and all(k.startswith(f"method.{method}.") for k in space)
     check_space(method, space, tree, cfg)  # both ends of every range make a valid config
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from djc.config import Config, ConfigError, from_dict, load_tree, to_dict, to_yaml, with_values
-from djc.engine import METHODS
+from djc.methods import REGISTRY
 from djc.evaluate import METRICS
 from tune import spaces
 
@@ -70,7 +70,7 @@ def check_space(name: str, space: dict[str, Any], tree: dict[str, Any], cfg: Con
         raise ConfigError(f"search space {name!r} is empty")
     for key, domain in space.items():
         parts = key.split(".")
-        if len(parts) > 2 and parts[0] == "method" and parts[1] in METHODS and parts[1] != cfg.method.name:
+        if len(parts) > 2 and parts[0] == "method" and parts[1] in REGISTRY and parts[1] != cfg.method.name:
             raise ConfigError(f"search space {name!r} tunes {key!r}, but the run config trains "
                               f"method.name={cfg.method.name}: use --space {cfg.method.name}")
         for value in _probe_values(domain):

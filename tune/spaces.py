@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ray import tune
 
 from djc.config import Config, ConfigError
+from djc.methods import REGISTRY
 
 Space = dict[str, Any]
 
@@ -87,18 +88,15 @@ def p2ot(cfg: Config) -> Space:
     }
 
 
-SPACES: dict[str, Callable[[Config], Space]] = {f.__name__: f for f in (secu, dcl, statdec, aecm, p2ot)}
-
-
 def load(name: str) -> Callable[[Config], Space]:
-    """A space by name, or `package.module:function`."""
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"--space {name}: cannot load it ({err})") from None
-    if name not in SPACES:
-        raise ConfigError(f"--space {name}: unknown search space; choose one of {', '.join(SPACES)} "
+    """A method's space by its name in the registry (djc/methods/__init__.py), or `package.module:function`."""
+    spaces = {m: e.space for m, e in REGISTRY.items() if e.space}
+    path = name if ":" in name else spaces.get(name)
+    if path is None:
+        raise ConfigError(f"--space {name}: unknown search space; choose one of {', '.join(spaces)} "
                           f"or give package.module:function")
-    return SPACES[name]
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--space {name}: cannot load it ({err})") from None

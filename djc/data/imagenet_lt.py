@@ -39,9 +39,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from djc.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, decode_array, fs_path
+from djc.data.writer import PixelStats, shard_bytes, write_manifest
 from djc.runfiles import write_bytes
-from djc.data.shards import (MANIFEST, DatasetError, Manifest, ShardInfo, _Stats, decode_array, fs_path, shard_bytes,
-                             write_manifest)
 
 PLAN_FORMAT = "djc-imagenet-lt-plan/1"
 WORK_DIR = "_prepare"
@@ -105,7 +105,7 @@ class _Task(NamedTuple):
 
 def _encode_shard(t: _Task) -> tuple[int, bytes, ShardInfo, dict[str, Any]]:
     """In a worker process: read, resize and encode one shard's images; its Parquet bytes and pixel sums."""
-    stats, blobs = _Stats(), []
+    stats, blobs = PixelStats(), []
     for path in t.files:
         try:
             with open(path, "rb") as f:
@@ -224,7 +224,7 @@ def prepare_imagenet_lt(root: str, split_file: str, out_url: str, *, size: int =
     if finished < num_shards:
         return None
 
-    stats, shards = _Stats(), []
+    stats, shards = PixelStats(), []
     for s in range(num_shards):
         r = json.loads(fs.cat_file(f"{work}/shard-{s:05d}.json"))
         shards.append(ShardInfo(**{**r["shard"], "row_groups": tuple(r["shard"]["row_groups"])}))

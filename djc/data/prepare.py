@@ -12,7 +12,8 @@ import numpy as np
 
 from djc.data import sources
 from djc.data.longtail import class_counts, longtail_indices
-from djc.data.shards import MANIFEST, Manifest, fs_path, write_dataset
+from djc.data.shards import MANIFEST, Manifest, fs_path
+from djc.data.writer import write_dataset
 
 SOURCES = ("digits", "cifar10", "cifar100", "folder")
 DIGITS_TEST_FRACTION = 0.2

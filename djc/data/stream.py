@@ -17,22 +17,19 @@ Resuming is therefore just (epoch, next batch): nothing about the loader's proce
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import multiprocessing
 import os
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from djc.data.io import Group, Prefetcher, RetryingFile, ShardReadError, with_retries
+from djc.data.cache import ShardCache
+from djc.data.io import Group, Prefetcher, RetryingFile, ShardReadError
 from djc.data.shards import CorruptDataError, DatasetError, Manifest, decode_image, fs_path, read_manifest
 
 log = logging.getLogger(__name__)
@@ -50,12 +47,8 @@ class ShardStream(IterableDataset):
     shard raises CorruptDataError naming it; an undecodable image raises CorruptDataError naming shard and
     row, or with on_corrupt="skip" is dropped from its batch and counted (batch["skipped"], self.skipped).
 
-    cache_dir: a local copy of each shard is made on its first read (whole file, in the prefetch threads,
-    checked against the manifest's sha256, written to a temp name and renamed so concurrent workers never
-    read a partial copy), and later reads use it. Files are named by their sha256, so datasets never
-    collide; the cache is kept under cache_max_bytes by deleting the least recently used copies (by mtime,
-    refreshed on use) after each download, so it can exceed the bound by the shards being downloaded or read;
-    a download only evicts copies older than itself, so the most recent copy is always kept.
+    cache_dir: a local copy of each shard is made on its first read (in the prefetch threads) and later reads
+    use it, under cache_max_bytes (djc/data/cache.py).
     """
 
     RETRY_BASE_S = 0.2
@@ -75,6 +68,7 @@ class ShardStream(IterableDataset):
         self.manifest, self.batch_size, self.rank, self.world_size = m, batch_size, rank, world_size
         self.seed, self.shuffle, self.window, self.on_corrupt = seed, shuffle, window, on_corrupt
         self.cache_dir, self.cache_max_bytes, self.retries = cache_dir, cache_max_bytes, retries
+        self._cache = ShardCache(cache_dir, cache_max_bytes, retries, self.RETRY_BASE_S) if cache_dir else None
         self.prefetch_batches = prefetch_batches
         # Unit u = row group (shard[u], group[u]) of sizes[u] rows, starting at row first[u] of its shard.
         self._shard = np.array([s for s, sh in enumerate(m.shards) for _ in sh.row_groups], dtype=np.int64)
@@ -264,108 +258,10 @@ class ShardStream(IterableDataset):
         return slot[0], slot[1]
 
     def _cached(self, s: int) -> tuple[IO[bytes], str]:
-        """(open file, path) of the local copy of shard s, downloaded first if needed (class docstring)."""
-        info, url = self.manifest.shards[s], self.manifest.shard_url(s)
-        local = os.path.join(self.cache_dir or "", f"{info.sha256}.parquet")
-        try:
-            fh = open(local, "rb")  # once open, an eviction cannot take it away (POSIX unlink)
-            os.utime(fh.fileno())  # mark it recently used
-            return fh, local
-        except FileNotFoundError:
-            pass
-        os.makedirs(self.cache_dir or "", exist_ok=True)
-        (fs, root), tmp = self._fs, f"{local}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with_retries(lambda: fs.get_file(f"{root}/{info.path}", tmp), url, self.retries, self.RETRY_BASE_S)
-            fh = open(tmp, "rb")  # opened before it is published: other workers' evictions cannot race us
-            h = hashlib.sha256()
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-            if h.hexdigest() != info.sha256:
-                fh.close()
-                raise CorruptDataError(f"shard {url} does not match its sha256 in manifest.json; not cached")
-            os.replace(tmp, local)  # atomic: other workers see no file or the whole file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self._evict(keep=local)
-        return fh, local
+        """(open file, path) of the local copy of shard s, downloaded first if needed (djc/data/cache.py)."""
+        fs, root = self._fs
+        return self._cache.open(fs, f"{root}/{self.manifest.shards[s].path}", self.manifest.shards[s],
+                                self.manifest.shard_url(s))
 
     def _evict(self, keep: str) -> None:
-        files, stale = [], time.time() - 3600
-        for e in os.scandir(self.cache_dir or ""):
-            try:
-                st = e.stat()
-                if e.name.endswith(".parquet"):
-                    files.append((st.st_mtime, st.st_size, e.path))
-                elif e.name.endswith(".tmp") and st.st_mtime < stale:  # left by a killed worker
-                    os.remove(e.path)
-            except FileNotFoundError:  # evicted or renamed by another worker meanwhile
-                pass
-        total = sum(f[1] for f in files)
-        # Only copies older than the one just published are evicted. Otherwise two fetchers racing (each
-        # keeps its own and removes the other's) could leave the cache empty; this way the newest copy always
-        # survives. If `keep` is already gone, a newer copy's owner evicts instead of us.
-        mine = max((m for m, _, p in files if p == keep), default=float("-inf"))
-        for mtime, size, path in sorted(files):
-            if total <= self.cache_max_bytes or mtime >= mine:
-                break
-            if path != keep:
-                try:
-                    os.remove(path)  # a worker that has it open keeps reading it (POSIX unlink semantics)
-                except FileNotFoundError:  # another worker evicted it first
-                    pass
-                total -= size
-
-
-class StreamLoader:
-    """The main-process side: a DataLoader over a ShardStream that knows which batch comes next.
-
-    Each iteration starts fresh workers (persistent_workers=False) from the stream's current (epoch,
-    position), so state_dict() taken between two batches resumes at exactly the next one.
-    """
-
-    def __init__(self, stream: ShardStream, num_workers: int = 0, *, pin_memory: bool = False):
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
-        self.next_batch, self.skipped = stream.position, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.stream.full_batches_all_ranks()
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.epoch
-
-    @property
-    def position(self) -> int:
-        return self.next_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-        self.next_batch = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.stream.set_position(self.stream.epoch, self.next_batch)
-        if self.next_batch >= self.stream.num_batches():
-            return
-        kw: dict[str, Any] = {}
-        if self.num_workers > 0:
-            # fork starts workers in milliseconds and needs no pickling; spawn where fork does not exist.
-            ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            kw = dict(num_workers=self.num_workers, prefetch_factor=2, persistent_workers=False,
-                      multiprocessing_context=ctx)
-        expected = self.next_batch
-        for batch in DataLoader(self.stream, batch_size=None, pin_memory=self.pin_memory, **kw):
-            if batch["batch_id"] != expected:  # the resume contract depends on this order
-                raise RuntimeError(f"stream batch {batch['batch_id']} arrived where {expected} was due")
-            expected = self.next_batch = expected + 1
-            self.skipped += batch["skipped"]
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.stream.epoch, "batch": self.next_batch, "seed": self.stream.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.stream.load_state_dict(state)
-        self.next_batch = self.stream.position
+        self._cache.evict(keep)

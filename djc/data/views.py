@@ -236,7 +236,7 @@ def _to_unit(images: Tensor) -> Tensor:
 
 def _normalise(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
     # Tensors already on x's device pass through as_tensor untouched; Python numbers are copied in (a stream
-    # sync on a GPU): the training loop's Views hands over device tensors.
+    # sync on a GPU): the training loop's ViewPair hands over device tensors.
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s

@@ -15,17 +15,79 @@ The last epoch averages the weights after each of its steps; `on_train_end` swap
 
 from __future__ import annotations
 
+from typing import Any, Literal, NamedTuple
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from djc import dist
-from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
+from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
 from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
 from djc.methods.kmeans import kmeans
 from djc.methods.stage_optim import StageOptimizer
 
 PRETRAIN, CM_ONLY, JOINT = 0, 1, 2
+
+
+class AECMConfig(MethodSettings):
+    """AE-CM (docs/methods/aecm.md)."""
+
+    code_dim: int = Field(10, gt=0)  # autoencoder code size d_code (10 on MNIST); raise for richer images
+    hidden: list[int] = Field(default_factory=lambda: [500, 500, 2000])  # encoder widths (decoder mirrors); 8x8: less
+    beta: float = Field(5.0, ge=0.0)  # weight of the input reconstruction (5 on MNIST); lower if clusters stay mixed
+    lam: float = Field(1.0, ge=0.0)  # weight of the centroid orthonormality penalty sum |U U^T - I|
+    # Dirichlet prior: 230 at a global batch of 500 on MNIST (alpha - 1 = 0.46 x batch); scale alpha - 1 with the
+    # batch. A list (alpha_mode: sorted) gives one value per cluster, matched to clusters by size.
+    alpha: float | list[float] = 230.0
+    # uniform: alpha for all (pushes to equal sizes); sorted: the list; profile: 1 + (alpha - 1) K s_k with s an
+    # exponential profile of ratio expected_imbalance (long-tailed data).
+    alpha_mode: Literal["uniform", "sorted", "profile"] = "uniform"
+    expected_imbalance: float = Field(1.0, ge=1.0)  # alpha_mode=profile: expected largest / smallest class ratio
+    init: Literal["pre", "rand"] = "pre"  # pre: pretrain AE, k-means on codes, CM alone, then joint; rand: joint only
+    pretrain_epochs: int = Field(100, ge=0)  # init=pre: autoencoder-only epochs (reconstruction)
+    cm_epochs: int = Field(100, ge=0)  # init=pre: CM-only epochs on the frozen codes after k-means
+    # init=pre, V and b after k-means: posterior = the isotropic-GMM posterior at the k-means solution (V = U / s2,
+    # b_k = -|u_k|^2 / (2 s2), s2 = inertia per dimension), sharp from step 1; pinv = the paper's V = pinv(U), b = 0,
+    # whose near-uniform gamma lost 24 ACC points in the CM-alone stage on digits-LT (docs/methods/aecm.md).
+    cm_init: Literal["posterior", "pinv"] = "posterior"
+    average_last_epoch: bool = True  # final weights = mean over the last epoch's steps (the paper's averaging epoch)
+    adam_eps: float = Field(2e-6, gt=0.0)  # the paper's 1e-3 on a loss summed over 500 samples = 2e-6 on our mean
+    constant_lr: bool = True  # the paper's constant lr; false = the optim schedule (starves the averaging epoch)
+    # CM-alone stage (init=pre): alpha matched to the clusters by size rank, as in the joint stage ("sorted", djc),
+    # or alpha_k to cluster k ("index", the release). The same for a uniform alpha; differs for profile / sorted.
+    cm_alpha_order: Literal["sorted", "index"] = "sorted"
+    # The release's optimisers (pretrain_optimizer=sgd, fresh_optimizer or adam_eps_hat: djc/methods/stage_optim.py;
+    # they need optim.name=adam). "sgd" pretrains the AE with SGD at pretrain_lr, pretrain_momentum (the release's
+    # MNIST 1e-2, 0.9, on its loss sum_i mean_d (x - x^)^2; djc converts the lr to its own loss); "same" = Adam
+    pretrain_optimizer: Literal["same", "sgd"] = "same"
+    pretrain_lr: float = Field(0.01, gt=0.0)  # pretrain_optimizer=sgd: the release's lr (MNIST 1e-2, CIFAR-10 1e-3)
+    pretrain_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # pretrain_optimizer=sgd: the release's momentum
+    fresh_optimizer: bool = False  # true: each stage starts a new optimiser (zero moments), as the release does
+    adam_eps_hat: bool = False  # true: adam_eps is added before Adam's bias correction (TensorFlow's, the release's)
+
+    @model_validator(mode="after")
+    def _alpha_matches_mode(self) -> AECMConfig:
+        is_list = isinstance(self.alpha, list)
+        if is_list != (self.alpha_mode == "sorted"):
+            raise ValueError(f"method.aecm.alpha={self.alpha!r} does not fit method.aecm.alpha_mode="
+                             f"{self.alpha_mode!r}: 'sorted' takes a list, 'uniform' and 'profile' one number")
+        if any(a <= 0 for a in (self.alpha if is_list else [self.alpha])):
+            raise ValueError(f"method.aecm.alpha={self.alpha!r} must be > 0 (a Dirichlet parameter)")
+        return self
+
+    def check_run(self, cfg: Any) -> None:
+        release_stages = self.pretrain_optimizer != "same" or self.fresh_optimizer or self.adam_eps_hat
+        if cfg.optim.name != "adam" and release_stages:
+            raise ValueError(f"method.aecm.pretrain_optimizer / fresh_optimizer / adam_eps_hat are the release's Adam "
+                             f"stages: they need optim.name=adam (got {cfg.optim.name})")
+
+class AECMUpdate(NamedTuple):
+    """A step's state update, the same on every worker."""
+
+    counts: Tensor  # (K,) int64 argmax counts of the global batch, all-reduced (with gamma's sums) in forward
+
+
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -53,17 +115,16 @@ def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int) -> int
 
 
 class AECM(ClusteringMethod):
-    views = "plain"  # an autoencoder reconstructs the non-augmented input
+    augmented = False  # an autoencoder reconstructs the non-augmented input
 
-    def __init__(self, cfg: Config, info: DataInfo):
+    def __init__(self, c: AECMConfig, s: Setup):
         super().__init__()
-        c = cfg.method.aecm
-        self.c, self.k, self.seed, self.km = c, cfg.method.num_clusters, cfg.seed, cfg.method.kmeans
-        self.batch = cfg.data.batch_size  # global: converts the release's pretraining lr (make_optimizer)
-        if c.init == "pre" and cfg.optim.epochs <= c.pretrain_epochs + c.cm_epochs:
-            raise ValueError(f"optim.epochs={cfg.optim.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
+        self.c, self.k, self.seed, self.km = c, s.num_clusters, s.seed, s.kmeans
+        self.batch = s.global_batch  # converts the release's pretraining lr (make_optimizer)
+        if c.init == "pre" and s.epochs <= c.pretrain_epochs + c.cm_epochs:
+            raise ValueError(f"optim.epochs={s.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
                              f"{c.pretrain_epochs} + method.aecm.cm_epochs={c.cm_epochs}")
-        h, w, ch = info.image_shape
+        h, w, ch = s.image_shape
         self.d = d = h * w * ch
         self.encoder = mlp([d, *c.hidden, c.code_dim])
         self.decoder = mlp([c.code_dim, *reversed(c.hidden), d])
@@ -119,15 +180,15 @@ class AECM(ClusteringMethod):
             loss = logs["e1"] + logs["e2"] + self.c.beta * logs["recon"] + self.c.lam * logs["orth"] + logs["prior"]
         # Every parameter takes part (with a zero gradient in the staged phases) so that DDP's reducer sees all.
         loss = loss + 0.0 * sum(p.sum() for p in self.parameters())
-        update = glob[k + 1 :].detach().round().long()  # global argmax counts of this step
+        update = AECMUpdate(glob[k + 1 :].detach().round().long())
         return StepOut(loss, {name: v.detach() for name, v in logs.items()}, update)
 
     def _autoencoder(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters()) + list(self.decoder.parameters())
 
     @torch.no_grad()
-    def update_state(self, update: Tensor) -> None:
-        self.hist.add_(update)
+    def update_state(self, update: AECMUpdate) -> None:
+        self.hist.add_(update.counts)
         if self._frozen is not None:
             # CM alone: the AE's gradient is 0, but Adam's momentum from pretraining would keep moving it (on
             # digits, <1e-3 per weight over ~20 steps took the reconstruction error from 1.2 to 21): put it back.

@@ -1,27 +1,61 @@
-"""What every clustering method gives the training loop.
+"""What every clustering method gives the training loop, and what it is built with.
 
-A method is one nn.Module holding the encoder, its clustering heads and its cluster state (buffers). The loop
-calls it through DDP as `method(index, view1, view2) -> StepOut`, runs backward, `reduce_gradients(out.update)`
-(the gradients DDP leaves to the method), steps the optimiser, then calls `update_state(out.update)`, which
-changes the buffers from GLOBAL data (dist helpers), so every worker keeps identical cluster state by
-construction. Nothing here imports Ray.
+A method is one nn.Module holding the encoder, its clustering heads and its cluster state (buffers), built from
+its own config section (a `MethodSettings`) and a `Setup` of the run's shared settings. The loop calls it through
+DDP as `method(index, view1, view2) -> StepOut`, runs backward, `reduce_gradients(out.update)` (the gradients
+DDP leaves to the method), steps the optimiser, then calls `update_state(out.update)`.
+
+The rule for cluster state: `forward` makes every collective the step's state update needs, so `out.update` is
+a typed record of GLOBAL no-grad data (gathered (index, label) pairs, all-reduced sums), the same on every
+worker; `update_state` then changes the buffers from it without any collective, so every worker keeps identical
+cluster state by construction. `reduce_gradients` is the one other place with collectives: gradient averaging.
+Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from djc.confignode import Node
+
+
+class MethodSettings(Node):
+    """The base of a method's config section, `method.<name>`: typed fields with defaults that are the
+    recommended values, checked on their own by validators, and against the rest of the run by `check_run`."""
+
+    # Whether every cluster must be reachable in one global batch (K <= data.batch_size); checked before any
+    # worker starts.
+    needs_k_le_batch: ClassVar[bool] = False
+
+    def check_run(self, cfg: Any) -> None:
+        """Checks against the rest of the run's config (a djc.config.Config: the tree is assembled from the
+        methods' sections, so they do not import it), for the selected method only; ValueError naming keys."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a method is built with besides its own section: the run's shared settings, passed in so that no
+    method reads another section of the config."""
+
+    num_clusters: int  # K of the evaluated head (method.num_clusters)
+    num_samples: int  # N, the size of the per-instance memory
+    image_shape: tuple[int, int, int]  # (H, W, C) of the images the views hand the method (augment.out_size)
+    num_classes: int  # from the manifest; 0 when unlabelled
+    global_batch: int  # data.batch_size, over all workers
+    epochs: int  # optim.epochs
+    seed: int  # the same on every worker: initial state is built identically everywhere
+    model: Any  # the model section (djc.config.ModelConfig): backbone, width, proj_hidden, proj_dim
+    kmeans: Any  # method.kmeans (djc.config.KMeansConfig), for methods that seed their state with k-means
 
 
 class StepOut(NamedTuple):
     loss: Tensor  # scalar; a LOCAL mean, so DDP's gradient average equals the global-batch gradient
     logs: dict[str, Tensor]  # detached scalars, synced to the host only every log_every steps
-    # no-grad inputs of reduce_gradients and update_state (labels, statistics): local, or already global where
-    # the method gathers them in forward (SeCu's (index, labels) pairs)
-    update: Any
+    update: Any  # the method's typed record of GLOBAL no-grad data for reduce_gradients and update_state
 
 
 class Prediction(NamedTuple):
@@ -72,10 +106,10 @@ def both_views(fn: Callable[[Tensor], Any], x1: Tensor, x2: Tensor, separate: bo
 
 
 class ClusteringMethod(nn.Module):
-    # "two": the loop passes two augmented views; "plain": both arguments are the same non-augmented view
+    # True: the loop passes two augmented views; False: both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).
-    views: str = "two"
-    # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by engine.to_device; None = float32.
+    augmented: bool = True
+    # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by djc.step.to_device; None = float32.
     # Only `encode` uses it: projection heads, cluster statistics, Sinkhorn and every loss stay float32/64.
     amp_dtype: torch.dtype | None = None
 
@@ -122,3 +156,15 @@ class ClusteringMethod(nn.Module):
     def health_counts(self) -> Tensor | None:
         """Cluster sizes of the evaluated head from the replicated state (no host sync), if the method has them."""
         return None
+
+
+def state_bytes(method: ClusteringMethod, num_samples: int) -> dict[str, int]:
+    """Bytes every worker holds for the method (all of it is replicated): parameters, per-instance buffers (first
+    dimension N, keyed by the dataset index) and the other buffers. Gradients and SGD momentum add the
+    parameters' size twice more."""
+    out = {"parameters": sum(p.numel() * p.element_size() for p in method.parameters()),
+           "per_instance": 0, "other_buffers": 0}
+    for b in method.buffers():
+        key = "per_instance" if b.dim() >= 1 and b.shape[0] == num_samples else "other_buffers"
+        out[key] += b.numel() * b.element_size()
+    return out

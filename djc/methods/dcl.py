@@ -14,17 +14,44 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from djc import dist
-from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, Prediction, StepOut, both_views, cluster_counts
+from djc.methods.base import ClusteringMethod, MethodSettings, Prediction, Setup, StepOut, both_views, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 from djc.models.norm import globalize_batchnorm
+
+class DCLConfig(MethodSettings):
+    """Debiased contrastive clustering (docs/methods/dcl.md). The DCL release trains with Adam lr 1e-3,
+    wd 1e-6 (set optim.name=adam in the job)."""
+
+    # DDC's divergence needs every cluster reachable in one global batch.
+    needs_k_le_batch: ClassVar[bool] = True
+    temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss; lower (0.2) for sharper features
+    # "cluster": tau+ per anchor = its cluster's share n_c / N (long-tailed data); "global": one tau_plus for all
+    tau_plus_mode: Literal["cluster", "global"] = "cluster"
+    tau_plus: float = Field(0.1, ge=0.0, lt=1.0)  # global tau+ (and the first step's in cluster mode): ~1 / classes
+    tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of the per-anchor tau+; a head cluster above it is cut here
+    # cluster mode: n_c divided by the instances counted so far ("counted") or by N ("dataset": a smaller tau+
+    # until every instance has been seen once; the same after the first epoch)
+    tau_plus_share: Literal["counted", "dataset"] = "counted"
+    # Batch norm over the two views: one encoder pass over both ("joint", djc) or one pass per view ("separate",
+    # Chuang et al.'s release: net(pos_1), net(pos_2))
+    bn_views: Literal["joint", "separate"] = "joint"
+    lam: float = Field(1.0, ge=0.0)  # weight of DDC's divergence loss; 0 = contrastive learning only
+    cluster_hidden: int = Field(100, gt=0)  # hidden units h of the cluster head (DDC's 100)
+    sigma_frac: float = Field(0.15, gt=0.0)  # kernel sigma^2 as a fraction of the median squared distance (DDC)
+
+class DCLUpdate(NamedTuple):
+    """A step's state update, the same on every worker."""
+
+    pairs: Tensor  # (B_global, 2) int64: [index, cluster], gathered in forward
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses: pure functions of tensors.
@@ -138,18 +165,17 @@ class Cardinality(nn.Module):
 
 
 class DCL(ClusteringMethod):
-    def __init__(self, cfg: Config, info: DataInfo):
+    def __init__(self, c: DCLConfig, s: Setup):
         super().__init__()
-        self.c = cfg.method.dcl
-        k = cfg.method.num_clusters
-        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.c, k = c, s.num_clusters
+        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
-        self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+        self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
         hid = self.c.cluster_hidden
         self.cluster_hidden = globalize_batchnorm(
             nn.Sequential(nn.Linear(bb.feat_dim, hid), nn.ReLU(inplace=True), nn.BatchNorm1d(hid)))
         self.cluster_out = nn.Linear(hid, k)
-        self.card = Cardinality(k, info.num_samples)
+        self.card = Cardinality(k, s.num_samples)
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f = self.encode(x)
@@ -185,12 +211,11 @@ class DCL(ClusteringMethod):
         logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
                 "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
                 "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau)}
-        return StepOut(loss, logs, torch.stack([index, y], dim=1))
+        return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1))))
 
     @torch.no_grad()
-    def update_state(self, update: Tensor) -> None:
-        glob = dist.all_gather_same_size(update)  # (B_global, 2): every worker counts every (index, label)
-        self.card.update(glob[:, 0], glob[:, 1])
+    def update_state(self, update: DCLUpdate) -> None:
+        self.card.update(update.pairs[:, 0], update.pairs[:, 1])
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:

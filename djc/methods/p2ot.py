@@ -20,19 +20,47 @@ inside the Sinkhorn loop) and keeps its own rows' targets.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from djc import dist
-from djc.config import Config
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, cluster_counts
+from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 
 CHECK_EVERY = 16  # scaling iterations per host read of convergence (partial_ot)
 TINY = 1e-300  # floor of (Q^T a): a cluster no sample can reach gets a huge but finite scaling, not inf * 0
+
+
+class P2OTConfig(MethodSettings):
+    """P2OT (docs/methods/p2ot.md)."""
+
+    # The plan is solved on a bank of global batches and needs every cluster reachable in one of them.
+    needs_k_le_batch: ClassVar[bool] = True
+    eps: float = Field(0.1, gt=0.0)  # entropic regularisation of the transport plan
+    lam: float = Field(1.0, gt=0.0)  # KL weight on the cluster marginal: larger = more balanced (1e6 ~ balanced OT)
+    rho0: float = Field(0.1, gt=0.0, le=1.0)  # mass transported at step 0; lower = start from fewer, surer samples
+    rho1: float = Field(1.0, gt=0.0, le=1.0)  # mass transported at the last step: rho0 + (rho1 - rho0) e^(-5 (1-t/T)^2)
+    bank_batches: int = Field(10, gt=0)  # logits bank, in global batches, that the plan is solved on
+    sinkhorn_iters: int = Field(1000, gt=0)  # cap on scaling iterations (warm-started solves converge in far fewer)
+    sinkhorn_tol: float = Field(1e-6, gt=0.0)  # relative change of the column scalings that counts as converged
+    weight_by_mass: bool = True  # targets keep each sample's transported mass; false = renormalise every row to 1
+    # The cluster head: "mlp" = Linear-BN-ReLU-Linear on the features (model.proj_hidden), unbounded logits (djc);
+    # "cosine" = the release's cosine classifier, logit_scale * cos(features, v_k), so |logit| <= logit_scale
+    head: Literal["mlp", "cosine"] = "mlp"
+    logit_scale: float = Field(10.0, gt=0.0)  # head=cosine: the logits' bound (the release's 10)
+    # Epochs whose plan is solved on the current global batch alone, without the bank (the release: 1, its bank
+    # starts at epoch 1); the bank is still written, so it is full when it starts
+    batch_only_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _rho_grows(self) -> P2OTConfig:
+        if self.rho0 > self.rho1:
+            raise ValueError(f"method.p2ot.rho0={self.rho0} must not exceed method.p2ot.rho1={self.rho1}")
+        return self
 
 
 class OTResult(NamedTuple):
@@ -104,22 +132,24 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class P2OTUpdate(NamedTuple):
+    """A step's state update, the same on every worker (the bank's logits were gathered in forward)."""
+
     logits: Tensor  # (B_global, K) the second view's detached logits, for the bank
     duals: Tensor  # (K + 1,) warm start for the next step
     counts: Tensor  # (K,) global argmax counts of the first view
 
 
 class P2OT(ClusteringMethod):
-    def __init__(self, cfg: Config, info: DataInfo):
+    def __init__(self, c: P2OTConfig, s: Setup):
         super().__init__()
-        self.c, self.k = cfg.method.p2ot, cfg.method.num_clusters
-        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.c, self.k = c, s.num_clusters
+        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
         if self.c.head == "cosine":  # the release's head, on the backbone's features
             self.head: nn.Module = CosineHead(bb.feat_dim, self.k, self.c.logit_scale)
         else:  # djc's: Linear-BN-ReLU-Linear, unbounded logits
-            self.head = projection_head(bb.feat_dim, cfg.model.proj_hidden, self.k)  # (B, K) logits
-        rows = self.c.bank_batches * cfg.data.batch_size  # 10 x global batch
+            self.head = projection_head(bb.feat_dim, s.model.proj_hidden, self.k)  # (B, K) logits
+        rows = self.c.bank_batches * s.global_batch  # 10 x global batch
         self.register_buffer("bank", torch.zeros(rows, self.k))  # ring of detached global logits
         self.register_buffer("duals", torch.full((self.k + 1,), 1.0 / (self.k + 1), dtype=torch.float64))
         # [global step t, rows ever written to the bank, total steps T], checkpointed.

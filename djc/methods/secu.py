@@ -14,135 +14,79 @@ average linkage on their centers (djc's rule for long-tailed data; docs/methods/
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal, NamedTuple
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from djc import dist
-from djc.config import Config
-from djc.methods.agglomerate import merge_clusters
-from djc.methods.base import (ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut, both_views,
-                              cluster_counts)
+from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut,
+                              both_views, cluster_counts)
+from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
+                                     profile_shares, representation_loss, share_norm)
 from djc.models.backbones import build_backbone, projection_head
 
-# ---------------------------------------------------------------------------------------------------------
-# Losses and assignment rules: pure functions of tensors.
+class SeCuConfig(MethodSettings):
+    """SeCu (docs/methods/secu.md)."""
 
+    # The size duals compare per-step counts with gamma * B / K: a K above the global batch can never be filled.
+    needs_k_le_batch: ClassVar[bool] = True
+    num_heads: int = Field(10, gt=0)  # head h has K * (h + 1) clusters; head 0 is evaluated
+    constraint: Literal["size", "entropy"] = "size"
+    # Lower bound of every cluster's share, as a fraction of N/K. "auto" derives it from expected_imbalance:
+    # the smallest class share of an exponential profile, so long-tailed data can satisfy it (docs/methods/secu.md).
+    gamma: float | Literal["auto"] = 0.9
+    expected_imbalance: float = Field(1.0, ge=1.0)  # for the "auto" settings: expected largest/smallest class ratio
+    eta: float = Field(0.1, gt=0.0)  # dual step size of the size constraint
+    # Clamp of the size duals at 0: "below_one" only when gamma < 1 (the release; at gamma = 1 the duals keep a
+    # zero sum), "always" at every gamma (djc before; differs only at gamma = 1, e.g. gamma=auto at ratio 1)
+    dual_clamp: Literal["below_one", "always"] = "below_one"
+    # Sizes the entropy constraint pulls towards: uniform = SeCu's -H(p) (equal sizes); profile = KL(p || pi),
+    # pi an exponential profile at expected_imbalance matched to the clusters by size rank (docs/methods/secu.md)
+    size_prior: Literal["uniform", "profile"] = "uniform"
+    alpha: float = Field(6000.0, ge=0.0)  # weight of the entropy constraint (constraint=entropy)
+    # What the entropy constraint's shares p_k = n_k / norm divide by: "dataset" = N (djc); "counted" = the
+    # instances counted so far (+1 for a new one), the release's rule. They differ in epoch 0 only; counted read
+    # 0.745 against 0.783 on digits-LT (3 seeds, noise; docs/methods/secu.md)
+    share_norm: Literal["dataset", "counted"] = "dataset"
+    t_x: float = Field(0.05, gt=0.0)  # temperature of the representation loss
+    t_w: float = Field(0.05, gt=0.0)  # temperature of the center loss
+    tau: float = Field(0.2, ge=0.0, le=1.0)  # weight of the previous label in the representation target
+    center_lr: float = Field(1.2, gt=0.0)  # constant lr of the centers (0.8 on CIFAR-100-20)
+    center_wd: float = Field(0.0, ge=0.0)
+    # Batch norm over the two views: "joint" = one encoder pass over both (statistics over 2B images, djc);
+    # "separate" = one pass per view (the release; 0.764 against 0.783 on digits-LT, 3 seeds, noise). Only models
+    # with batch norm see a difference.
+    bn_views: Literal["joint", "separate"] = "joint"
+    # The evaluated clustering (predict's column 0). "head": head 0's argmax, SeCu's rule. "merge": head
+    # `merge_head`'s K (merge_head + 1) clusters merged to K by average linkage on their centers: on long-tailed
+    # data the balanced head 0 splits big classes and merges small ones, while an over-clustered head gives
+    # small classes clusters of their own that the merge keeps (docs/methods/secu.md, "SeCu on long-tailed data")
+    predict: Literal["head", "merge"] = "head"
+    merge_head: int = Field(1, ge=1)
 
-def center_loss(x: Tensor, centers: Tensor, y: Tensor, t_w: float) -> Tensor:
-    """x (B, D) normalised features, centers (D, K) normalised, y (B,) labels. Gradient reaches centers only,
-    and only through the assigned logit: no center is pushed away by negatives."""
-    logits = x.detach() @ centers / t_w  # (B, K)
-    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-    mixed = logits.detach() + onehot * (logits - logits.detach())
-    return F.cross_entropy(mixed, y)
+    @model_validator(mode="after")
+    def _consistent(self) -> SeCuConfig:
+        if self.gamma != "auto" and not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"method.secu.gamma={self.gamma} must lie in [0, 1] or be 'auto'")
+        if self.size_prior != "uniform" and self.constraint != "entropy":
+            raise ValueError(f"method.secu.size_prior={self.size_prior} shapes the entropy constraint; it needs "
+                             f"method.secu.constraint=entropy (got {self.constraint})")
+        return self
 
+    @model_validator(mode="after")
+    def _merge_head_exists(self) -> SeCuConfig:
+        if self.predict == "merge" and self.merge_head >= self.num_heads:
+            raise ValueError(f"method.secu.merge_head={self.merge_head} needs method.secu.num_heads > "
+                             f"{self.merge_head} (got {self.num_heads}): heads are numbered from 0")
+        return self
 
-def representation_loss(z: Tensor, z_other: Tensor, ybar: Tensor, tau: float) -> Tensor:
-    """z, z_other (B, K) logits of two views against the epoch-start centers; ybar (B,) previous labels.
-    Target mixes the other view's prediction with the previous label; only the encoder learns."""
-    q = (1.0 - tau) * F.softmax(z_other.detach(), dim=1) + tau * F.one_hot(ybar, z.shape[1]).to(z.dtype)
-    return -(q * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+class SeCuUpdate(NamedTuple):
+    """A step's state update, the same on every worker."""
 
-
-def _plogp(h: Tensor, n: float | Tensor) -> Tensor:
-    p = h / n
-    return torch.where(p > 0, p * torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
-
-
-def share_norm(hist: Tensor, current: Tensor, n: int, rule: str) -> int | Tensor:
-    """What the entropy constraint divides the histogram by to get the shares p_k.
-
-    "dataset": N, the size of the training set (djc). "counted": the instances counted so far, plus 1 for an
-    instance not counted yet (the release's `base + 1` in epoch 0, `base` after it), as (B, 1). They differ only
-    in the first epoch, where after s of S batches the release's penalty is ~S / s times stronger (N / (s B + 1)).
-    """
-    if rule == "dataset":
-        return n
-    return (hist.sum() + (current < 0).long()).to(torch.float64).unsqueeze(1)  # (B, 1)
-
-
-def entropy_delta(hist: Tensor, current: Tensor, n: int | Tensor) -> Tensor:
-    """Exact change of sum_k p_k log p_k (p = hist / n) if instance i moved from `current[i]` to k.
-
-    hist (K,) global counts; current (B,) the instance's label in the histogram, -1 if it is not counted yet;
-    n a number or (B, 1) per instance (share_norm). Returns (B, K); 0 at the current cluster.
-    """
-    h = hist.to(torch.float64)
-    c = current.clamp_min(0)
-    n_row = n[:, 0] if torch.is_tensor(n) else n
-    gain = _plogp(h + 1, n) - _plogp(h, n)  # (1 or B, K) adding one instance to k
-    counted = current >= 0
-    loss = _plogp(h[c] - 1, n_row) - _plogp(h[c], n_row)  # (B,) removing it from its cluster
-    delta = gain + torch.where(counted, loss, torch.zeros_like(loss)).unsqueeze(1)
-    delta = torch.where(F.one_hot(c, h.shape[0]).bool() & counted.unsqueeze(1), torch.zeros_like(delta), delta)
-    return delta.to(torch.float32)
-
-
-def prior_delta(hist: Tensor, current: Tensor, n: int | Tensor, log_shares: Tensor) -> Tensor:
-    """Change of -sum_k p_k log pi_k if instance i moved from `current[i]` (-1: not counted yet) to k, where
-    the size profile pi (log_shares, (K,), largest first) is matched to the clusters by rank: the largest
-    cluster by hist gets the largest share.
-
-    Added to entropy_delta, the constraint becomes KL(p || pi) = sum_k p_k log(p_k / pi_k), smallest at p = pi
-    up to the order of the clusters, instead of -H(p), smallest at equal sizes. A uniform pi adds the same
-    constant to every k and gives back SeCu's rule. Returns (B, K); 0 at the current cluster.
-    """
-    rank = torch.argsort(torch.argsort(hist, descending=True, stable=True))  # (K,) 0 = largest cluster
-    cost = -log_shares.to(torch.float64)[rank].unsqueeze(0) / n  # (1 or B, K) joining cluster k
-    cost = cost.expand(current.shape[0], -1)  # (B, K)
-    counted = current >= 0
-    leave = torch.where(counted, cost.gather(1, current.clamp_min(0).unsqueeze(1))[:, 0], torch.zeros_like(cost[:, 0]))
-    return (cost - leave.unsqueeze(1)).to(torch.float32)
-
-
-def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float, clamp: str = "below_one") -> Tensor:
-    """rho_k <- rho_k - eta n_k / B + eta gamma / K, a cluster below gamma B / K gains weight, then clamped at 0.
-
-    clamp "below_one" clamps only when gamma < 1 (the release): at gamma = 1 the step's changes sum to 0 over k,
-    so the unclamped duals keep a zero sum and only their differences act on the argmax. "always": djc's earlier rule.
-    """
-    k = rho.shape[0]
-    rho = rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k
-    return rho.clamp_min(0.0) if clamp == "always" or gamma < 1 else rho
-
-
-def profile_shares(num_clusters: int, imbalance_ratio: float) -> list[float]:
-    """Cluster shares of an exponential profile of this ratio (methods.md s6): s_c ~ r^(c / (K - 1)), r = 1 / ratio."""
-    w = [(1.0 / imbalance_ratio) ** (c / (num_clusters - 1)) for c in range(num_clusters)]
-    return [v / sum(w) for v in w]
-
-
-def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
-    """Smallest class share, as a fraction of N/K, under an exponential profile of this ratio (methods.md s6):
-    gamma = K r / sum_c r^(c / (K - 1)), r = 1 / ratio. Ratio 1 gives 1; ratio 10 with K = 10 gives 0.244."""
-    return num_clusters * profile_shares(num_clusters, imbalance_ratio)[-1]
-
-
-def merge_centers(centers: Tensor, alive: Tensor, k: int) -> Tensor:
-    """Group ids in [0, k) for the M columns of `centers` (D, M), normalised: average linkage (UPGMA) on the
-    cosine distance between the alive columns (those holding instances), stopped at k groups; a dead column
-    joins the group of its most similar alive one. Fewer than k alive columns give one group each.
-
-    Each alive center is one piece of djc.methods.agglomerate's merge, criterion "average": the mean cosine
-    similarity between the centers of two groups. The linkage sees the centers only, not how many instances
-    each holds, so a small class that owns a center is no likelier to be merged away than a big one, while a
-    big class that a balanced head splits over several nearby centers has them joined first. Deterministic
-    (float64 on the host), so every worker computes the same groups from its replicated centers.
-    """
-    c = F.normalize(centers.detach().T.double().cpu(), dim=1)  # (M, D)
-    live = alive.cpu().nonzero().squeeze(1)
-    if live.numel() == 0:  # before any assignment: every center counts
-        live = torch.arange(c.shape[0])
-    cl = c[live]
-    _, label = merge_clusters(torch.cat([torch.ones_like(cl[:, :1]), cl, cl * cl], dim=1), k, "average")
-    # Renumbered by first alive column: which piece of a merged pair names the group depends on float ties,
-    # which 1 and W workers break differently; the partition does not.
-    _, inv = torch.unique(label, return_inverse=True)
-    first = torch.full((int(inv.max()) + 1,), len(inv)).scatter_reduce(0, inv, torch.arange(len(inv)), "amin")
-    group_of_live = torch.argsort(torch.argsort(first))[inv]
-    nearest = (c @ cl.T).argmax(dim=1)  # (M,) most similar alive column; itself for an alive one
-    return group_of_live[nearest]
+    pairs: Tensor  # (B_global, 1 + H) int64: [index, label of head 0, ..., head H-1], gathered in forward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,17 +112,16 @@ class SeCuHead(nn.Module):
 
 
 class SeCu(ClusteringMethod):
-    def __init__(self, cfg: Config, info: DataInfo):
+    def __init__(self, c: SeCuConfig, s: Setup):
         super().__init__()
-        c = cfg.method.secu
-        self.c, self.n = c, info.num_samples
-        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.c, self.n = c, s.num_samples
+        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
-        self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
-        g = torch.Generator().manual_seed(cfg.seed)
-        k = cfg.method.num_clusters
+        self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
+        g = torch.Generator().manual_seed(s.seed)
+        k = s.num_clusters
         self.heads = nn.ModuleList(
-            SeCuHead(cfg.model.proj_dim, k * (h + 1), info.num_samples, g) for h in range(c.num_heads)
+            SeCuHead(s.model.proj_dim, k * (h + 1), s.num_samples, g) for h in range(c.num_heads)
         )
         self.gammas = [c.gamma if c.gamma != "auto" else auto_gamma(hd.num_clusters, c.expected_imbalance)
                        for hd in self.heads]
@@ -221,14 +164,15 @@ class SeCu(ClusteringMethod):
         loss = (lc + lr) * scale
         # (B_global, 1 + H): every worker sees every (index, label); gathered here, once, because both
         # reduce_gradients (which center columns to average) and update_state need the global pairs
-        update = dist.all_gather_same_size(torch.stack([index, *labels], dim=1))
+        update = SeCuUpdate(dist.all_gather_same_size(torch.stack([index, *labels], dim=1)))
         return StepOut(loss, {"center_loss": (lc * scale).detach(), "repr_loss": (lr * scale).detach()}, update)
 
     @torch.no_grad()
-    def update_state(self, update: Tensor) -> None:
-        index, bsz = update[:, 0], update.shape[0]  # the global pairs, gathered in forward
+    def update_state(self, update: SeCuUpdate) -> None:
+        pairs = update.pairs
+        index, bsz = pairs[:, 0], pairs.shape[0]  # the global pairs, gathered in forward
         for h, head in enumerate(self.heads):
-            y = update[:, 1 + h]
+            y = pairs[:, 1 + h]
             k = head.num_clusters
             counts = cluster_counts(y, k)
             head.rho.copy_(dual_step(head.rho, counts, bsz, self.c.eta, self.gammas[h], self.c.dual_clamp))
@@ -240,18 +184,18 @@ class SeCu(ClusteringMethod):
         return [f"heads.{h}.weight" for h in range(len(self.heads))]
 
     @torch.no_grad()
-    def reduce_gradients(self, update: Tensor) -> None:
+    def reduce_gradients(self, update: SeCuUpdate) -> None:
         # The center loss detaches every logit but the assigned one, so a head's center gradient is zero outside
         # the columns this step's global batch was assigned to. Where the head has more clusters than the global
         # batch has samples (K = 10,000 on ImageNet), only those columns are averaged: D x B_global numbers per
         # head instead of DDP's dense D x K (268 MiB per step for 10 heads at K = 10,000).
-        bsz = update.shape[0]  # the global pairs, gathered in forward
+        bsz = update.pairs.shape[0]  # the global pairs, gathered in forward
         grads, columns = [], []
         for h, head in enumerate(self.heads):
             if head.weight.grad is None:  # every worker must send the same shapes
                 head.weight.grad = torch.zeros_like(head.weight)
             grads.append(head.weight.grad)
-            columns.append(update[:, 1 + h].contiguous() if head.num_clusters > bsz else None)
+            columns.append(update.pairs[:, 1 + h].contiguous() if head.num_clusters > bsz else None)
         dist.average_gradients_(grads, columns)
 
     @torch.no_grad()

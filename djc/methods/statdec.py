@@ -20,12 +20,12 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from djc import dist
-from djc.config import Config
 from djc.methods.agglomerate import Merge, merge_clusters
-from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, Prediction, StepOut
+from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut
 from djc.methods.dcl import debiased_contrastive_loss
 from djc.methods.kmeans import assign, kmeans
 from djc.models.backbones import build_backbone, projection_head
@@ -138,9 +138,13 @@ class StatPool(nn.Module):
 
     @torch.no_grad()
     def update(self, local_sums: Tensor) -> None:
-        """ONE collective for all three statistics, then divide by the global weight, then the EMA.
-        Before `ready` the statistics stay as they are (a tensor condition: no host sync per step)."""
-        glob = dist.all_reduce_sum(local_sums)
+        """ONE collective for all three statistics, then `update_global`."""
+        self.update_global(dist.all_reduce_sum(local_sums))
+
+    @torch.no_grad()
+    def update_global(self, glob: Tensor) -> None:
+        """Divide the global sums by their total weight, then the EMA. Before `ready` the statistics stay as
+        they are (a tensor condition: no host sync per step)."""
         glob = glob / glob[:, 0].sum().clamp_min(1e-12)
         self.sums.copy_(torch.where(self.ready, torch.lerp(glob, self.sums, self.ema), self.sums))
 
@@ -181,19 +185,48 @@ class StatPool(nn.Module):
         self.update(pooled_sums(z, self.weights(self.target(log_q, log_l))))
 
 
+class StatDECConfig(MethodSettings):
+    """StatDEC (djc's own design, docs/methods/statdec.md)."""
+
+    temperature: float = Field(0.5, gt=0.0)  # t of the contrastive loss; lower (0.2) for sharper features
+    tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of tau+ = prior of the anchor's cluster; 0 = plain NT-Xent
+    lam: float = Field(1.0, ge=0.0)  # weight of KL(P || Q); 0 = clustering on fixed contrastive features
+    # EMA of the pooled cluster statistics per step: ~1/(1-ema) = 10 steps of samples; raise (0.99) when a tail
+    # cluster sees fewer than ~10 samples in that many steps (ImageNet-LT: 5 images in 115k)
+    ema: float = Field(0.9, ge=0.0, lt=1.0)
+    nu: float = Field(1.0, ge=0.0)  # Student-t degrees of freedom of the kernel; 0 = Gaussian (lighter tails)
+    sharpen: float = Field(2.0, ge=1.0)  # power s of the likelihood in the target p ~ pi l^s (DEC's 2)
+    # cardinality: p ~ pi l^s keeps the data's cluster sizes; balanced: DEC's p ~ q^2 / f (ablation only)
+    target: Literal["cardinality", "balanced"] = "cardinality"
+    assign: Literal["soft", "hard"] = "soft"  # statistics pooled with the target P, or with its argmax
+    var_floor: float = Field(1e-4, gt=0.0)  # least per-dimension variance: raise if a cluster collapses to a point
+    warmup_frac: float = Field(0.2, ge=0.0, le=1.0)  # share of epochs of contrastive-only training before init
+    init_over: int = Field(3, ge=1)  # k-means with init_over * K centers, merged to K (1 = plain k-means)
+    # Merges of the init's pieces tried; the one under which the data are most likely wins (docs/methods/statdec.md)
+    init_merges: list[Literal["bhattacharyya", "ward", "average"]] = Field(
+        default_factory=lambda: ["bhattacharyya", "ward"], min_length=1)
+    # T of the tempered kernel log l / T: at D = 128 the density's log-odds between clusters are ~40 nats, so Q is
+    # one-hot, P = Q and KL has no gradient; T ~ D / 4 makes them O(1) (docs/methods/statdec.md)
+    kernel_temperature: float = Field(1.0, gt=0.0)
+
+class StatDECUpdate(NamedTuple):
+    """A step's state update, the same on every worker."""
+
+    sums: Tensor  # (K, 1 + 2 D) the global batch's pooled (weight, sum z, sum z^2), all-reduced in forward
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The method.
 
 
 class StatDEC(ClusteringMethod):
-    def __init__(self, cfg: Config, info: DataInfo):
+    def __init__(self, c: StatDECConfig, s: Setup):
         super().__init__()
-        self.c, self.n, self.seed, self.km = cfg.method.statdec, info.num_samples, cfg.seed, cfg.method.kmeans
-        c = self.c
-        bb = build_backbone(cfg.model.backbone, info.image_shape, cfg.model.width)
+        self.c, self.n, self.seed, self.km = c, s.num_samples, s.seed, s.kmeans
+        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
-        self.proj = projection_head(bb.feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
-        self.pool = StatPool(cfg.method.num_clusters, cfg.model.proj_dim, c.ema, c.nu, c.sharpen, c.var_floor,
+        self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
+        self.pool = StatPool(s.num_clusters, s.model.proj_dim, c.ema, c.nu, c.sharpen, c.var_floor,
                              c.target, c.assign == "hard", c.kernel_temperature, tuple(c.init_merges))
 
     def embed(self, x: Tensor) -> Tensor:
@@ -216,11 +249,13 @@ class StatDEC(ClusteringMethod):
         loss = con.loss + c.lam * kl
         logs = {"contrastive": con.loss.detach(), "kl": kl.detach(), "tau_plus": tau.mean(),
                 "min_prior": self.pool.stats().prior.min()}
-        return StepOut(loss, logs, pooled_sums(z.detach(), self.pool.weights(p.detach())))
+        # ONE collective for the three pooled statistics of the global batch
+        sums = dist.all_reduce_sum(pooled_sums(z.detach(), self.pool.weights(p.detach())))
+        return StepOut(loss, logs, StatDECUpdate(sums))
 
     @torch.no_grad()
-    def update_state(self, update: Tensor) -> None:
-        self.pool.update(update)
+    def update_state(self, update: StatDECUpdate) -> None:
+        self.pool.update_global(update.sums)
 
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:

@@ -16,7 +16,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from djc.config import from_dict
-from djc.engine import Views, amp_dtype, build_method, make_optimizer, to_device, train_step
+from djc.data.augment import ViewPair
+from djc.optim import make_optimizer
+from djc.step import amp_dtype, build_method, to_device, train_step
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.p2ot import CHECK_EVERY
 
@@ -61,7 +63,7 @@ class HostSyncs(TorchDispatchMode):
     @staticmethod
     def _caller() -> str:
         return next((f.line for f in reversed(traceback.extract_stack()) if f.name not in HostSyncs.HOOKS
-                     and ("/djc/" in f.filename or f.filename.endswith("test_engine.py"))), "?")
+                     and ("/djc/" in f.filename or f.filename.endswith("test_step.py"))), "?")
 
     # On the CPU, .tolist() and .numpy() read the memory without an op to dispatch: wrap them while recording.
     HOOKS = ("__torch_dispatch__", "_caller", "recorded")
@@ -110,7 +112,7 @@ def _setup(name: str, device: str = "cpu", release: bool = False, **trainer):
     cfg = _cfg(name, release=release, **trainer)
     method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device(device))
     opt = make_optimizer(cfg, method)  # SGD: Adam's step counter is a host tensor by design
-    views = Views(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
+    views = ViewPair(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
     method.on_epoch_start(EpochContext(0, 10, N // B, map_train=None))
     if name == "statdec":  # statistics ready: the KL term and the pooled EMA run too
         method.pool.reset((torch.rand(4, 1 + 2 * 16) + 0.5).to(device))
@@ -250,7 +252,8 @@ def test_precision_and_memory_format_follow_the_device():
 @pytest.mark.parametrize("n", [115_846, 1_281_167])  # ImageNet-LT train, ImageNet-1k train
 def test_per_instance_state_for_imagenet_sizes(n, capsys):
     """SeCu's 10 heads keep one int32 label per instance each: 10 x 4 bytes per image, replicated per worker."""
-    from djc.engine import state_bytes
+    from djc.methods.base import state_bytes
+    from djc.methods.secu import SeCuUpdate
 
     cfg = from_dict({"model": {"backbone": "mlp", "width": 8, "proj_dim": 128},
                      "method": {"num_clusters": 1000, "secu": {"num_heads": 10}}, "data": {"batch_size": 1024}})
@@ -262,7 +265,7 @@ def test_per_instance_state_for_imagenet_sizes(n, capsys):
     # One state update over a global batch of 1024: memories and histograms stay consistent.
     index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:1024]
     labels = torch.stack([torch.randint(0, 1000 * (h + 1), (1024,)) for h in range(10)], 1)
-    method.update_state(torch.cat([index[:, None], labels], 1))
+    method.update_state(SeCuUpdate(torch.cat([index[:, None], labels], 1)))
     assert all(int(hd.hist.sum()) == 1024 == int((hd.memory >= 0).sum()) for hd in method.heads)
     with capsys.disabled():
         print(f"\n[memory] SeCu, N={n:,}, 10 heads, K=1000, D=128: per-instance "
@@ -278,7 +281,7 @@ def test_methods_are_built_for_the_views_output_size_not_the_datasets(name, back
                      "method": {"name": name, "num_clusters": 4, "secu": {"num_heads": 1},
                                 "aecm": {"hidden": [16], "init": "rand"}}})
     method = build_method(cfg, DataInfo(64, (8, 8, 1), 4))
-    views = Views(cfg, [0.5], [0.25], image_side=8)
+    views = ViewPair(cfg, [0.5], [0.25], image_side=8)
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
     x1, x2 = views.for_method(method, images, step=0, rank=0)
     assert x1.shape[-2:] == (16, 16)

@@ -7,7 +7,7 @@ All sources are measured side by side in this one process, on the same bytes:
   - S3 -> cache (fill): the first epoch with data.cache_dir set, which downloads each shard whole;
   - local cache: a later epoch, served by the cache.
 For each: one full epoch through the training loader (samples/s, MB/s of shard bytes, ratio to local disk),
-then the training step rate with that source feeding the real step (djc.engine.train_step, one process, no
+then the training step rate with that source feeding the real step (djc.step.train_step, one process, no
 Ray), against the step rate on batches already decoded in memory. A ratio near 1 there means the data path
 keeps up with the model: data is not the bottleneck.
 
@@ -27,9 +27,13 @@ import numpy as np
 import torch
 
 from djc.config import load_config
-from djc.data.shards import Manifest, write_dataset
-from djc.data.stream import ShardStream, StreamLoader
-from djc.engine import Views, build_method, make_optimizer, train_step
+from djc.data.shards import Manifest
+from djc.data.writer import write_dataset
+from djc.data.loader import StreamLoader
+from djc.data.stream import ShardStream
+from djc.data.augment import ViewPair
+from djc.optim import make_optimizer
+from djc.step import build_method, train_step
 from djc.loopback_s3 import LoopbackS3
 from djc.methods.base import DataInfo, EpochContext
 
@@ -56,7 +60,7 @@ def _write(url: str, x: np.ndarray, y: np.ndarray) -> Manifest:
 
 def _epoch(stream: ShardStream, workers: int) -> tuple[float, int]:
     t0, n = time.perf_counter(), 0
-    for batch in StreamLoader(stream, num_workers=workers):
+    for batch in StreamLoader(stream, loader_workers=workers):
         n += len(batch["index"])
     return time.perf_counter() - t0, n
 
@@ -72,7 +76,7 @@ class _Trainer:
         torch.manual_seed(0)
         self.method = build_method(self.cfg, info)
         self.opt = make_optimizer(self.cfg, self.method)
-        self.views = Views(self.cfg, m.mean, m.std, SIDE)
+        self.views = ViewPair(self.cfg, m.mean, m.std, SIDE)
         self.method.on_epoch_start(EpochContext(0, 1, 1, map_train=self._no_data_pass))
         self.step = 0
 
@@ -145,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         rates: dict[str, float] = {}
         for _ in range(rounds):
             feeds = {"memory (decoded)": lambda: decoded,
-                     **{name: lambda name=name: StreamLoader(stream(name, 2), num_workers=workers) for name in sources}}
+                     **{name: lambda name=name: StreamLoader(stream(name, 2), loader_workers=workers) for name in sources}}
             for name, feed in feeds.items():
                 rates[name] = max(rates.get(name, 0.0), trainer.rate(feed(), steps))
     finally:

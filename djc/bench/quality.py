@@ -1,7 +1,7 @@
 """`djc bench quality`: every method's run config, on every data set, over several seeds, against the k-means
 baselines of the same runs.
 
-One command produces the README's quality table: mean and std over training seeds of the metrics on each
+One command produces the quality table of docs/results.md: mean and std over training seeds of the metrics on each
 evaluated split, per (data set, method), with the k-means on pixels and on learned features baselines that the
 same runs report. A data set is a named set of overrides applied to every config (by default the configs' own
 long-tailed digits and the balanced digits train split), so every method sees exactly the same data.
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from djc.config import ConfigError, load_config
+from djc.methods import REGISTRY
 
 KEYS = ("balanced_acc", "acc", "nmi", "tail_acc", "size_entropy")
-# The five methods' digits jobs; every one trains on the same long-tailed train split.
-DEFAULT_CONFIGS = ["jobs/digits_lt.yaml", "jobs/digits_lt_dcl.yaml", "jobs/digits_lt_statdec.yaml",
-                   "jobs/digits_lt_aecm.yaml", "jobs/digits_lt_p2ot.yaml"]
+# Every registered method's job (djc/methods/__init__.py); each trains on the same long-tailed train split.
+DEFAULT_CONFIGS = [e.job for e in REGISTRY.values() if e.job]
 # name:overrides. lt10 = the configs' own data (ratio 10, 562 images); balanced = all 1,438 train images.
 DEFAULT_DATA = ["lt10:", "balanced:data.train=runs/data/digits/train,data.imbalance_ratio=1"]
 

@@ -1,9 +1,9 @@
 """`djc bench throughput`: images/s of djc's training step against a plain PyTorch loop doing the same work, side
 by side in one process, reported as a ratio.
 
-  djc step   the body of djc/train.py's loop: engine.apply_lr, Views.for_method (the batched views on the
-             device), engine.train_step on the real method built by engine.build_method and placed by
-             engine.to_device (GlobalBatchNorm backbone, ModuleList of heads, state update through djc.dist).
+  djc step   the body of djc/train.py's loop: optim.apply_lr, ViewPair.for_method (the batched views on the
+             device), step.train_step on the real method built by step.build_method and placed by
+             step.to_device (GlobalBatchNorm backbone, ModuleList of heads, state update through djc.dist).
   reference  SeCu as research code writes it: torchvision's ResNet with plain BatchNorm, a projection head, the
              centers as plain tensors, SeCu's losses (the same pure functions) and its state update inline, the
              same batched views, SGD with the same groups, the same precision (autocast of the backbone, NHWC on
@@ -28,24 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from djc import dist
+from djc.bench.reference import PlainLoop, Reference
+from djc.bench.timing import device_name, interleaved, matmul_tflops, profile_loops, step_flops
 from djc.config import Config, ConfigError, load_config
 from djc.data import views as V
-from djc.engine import Views, amp_dtype, apply_lr, build_method, lr_factor, make_optimizer, to_device, train_step
-from djc.methods import aecm
+from djc.data.augment import ViewPair
+from djc.methods import REGISTRY
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.secu import auto_gamma, center_loss, dual_step, representation_loss
-from djc.models.backbones import resnet
+from djc.optim import apply_lr, lr_factor, make_optimizer
+from djc.step import build_method, to_device, train_step
 
 # name -> (backbone, stored image side, view side); ImageNet images are prepared at 256 and cropped to 224
 CASES = {"resnet18_cifar": ("resnet18_cifar", 32, 32), "resnet50": ("resnet50", 256, 224)}
@@ -54,7 +51,7 @@ CASES = {"resnet18_cifar": ("resnet18_cifar", 32, 32), "resnet50": ("resnet50", 
 # `methods`: what --methods means when not given (on a CPU each method adds two more slow timed loops).
 DEFAULTS = {"cpu": {"resnet18_cifar": (16, 1, 16), "resnet50": (8, 1, 12), "warmup": 1, "methods": ""},
             "cuda": {"resnet18_cifar": (512, 20, 5), "resnet50": (256, 10, 5), "warmup": 5, "methods": "all"}}
-METHOD_NAMES = ("secu", "dcl", "statdec", "aecm", "p2ot")
+METHOD_NAMES = tuple(REGISTRY)  # every registered method (djc/methods/__init__.py)
 # What a method's step needs beyond the defaults to run its whole loss from step 0: AE-CM's joint stage (its
 # default init pretrains the autoencoder alone first) with its job's Adam (jobs/digits_lt_aecm.yaml).
 METHOD_SETTINGS = {"aecm": ["method.aecm.init=rand", "optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0"]}
@@ -63,135 +60,10 @@ MAX_CLUSTER_SHARE = 0.10  # above it, a method's step is profiled against its pl
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-class Reference(nn.Module):
-    """SeCu's training step as a plain loop would write it (size constraint, the config's hyper-parameters)."""
-
-    def __init__(self, cfg: Config, backbone: str, channels: int, device: torch.device):
-        super().__init__()
-        c, d, k = cfg.method.secu, cfg.model.proj_dim, cfg.method.num_clusters
-        self.c, self.amp = c, amp_dtype(cfg.trainer.precision, device)
-        self.gammas = [c.gamma if c.gamma != "auto" else auto_gamma(k * (h + 1), c.expected_imbalance)
-                       for h in range(c.num_heads)]
-        self.backbone = resnet(18 if backbone == "resnet18_cifar" else 50, channels, backbone == "resnet18_cifar").net
-        feat = 512 if backbone == "resnet18_cifar" else 2048
-        self.proj = nn.Sequential(nn.Linear(feat, cfg.model.proj_hidden), nn.BatchNorm1d(cfg.model.proj_hidden),
-                                  nn.ReLU(inplace=True), nn.Linear(cfg.model.proj_hidden, d))
-        self.centers = nn.ParameterList(nn.Parameter(F.normalize(torch.randn(d, k * (h + 1)), dim=0))
-                                        for h in range(c.num_heads))
-        self.w_prev = [w.detach().clone() for w in self.centers]
-        self.rho = [torch.zeros(w.shape[1]) for w in self.centers]
-        self.hist = [torch.zeros(w.shape[1], dtype=torch.long) for w in self.centers]
-        self.memory: list[Tensor] = []
-        self.to(device)
-        if _nhwc(cfg, device):
-            self.backbone.to(memory_format=torch.channels_last)
-        self.w_prev, self.rho, self.hist = ([t.to(device) for t in ts] for ts in (self.w_prev, self.rho, self.hist))
-        groups = [{"params": [*self.backbone.parameters(), *self.proj.parameters()]},
-                  {"params": list(self.centers), "lr": c.center_lr, "weight_decay": c.center_wd}]
-        self.opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                   weight_decay=cfg.optim.weight_decay)
-
-    def step(self, index: Tensor, x1: Tensor, x2: Tensor, num_samples: int) -> Tensor:
-        if not self.memory:
-            self.memory = [torch.full((num_samples,), -1, dtype=torch.long, device=x1.device) for _ in self.centers]
-        b, c = x1.shape[0], self.c
-        with torch.autocast(x1.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
-            f = self.backbone(torch.cat([x1, x2]))
-        f = F.normalize(self.proj(f.float()), dim=1)
-        f1, f2 = f[:b], f[b:]
-        loss, labels = f.new_zeros(()), []
-        for h, weight in enumerate(self.centers):
-            w = F.normalize(weight, dim=0)
-            with torch.no_grad():
-                y = (0.5 * (f1 + f2) @ w + self.rho[h]).argmax(dim=1)
-                prev = self.memory[h][index]
-                ybar = torch.where(prev >= 0, prev, y)
-            z1, z2 = f1 @ self.w_prev[h] / c.t_x, f2 @ self.w_prev[h] / c.t_x
-            loss = loss + center_loss(f1, w, y, c.t_w) + center_loss(f2, w, y, c.t_w)
-            loss = loss + representation_loss(z1, z2, ybar, c.tau) + representation_loss(z2, z1, ybar, c.tau)
-            labels.append(y)
-        loss = loss / (2 * len(self.centers))
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        with torch.no_grad():
-            for h, y in enumerate(labels):
-                k = self.rho[h].shape[0]
-                counts = torch.bincount(y, minlength=k)
-                self.rho[h] = dual_step(self.rho[h], counts, b, c.eta, self.gammas[h])
-                old = self.memory[h][index]
-                self.hist[h] += counts - torch.bincount(old[old >= 0], minlength=k)
-                self.memory[h][index] = y
-        return loss.detach()
-
-
-class PlainLoop(nn.Module):
-    """A method's network trained as a plain loop, without its cluster side: torchvision's backbone with plain
-    BatchNorm and a Linear-BN-ReLU-Linear head on both views, the loss the views' disagreement (|f1 - f2|^2 of the
-    normalised projections); for AE-CM its encoder and decoder on the plain view and the reconstruction error.
-    The same batch, views, precision, memory format and optimiser (the config's) as the method's djc step."""
-
-    def __init__(self, cfg: Config, backbone: str, image_dim: int, device: torch.device):
-        super().__init__()
-        self.amp = amp_dtype(cfg.trainer.precision, device)
-        self.autoencoder = cfg.method.name == "aecm"
-        if self.autoencoder:  # AE-CM's MLPs, as djc.methods.aecm builds them, float32 (no backbone to autocast)
-            c = cfg.method.aecm
-            self.encoder = aecm.mlp([image_dim, *c.hidden, c.code_dim])
-            self.decoder = aecm.mlp([c.code_dim, *reversed(c.hidden), image_dim])
-        else:
-            net = resnet(18 if backbone == "resnet18_cifar" else 50, 3, backbone == "resnet18_cifar").net
-            feat, hid = 512 if backbone == "resnet18_cifar" else 2048, cfg.model.proj_hidden
-            self.backbone = net
-            self.proj = nn.Sequential(nn.Linear(feat, hid), nn.BatchNorm1d(hid), nn.ReLU(inplace=True),
-                                      nn.Linear(hid, cfg.model.proj_dim))
-        self.to(device)
-        if not self.autoencoder and _nhwc(cfg, device):
-            self.backbone.to(memory_format=torch.channels_last)
-        o = cfg.optim
-        self.opt = (torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-                    if o.name == "sgd" else torch.optim.Adam(self.parameters(), lr=o.lr, weight_decay=o.weight_decay))
-
-    def step(self, x1: Tensor, x2: Tensor) -> Tensor:
-        if self.autoencoder:
-            x = x1.flatten(1)  # x2 is the same plain view
-            loss = (x - self.decoder(self.encoder(x))).pow(2).sum(dim=1).mean()
-        else:
-            b = x1.shape[0]
-            with torch.autocast(x1.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
-                f = self.backbone(torch.cat([x1, x2]))
-            f = F.normalize(self.proj(f.float()), dim=1)
-            loss = (f[:b] - f[b:]).pow(2).sum(dim=1).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-
-def _nhwc(cfg: Config, device: torch.device) -> bool:
-    """engine.to_device's rule for the conv weights' memory format, for the plain loops."""
-    f = cfg.trainer.memory_format
-    return f == "channels_last" or (f == "auto" and device.type == "cuda")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[int], object], steps: int, device: torch.device, start: int) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    for s in range(steps):
-        fn(start + s)
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 class DjcLoop:
-    """The body of djc/train.py's loop on one fixed uint8 batch: engine.apply_lr, Views.for_method (the batched
-    views on the device), engine.train_step on the method built by engine.build_method and placed by
-    engine.to_device. `step(s)` runs global step s."""
+    """The body of djc/train.py's loop on one fixed uint8 batch: optim.apply_lr, ViewPair.for_method (the batched
+    views on the device), step.train_step on the method built by step.build_method and placed by
+    step.to_device. `step(s)` runs global step s."""
 
     def __init__(self, cfg: Config, device: torch.device, side: int, batch: int, num_samples: int):
         info = DataInfo(num_samples, (side, side, 3), cfg.method.num_clusters)
@@ -199,7 +71,7 @@ class DjcLoop:
         self.method = to_device(build_method(cfg, info), cfg, device)
         self.method.on_epoch_start(EpochContext(0, cfg.optim.epochs, 1000, map_train=None))
         self.opt = make_optimizer(cfg, self.method)
-        self.views = Views(cfg, MEAN, STD, side)
+        self.views = ViewPair(cfg, MEAN, STD, side)
         g = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (batch, 3, side, side), generator=g, dtype=torch.uint8).to(device)
         self.index = torch.randperm(num_samples, generator=g)[:batch].to(device)
@@ -215,78 +87,10 @@ class DjcLoop:
     def view_pair(self, step: int) -> tuple[Tensor, Tensor]:
         """The same kind of views for a plain loop, from its own generator (the timing, not the values, matters)."""
         gen = torch.Generator(device=self.device).manual_seed(step)
-        if self.method.views == "plain":
+        if not self.method.augmented:
             x = self.views.eval(self.images)
             return x, x
         return V.two_views(self.images, self.views.specs, self.mean, self.std, generator=gen, out_size=self.views.out)
-
-
-def _interleaved(fns: dict[str, Callable[[int], object]], batch: int, steps: int, rounds: int, warmup: int,
-                 device: torch.device, label: str) -> dict[str, float]:
-    """Warm-up, then `rounds` rounds alternating which loop goes first; median img/s of each and of the per-round
-    ratio other / djc (drift in the machine's speed cancels in it)."""
-    for fn in fns.values():
-        _timed(fn, warmup, device, 1)
-    rates: dict[str, list[float]] = {who: [] for who in fns}
-    ratios = []
-    for r in range(rounds):
-        order = list(fns.items())[:: 1 if r % 2 == 0 else -1]
-        t = {who: _timed(fn, steps, device, 1 + warmup + r * steps) for who, fn in order}
-        for who in fns:
-            rates[who].append(batch * steps / t[who])
-        other = next(who for who in fns if who != "djc")
-        ratios.append(t[other] / t["djc"])
-        print(f"[djc bench] {label} round {r + 1}/{rounds}: " + ", ".join(
-            f"{who} {rates[who][-1]:.1f} img/s" for who in fns), flush=True)
-    return {**{who: statistics.median(v) for who, v in rates.items()}, "ratio": statistics.median(ratios)}
-
-
-def step_flops(fn: Callable[[int], object], step: int) -> int:
-    """FLOPs of one call of fn (convolutions and matmuls, forward and backward, as torch's FlopCounterMode counts
-    them: 2 per multiply-add); runs the step once more, untimed."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn(step)
-    return int(counter.get_total_flops())
-
-
-def matmul_tflops(device: torch.device) -> tuple[float, str]:
-    """The device's dense matmul rate at the step's precision: bf16 8192^3 on CUDA (tensor cores), float32 1024^3
-    on a CPU. The ceiling the step's TFLOP/s is read against."""
-    n, dtype, reps = (8192, torch.bfloat16, 50) if device.type == "cuda" else (1024, torch.float32, 3)
-    g = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, f"{str(dtype).removeprefix('torch.')} {n}^3"
-
-
-def profile_loops(fns: dict[str, Callable[[int], object]], device: torch.device, path: Path, why: str,
-                  steps: int = 3, start: int = 10_000) -> None:
-    """torch.profiler over `steps` steps of each loop: its ops by self time on the device (CUDA) or the host."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    parts = [f"# {path.stem}: {why}\n"]
-    try:
-        for who, fn in fns.items():
-            with profile(activities=acts) as prof:
-                for s in range(steps):
-                    fn(start + s)
-                _sync(device)
-            parts.append(f"## {who}: {steps} steps, ops by {key}\n\n"
-                         + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
-    except Exception as err:  # a profiler that fails must not cost the measurements around it
-        parts.append(f"profiling failed: {type(err).__name__}: {err}")
-    path.write_text("\n".join(parts))
-    print(f"[djc bench] profile: {path} ({why})", flush=True)
 
 
 def _wants_profile(mode: str, bad: bool) -> bool:
@@ -313,7 +117,7 @@ def bench_case(name: str, cfg: Config, device: torch.device, batch: int, steps: 
     grad_bytes = traffic.pop("average_gradients", 0) + sum(
         p.numel() * p.element_size() for n, p in method.named_parameters() if p.requires_grad and n not in own)
     stats_bytes = sum(traffic.values())  # gathers of (index, labels), histograms
-    r = _interleaved({"djc": loop.step, "reference": ref_step}, batch, steps, rounds, warmup, device, name)
+    r = interleaved({"djc": loop.step, "reference": ref_step}, batch, steps, rounds, warmup, device, name)
     flops = step_flops(loop.step, 1 + warmup + rounds * steps)
     if out_dir is not None and _wants_profile(profile, r["ratio"] < MIN_RATIO):
         profile_loops({"djc": loop.step, "reference": ref_step}, device, out_dir / f"profile-{device.type}-{name}.txt",
@@ -334,7 +138,7 @@ def bench_method(model: str, cfg: Config, device: torch.device, batch: int, step
         plain.step(*loop.view_pair(step))
 
     loop.step(0)
-    r = _interleaved({"djc": loop.step, "plain": plain_step}, batch, steps, rounds, warmup, device,
+    r = interleaved({"djc": loop.step, "plain": plain_step}, batch, steps, rounds, warmup, device,
                      f"{model} {cfg.method.name}")
     share = 1.0 - r["ratio"]
     if out_dir is not None and _wants_profile(profile, share > MAX_CLUSTER_SHARE):
@@ -344,18 +148,6 @@ def bench_method(model: str, cfg: Config, device: torch.device, batch: int, step
     return {"method": cfg.method.name, "model": model, "batch": batch,
             "precision": str(loop.method.amp_dtype or torch.float32), "djc": r["djc"], "plain": r["plain"],
             "ratio": r["ratio"], "cluster_share": share}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 def _bytes(b: float) -> str:

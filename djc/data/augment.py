@@ -1,0 +1,57 @@
+"""The two training views of a step, made on the training device from the run's augment settings.
+
+The batched ops live in djc/data/views.py; this is the pair a training step uses: SeCu's asymmetric CIFAR
+views scaled by `augment.*`, seeded by (seed, step, rank) so that a resumed run sees the same views.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from djc.config import Config
+from djc.data import views
+from djc.methods.base import ClusteringMethod
+
+
+class ViewPair:
+    """Two augmented views of a uint8 batch, made on the training device (the loader only decodes)."""
+
+    def __init__(self, cfg: Config, mean: list[float], std: list[float], image_side: int):
+        a = cfg.augment
+        v1, v2 = views.secu_view_specs("cifar10")
+        scale = a.strength
+
+        def adapt(v: views.ViewSpec) -> views.ViewSpec:
+            return views.ViewSpec(
+                crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=v.jitter_p,
+                brightness=v.brightness * scale, contrast=v.contrast * scale,
+                saturation=v.saturation * scale, hue=min(0.5, v.hue * scale),
+                gray_p=v.gray_p, blur_p=v.blur_p, solarize_p=v.solarize_p, degrees=a.degrees,
+            )
+
+        self.specs = (adapt(v1), adapt(v2))
+        self.mean, self.std = mean, std
+        self.out = a.out_size or image_side
+        self.seed = cfg.seed
+        self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean, std copied once per device
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
+        return self._stats[device]
+
+    def train(self, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
+        # Seeded by (seed, step, rank): reproducible and resumable without saving generator state.
+        g = torch.Generator(device=images.device).manual_seed((self.seed * 1_000_003 + step) * 4099 + rank)
+        return views.two_views(images, self.specs, *self._on(images.device), generator=g, out_size=self.out)
+
+    def eval(self, images: Tensor) -> Tensor:
+        return views.eval_view(images, *self._on(images.device), out_size=self.out)
+
+    def for_method(self, method: ClusteringMethod, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
+        """The two inputs of a training step: augmented views, or the plain view twice for autoencoders."""
+        if not method.augmented:
+            x = self.eval(images)
+            return x, x
+        return self.train(images, step, rank)
