@@ -335,3 +335,20 @@ def test_release_pretraining_lr_is_converted_to_djcs_loss_scale():
     ours = list(method.encoder.parameters()) + list(method.decoder.parameters())
     for p, r in zip(ours, ae.parameters()):  # release: SGD lr 1e-2, first step (velocity = -lr g)
         torch.testing.assert_close(p.detach(), r.detach() - 0.01 * r.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_augment_trains_on_view_1_and_leaves_the_paper_default_plain():
+    # The option changes only which images the loop hands the step (djc/data/augment.py for_method): the step and
+    # its one collective are unchanged, so the equivalence test above covers it.
+    tree = {"model": {"backbone": "mlp"}, "method": {"name": "aecm", "num_clusters": 3,
+                                                      "aecm": {"hidden": [16], "code_dim": 4, "init": "rand"}}}
+    assert not build_method(from_dict(tree), DataInfo(32, (8, 8, 1), 3)).augmented
+    tree["method"]["aecm"]["augment"] = True
+    method = build_method(from_dict(tree), DataInfo(32, (8, 8, 1), 3))
+    assert method.augmented  # the loop hands it two augmented views
+    g = torch.Generator().manual_seed(0)
+    x1, x2, x3 = (torch.randn(8, 1, 8, 8, generator=g) for _ in range(3))
+    index = torch.arange(8)
+    # Reconstruction and clustering read view 1 only, and rebuild it as it is.
+    assert torch.equal(method(index, x1, x2).loss, method(index, x1, x3).loss)
+    assert not torch.equal(method(index, x1, x2).loss, method(index, x2, x2).loss)

@@ -13,6 +13,7 @@ from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
 from tests.gloo import state_tensors
+from djc.methods.agglomerate import PieceStats, merge_groups
 from djc.methods.base import DataInfo
 from djc.methods.dcl import Cardinality, cs_divergence, ddc_loss, debiased_contrastive_loss, gaussian_kernel
 from tests.gloo import assert_two_workers_equal_one
@@ -252,9 +253,9 @@ def _cfg(world: int, mode: str, **dcl):
     })
 
 
-def dcl_steps(rank: int, world: int, mode: str, release: bool = False) -> dict[str, np.ndarray]:
-    # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N
-    cfg = _cfg(world, mode, **({"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}))
+def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: int = 1) -> dict[str, np.ndarray]:
+    # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N; pieces: the over-clustered head
+    cfg = _cfg(world, mode, pieces=pieces, **({"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}))
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
@@ -271,7 +272,67 @@ def dcl_steps(rank: int, world: int, mode: str, release: bool = False) -> dict[s
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("mode,release", [("cluster", False), ("global", False), ("cluster", True)])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release):
-    single = assert_two_workers_equal_one(dcl_steps, mode, release)
+@pytest.mark.parametrize("mode,release,pieces", [("cluster", False, 1), ("global", False, 1), ("cluster", True, 1),
+                                                 ("cluster", False, 3)])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release, pieces):
+    single = assert_two_workers_equal_one(dcl_steps, mode, release, pieces)
     assert single["card.hist"].sum() == (single["card.memory"] >= 0).sum() > 0
+    assert single["card.hist"].shape == (4 * pieces,)
+    if pieces > 1:  # the pieces' statistics: one EMA of normalised global sums (shares sum to 1 - 0.9^3 after 3 steps)
+        assert single["piece_stats.sums"][:, 0].sum() == pytest.approx(1 - 0.9 ** 3, rel=1e-5)
+    else:
+        assert "piece_stats.sums" not in single  # the paper's K-way head keeps no piece statistics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Over-cluster, then merge (method.dcl.pieces > 1).
+
+
+def _blobs_on_the_sphere(sizes: list[int], d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.eye(d)[: len(sizes)]  # orthogonal class directions
+    y = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    return F.normalize(means[y] + 0.15 * torch.randn(len(y), d, generator=g), dim=1), y
+
+
+def test_merging_pieces_recovers_long_tailed_blobs_and_ignores_empty_pieces():
+    # Three blobs of 120, 30 and 8 points cut into 4 + 2 + 1 pieces (the big one in quarters), plus a piece that
+    # holds no instance any more but whose EMA statistics linger away from every blob (its mean opposite to all
+    # three): the merge must give back the three blobs.
+    u, y = _blobs_on_the_sphere([120, 30, 8], 32, 0)
+    side = (u[:, 0] > u[y == 0, 0].median()).long()
+    piece = torch.where(y == 0, 2 * side + (u[:, 1] > 0).long(), torch.where(y == 1, 4 + side, 6))
+    stats = PieceStats(8, 32, ema=0.0)
+    stats.update_global(PieceStats.local_sums(u, piece, 8))
+    away = -F.normalize(torch.eye(32)[:3].sum(0), dim=0)
+    stats.sums[7] = torch.cat([stats.sums[6, :1], stats.sums[6, :1] * away, stats.sums[6, 33:]])
+    alive = torch.arange(8) < 7
+    groups = stats.groups(3, alive)
+    assert groups[piece].tolist() == y.tolist()  # numbered by first piece: blob k is group k
+    assert groups[7] == 0  # an empty piece names no group of its own
+    # Had the lingering piece taken part, it would have kept a group to itself and two blobs would share one.
+    assert merge_groups(stats.sums, 3)[piece].tolist() != y.tolist()
+
+
+def test_pieces_head_predicts_merged_groups_and_keeps_the_piece():
+    cfg = _cfg(1, "cluster", pieces=3)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    opt = make_optimizer(cfg, method)
+    apply_lr(opt, 1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        index = torch.randperm(N, generator=g)[:B]
+        train_step(method, method, opt, index, torch.randn(B, 1, 8, 8, generator=g),
+                   torch.randn(B, 1, 8, 8, generator=g))
+    method.eval()
+    p = method.predict(torch.randn(40, 1, 8, 8, generator=g))
+    alive = method.card.hist > 0
+    groups = method.piece_stats.groups(4, alive)
+    assert p.clusters.shape == (40, 2) and alive[p.clusters[:, 1]].all()  # only pieces that hold instances
+    assert torch.equal(p.clusters[:, 0], groups[p.clusters[:, 1]]) and p.clusters[:, 0].max() < 4
+    assert method.health_counts().sum() == method.card.hist.sum() and method.health_counts().shape == (4,)
+
+
+def test_pieces_times_clusters_must_fit_in_a_batch():
+    with pytest.raises(ValueError, match="method.dcl.pieces=5"):
+        from_dict({"method": {"name": "dcl", "num_clusters": 10, "dcl": {"pieces": 5}}, "data": {"batch_size": 32}})

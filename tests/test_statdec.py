@@ -208,17 +208,18 @@ def test_ood_score_ranks_far_samples_above_cluster_members():
 N, B = 64, 16
 
 
-def _cfg(world: int, target: str):
+def _cfg(world: int, target: str, space: str = "projection"):
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 8},
-        "method": {"name": "statdec", "num_clusters": 4, "statdec": {"target": target, "warmup_frac": 0.34},
+        "method": {"name": "statdec", "num_clusters": 4,
+                   "statdec": {"target": target, "warmup_frac": 0.34, "pool_space": space},
                    "kmeans": {"iters": 10, "restarts": 2}},  # every Lloyd step is a collective: keep it short
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
 
-def statdec_steps(rank: int, world: int, target: str) -> dict[str, np.ndarray]:
-    cfg = _cfg(world, target)
+def statdec_steps(rank: int, world: int, target: str, space: str = "projection") -> dict[str, np.ndarray]:
+    cfg = _cfg(world, target, space)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
@@ -244,7 +245,39 @@ def statdec_steps(rank: int, world: int, target: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("target", ["cardinality", "balanced"])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(target):
-    single = assert_two_workers_equal_one(statdec_steps, target)
+@pytest.mark.parametrize("target,space", [("cardinality", "projection"), ("balanced", "projection"),
+                                          ("cardinality", "backbone")])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(target, space):
+    single = assert_two_workers_equal_one(statdec_steps, target, space)
     assert single["pool.ready"] and single["pool.sums"][:, 0].sum() == pytest.approx(1.0, rel=1e-5)
+    # the pool lives in z (D = 8) or in the smallconv's 2 x width = 16 backbone features
+    assert single["pool.sums"].shape == (4, 1 + 2 * (16 if space == "backbone" else 8))
+
+
+def test_backbone_pool_clusters_the_normalised_backbone_features_and_pulls_only_the_backbone():
+    cfg = _cfg(1, "cardinality", "backbone")
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, 1, 8, 8, generator=g)
+
+    def map_train(fn):
+        method.eval()
+        try:
+            with torch.no_grad():
+                return fn(x, torch.arange(N)), torch.arange(N)
+        finally:
+            method.train()
+
+    method.on_epoch_start(EpochContext(1, 3, 1, map_train))  # the init, on the backbone features
+    method.eval()
+    p = method.predict(x)
+    f = F.normalize(method.backbone(x), dim=1)
+    assert torch.allclose(p.features, f, atol=1e-6)
+    assert torch.equal(p.clusters[:, 0], method.pool.posterior(f)[0].argmax(dim=1))
+    # The KL term reaches the backbone, never the projection head (which only the contrastive loss trains).
+    method.train()
+    z, u = method.embed_both(torch.cat([x[:8], x[8:16]]))
+    log_q, log_l = method.pool.posterior(u)
+    kl_target(method.pool.target(log_q, log_l), log_q).backward()
+    assert all(q.grad is None or q.grad.abs().max() == 0 for q in method.proj.parameters())
+    assert any(q.grad is not None and q.grad.abs().max() > 0 for q in method.backbone.parameters())

@@ -65,6 +65,10 @@ class AECMConfig(MethodSettings):
     pretrain_momentum: float = Field(0.9, ge=0.0, lt=1.0)  # pretrain_optimizer=sgd: the release's momentum
     fresh_optimizer: bool = False  # true: each stage starts a new optimiser (zero moments), as the release does
     adam_eps_hat: bool = False  # true: adam_eps is added before Adam's bias correction (TensorFlow's, the release's)
+    # Train the AE and the CM on an augmented view (the `augment` settings), rebuilding it as is; prediction and the
+    # k-means init stay on the plain images. djc's extension, after DEC-DA (Guo et al. 2018): more distinct inputs
+    # for a small data set (digits-LT, docs/methods/aecm.md); false = the paper's plain images
+    augment: bool = False
 
     @model_validator(mode="after")
     def _alpha_matches_mode(self) -> AECMConfig:
@@ -120,6 +124,7 @@ class AECM(ClusteringMethod):
     def __init__(self, c: AECMConfig, s: Setup):
         super().__init__()
         self.c, self.k, self.seed, self.km = c, s.num_clusters, s.seed, s.kmeans
+        self.augmented = c.augment  # augment: the loop hands two augmented views; the step reads view 1
         self.batch = s.global_batch  # converts the release's pretraining lr (make_optimizer)
         if c.init == "pre" and s.epochs <= c.pretrain_epochs + c.cm_epochs:
             raise ValueError(f"optim.epochs={s.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
@@ -150,7 +155,7 @@ class AECM(ClusteringMethod):
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         stage, _ = self._stage()
-        x = x1.flatten(1)  # x2 is the same plain view
+        x = x1.flatten(1)  # x2 is the same plain view, or with augment another augmentation (unused)
         b, k = x.shape[0], self.k
         code = self.encoder(x)
         recon = (x - self.decoder(code)).pow(2).sum()

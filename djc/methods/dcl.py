@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from djc import dist
+from djc.methods.agglomerate import PieceStats
 from djc.methods.base import ClusteringMethod, MethodSettings, Prediction, Setup, StepOut, both_views, cluster_counts
 from djc.models.backbones import build_backbone, projection_head
 from djc.models.norm import globalize_batchnorm
@@ -46,11 +47,24 @@ class DCLConfig(MethodSettings):
     lam: float = Field(1.0, ge=0.0)  # weight of DDC's divergence loss; 0 = contrastive learning only
     cluster_hidden: int = Field(100, gt=0)  # hidden units h of the cluster head (DDC's 100)
     sigma_frac: float = Field(0.15, gt=0.0)  # kernel sigma^2 as a fraction of the median squared distance (DDC)
+    # Over-cluster, then merge (djc's extension for long-tailed data): the cluster head has K x pieces outputs and
+    # prediction merges them to K by average linkage on their mean normalised backbone features. DDC keeps the
+    # pieces near equal in size, so a tail class can own one (digits-LT: 3 pieces; docs/methods/dcl.md); 1 = DCL
+    pieces: int = Field(1, ge=1)
+
+    def check_run(self, cfg: Any) -> None:
+        b = cfg.data.batch_size
+        if self.pieces > 1 and cfg.method.num_clusters * self.pieces > b:
+            raise ValueError(f"method.dcl.pieces={self.pieces} x method.num_clusters={cfg.method.num_clusters} head "
+                             f"outputs exceed the global batch data.batch_size={b}; DDC needs every piece reachable")
 
 class DCLUpdate(NamedTuple):
     """A step's state update, the same on every worker."""
 
     pairs: Tensor  # (B_global, 2) int64: [index, cluster], gathered in forward
+    # pieces > 1: (K x pieces, 1 + 2 D) the global batch's (count, sum u, sum u^2) of the normalised backbone
+    # features per piece, all-reduced in forward; None with the paper's K-way head
+    piece_sums: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,7 +181,8 @@ class Cardinality(nn.Module):
 class DCL(ClusteringMethod):
     def __init__(self, c: DCLConfig, s: Setup):
         super().__init__()
-        self.c, k = c, s.num_clusters
+        self.c, self.k = c, s.num_clusters
+        k = self.k * c.pieces  # the head's outputs: K, or K x pieces merged to K at prediction
         bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
@@ -176,15 +191,17 @@ class DCL(ClusteringMethod):
             nn.Sequential(nn.Linear(bb.feat_dim, hid), nn.ReLU(inplace=True), nn.BatchNorm1d(hid)))
         self.cluster_out = nn.Linear(hid, k)
         self.card = Cardinality(k, s.num_samples)
+        # pieces > 1: the statistics of the head's pieces in the normalised backbone features, merged at prediction
+        self.piece_stats = PieceStats(k, bb.feat_dim) if c.pieces > 1 else None
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         f = self.encode(x)
         h = self.cluster_hidden(f)
-        return F.normalize(self.proj(f), dim=1), h, F.softmax(self.cluster_out(h), dim=1)
+        return F.normalize(self.proj(f), dim=1), h, F.softmax(self.cluster_out(h), dim=1), f
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         c, b = self.c, x1.shape[0]
-        z, h, a = both_views(self._heads, x1, x2, c.bn_views == "separate")  # (2b, .) each, [view 1; view 2]
+        z, h, a, f = both_views(self._heads, x1, x2, c.bn_views == "separate")  # (2b, .) each, [view 1; view 2]
         d, e = z.shape[1], h.shape[1]
         # ONE gather (with gradient) for the contrastive negatives and DDC's global batch: (W * 2b, D + H + K),
         # rows in blocks [worker w: view 1 (b rows), view 2 (b rows)].
@@ -211,17 +228,34 @@ class DCL(ClusteringMethod):
         logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
                 "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
                 "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau)}
-        return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1))))
+        piece_sums = None
+        if self.piece_stats is not None:  # both views' backbone features, in the anchor's piece: one all-reduce
+            piece_sums = dist.all_reduce_sum(
+                PieceStats.local_sums(F.normalize(f.detach(), dim=1), y.repeat(2), a.shape[1]))
+        return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1)), piece_sums))
 
     @torch.no_grad()
     def update_state(self, update: DCLUpdate) -> None:
         self.card.update(update.pairs[:, 0], update.pairs[:, 1])
+        if update.piece_sums is not None:
+            self.piece_stats.update_global(update.piece_sums)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        z, _, a = self._heads(x)
-        conf, y = a.max(dim=1)
-        return Prediction(y[:, None], conf, z)
+        z, _, a, _ = self._heads(x)
+        if self.piece_stats is None:
+            conf, y = a.max(dim=1)
+            return Prediction(y[:, None], conf, z)
+        # Over-clustered head: the piece among those that hold instances, then its group (column 1 keeps the piece).
+        alive = self.card.hist > 0
+        piece = a.masked_fill(~alive, -1.0).argmax(dim=1)
+        groups = self.piece_stats.groups(self.k, alive)
+        merged = a.new_zeros(a.shape[0], self.k).index_add_(1, groups, a)  # (B, K) probability of each group
+        y = groups[piece]
+        return Prediction(torch.stack([y, piece], dim=1), merged.gather(1, y[:, None]).squeeze(1), z)
 
     def health_counts(self) -> Tensor:
-        return self.card.hist
+        if self.piece_stats is None:
+            return self.card.hist
+        return torch.zeros(self.k, dtype=torch.long, device=self.card.hist.device).index_add_(
+            0, self.piece_stats.groups(self.k, self.card.hist > 0), self.card.hist)

@@ -208,11 +208,15 @@ class StatDECConfig(MethodSettings):
     # T of the tempered kernel log l / T: at D = 128 the density's log-odds between clusters are ~40 nats, so Q is
     # one-hot, P = Q and KL has no gradient; T ~ D / 4 makes them O(1) (docs/methods/statdec.md)
     kernel_temperature: float = Field(1.0, gt=0.0)
+    # Space of the pooled mixture and of the KL's pull (djc's extension): projection = z, where the contrastive loss
+    # lives; backbone = the normalised backbone features f(x) / |f(x)| before the projection head, which keep the
+    # classes together better on long-tailed digits (docs/methods/statdec.md); set kernel_temperature ~ dim / 4
+    pool_space: Literal["projection", "backbone"] = "projection"
 
 class StatDECUpdate(NamedTuple):
     """A step's state update, the same on every worker."""
 
-    sums: Tensor  # (K, 1 + 2 D) the global batch's pooled (weight, sum z, sum z^2), all-reduced in forward
+    sums: Tensor  # (K, 1 + 2 D) the global batch's pooled (weight, sum u, sum u^2), all-reduced in forward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,16 +230,25 @@ class StatDEC(ClusteringMethod):
         bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
-        self.pool = StatPool(s.num_clusters, s.model.proj_dim, c.ema, c.nu, c.sharpen, c.var_floor,
+        dim = bb.feat_dim if c.pool_space == "backbone" else s.model.proj_dim
+        self.pool = StatPool(s.num_clusters, dim, c.ema, c.nu, c.sharpen, c.var_floor,
                              c.target, c.assign == "hard", c.kernel_temperature, tuple(c.init_merges))
 
     def embed(self, x: Tensor) -> Tensor:
-        return F.normalize(self.proj(self.encode(x)), dim=1)
+        """The pooled embedding u (what the mixture clusters and prediction returns as features)."""
+        return self.embed_both(x)[1]
+
+    def embed_both(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, u): the contrastive embedding z = normalize(g(f(x))) and the pooled one u, which is z, or with
+        pool_space=backbone the normalised backbone features f(x) / |f(x)|."""
+        f = self.encode(x)
+        z = F.normalize(self.proj(f), dim=1)
+        return z, (F.normalize(f, dim=1) if self.c.pool_space == "backbone" else z)
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         c, b = self.c, x1.shape[0]
-        z = self.embed(torch.cat([x1, x2]))  # (2b, D), one pass: BN statistics over both views
-        log_q, log_l = self.pool.posterior(z)  # (2b, K); the statistics are buffers: only z gets gradients
+        z, u = self.embed_both(torch.cat([x1, x2]))  # (2b, .), one pass: BN statistics over both views
+        log_q, log_l = self.pool.posterior(u)  # (2b, K); the statistics are buffers: only u gets gradients
         p = self.pool.target(log_q, log_l)
         with torch.no_grad():
             y = (p[:b] + p[b:]).argmax(dim=1)  # (b,) the anchor's cluster, both views agreeing
@@ -250,7 +263,7 @@ class StatDEC(ClusteringMethod):
         logs = {"contrastive": con.loss.detach(), "kl": kl.detach(), "tau_plus": tau.mean(),
                 "min_prior": self.pool.stats().prior.min()}
         # ONE collective for the three pooled statistics of the global batch
-        sums = dist.all_reduce_sum(pooled_sums(z.detach(), self.pool.weights(p.detach())))
+        sums = dist.all_reduce_sum(pooled_sums(u.detach(), self.pool.weights(p.detach())))
         return StepOut(loss, logs, StatDECUpdate(sums))
 
     @torch.no_grad()
