@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.methods.base import ClusteringMethod, MethodSettings, Prediction, Setup, StepOut, both_views, cluster_counts
-from djc.models.backbones import build_backbone, projection_head
+from djc.models.backbones import build_encoder, projection_head
 from djc.models.norm import globalize_batchnorm
 
 class DCLConfig(MethodSettings):
@@ -168,7 +168,7 @@ class DCL(ClusteringMethod):
     def __init__(self, c: DCLConfig, s: Setup):
         super().__init__()
         self.c, k = c, s.num_clusters
-        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
+        bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
         hid = self.c.cluster_hidden
