@@ -51,6 +51,8 @@ def resolve(cfg: Config) -> Config:
     tree = to_dict(cfg)
     tree["data"]["train"] = absolute(cfg.data.train)
     tree["data"]["eval"] = {k: absolute(v) for k, v in cfg.data.eval.items()}
+    if cfg.model.weights:  # a relative model.weights=runs/<pretext run> is the driver's, not a worker's cwd
+        tree["model"]["weights"] = absolute(cfg.model.weights)
     return from_dict(tree)
 
 
