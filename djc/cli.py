@@ -178,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--data", action="append", default=[],
                     help="quality: NAME:key=v,key=v - a data set as overrides applied to every config "
                          "(repeatable; default: lt10 as configured, and balanced digits)")
+    be.add_argument("--pretext", default=None,
+                    help="quality: a pretext job (contrastive, no clustering term); each config also runs on its "
+                         "frozen encoder, per data set and seed, as '<method> (pretext)' with k-means on it")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")

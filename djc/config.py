@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 
 from djc import methods
 from djc.confignode import Node
+from djc.models.settings import ModelConfig
 
 
 def has_credentials(url: str) -> bool:
@@ -72,14 +73,13 @@ class AugmentConfig(Node):
     hflip: bool = True  # off for digits and text: a mirrored 2 is not a 2
     strength: float = Field(1.0, ge=0.0)  # multiplies the colour-jitter amplitudes; 0 disables jitter
     degrees: float = Field(0.0, ge=0.0, le=180.0)  # random rotation ~ U(-d, d), both views; 0 = none (SeCu)
-    out_size: int = Field(0, ge=0)  # crop output side; 0 = the dataset's image side
-
-
-class ModelConfig(Node):
-    backbone: Literal["smallconv", "resnet18_cifar", "resnet50", "mlp"] = "smallconv"
-    width: int = Field(64, gt=0)  # channels of the small convnet / hidden units of the MLP
-    proj_hidden: int = Field(512, gt=0)  # hidden units of the projection head
-    proj_dim: int = Field(128, gt=0)  # D, the normalised feature dimension the clustering heads see
+    # Side of the views; 0 = the dataset's image side, or with model.weights the side the backbone was trained at
+    # (224; a ViT's is fixed by its position embeddings), the images resized on the device (djc/models/inputs.py)
+    out_size: int = Field(0, ge=0)
+    # The training views: secu = SeCu's asymmetric pair (crop, flip, colour jitter, grey, blur, solarize; the keys
+    # above shape it); crop_flip = random resized crop and flip only (P2OT's release on DINO ViT-B/16); none = the
+    # plain view twice: nothing augments the backbone's input, so with model.freeze=all its features are computed once
+    policy: Literal["secu", "crop_flip", "none"] = "secu"
 
 
 class KMeansConfig(Node):
@@ -164,6 +164,7 @@ class Config(Node):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         urls = {"data.train": self.data.train, "storage.endpoint_url": self.storage.endpoint_url,
+                "model.weights": self.model.weights,
                 "trainer.ray_address": self.trainer.ray_address,
                 **{f"data.eval.{k}": v for k, v in self.data.eval.items()}}
         for key, url in urls.items():

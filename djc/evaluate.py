@@ -37,14 +37,18 @@ from torch import Tensor
 
 from djc import dist, metrics, plots, runfiles
 from djc.config import Config
+from djc.features import FeatureViews
 from djc.data.shards import read_manifest
 from djc.data.stream import ShardStream
 from djc.methods.base import ClusteringMethod
 from djc.methods.kmeans import assign, kmeans
 
 EVAL_BATCH = 512
-# Baseline assignment column -> key of its metrics inside each split's dict.
-BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features"}
+# Baseline assignment column -> key of its metrics inside each split's dict. kmeans_encoder: k-means on the
+# backbone's own features, in runs that load model.weights (a frozen pretext encoder's: the baseline a method on it
+# must reach).
+BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features",
+                    "kmeans_encoder": "baseline_encoder"}
 # djc tune --metric NAME -> the key the training loop reports; all are "higher is better".
 METRICS = {"score": "select_score", "acc": "select_acc", "balanced_acc": "select_balanced_acc"}
 
@@ -53,9 +57,12 @@ METRICS = {"score": "select_score", "acc": "select_acc", "balanced_acc": "select
 # Prediction over a split
 
 
-def local_slice(url: str, on_corrupt: str = "error"):
+def local_slice(url: str, on_corrupt: str = "error", views=None):
     """This worker's batches of a dataset, every sample once, in a fixed order (evaluation, data passes); with
-    on_corrupt="skip" an undecodable image is left out (and a batch may be empty)."""
+    on_corrupt="skip" an undecodable image is left out (and a batch may be empty). With cached features
+    (djc/features.py) a batch's `image` is its rows of the feature table."""
+    if isinstance(views, FeatureViews):
+        return views.local_slice(url)
     stream = ShardStream(url, batch_size=EVAL_BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False,
                          on_corrupt=on_corrupt)
     stream.set_epoch(0)
@@ -66,22 +73,27 @@ def local_slice(url: str, on_corrupt: str = "error"):
 def map_split(url: str, fn, views, device, on_corrupt: str = "error") -> tuple[Tensor, Tensor]:
     """fn(eval view, index) over this worker's slice of a split -> (concatenated outputs, indices)."""
     outs, idx = [], []
-    for batch in local_slice(url, on_corrupt):
+    for batch in local_slice(url, on_corrupt, views):
         outs.append(fn(views.eval(batch["image"].to(device)), batch["index"].to(device)))
         idx.append(batch["index"])
     return torch.cat(outs), torch.cat(idx)
 
 
 @torch.no_grad()
-def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt: str = "error") -> dict[str, Tensor]:
-    """This worker's slice of a split: index, label, clusters (n, H), confidence, features, ood, pixels."""
+def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt: str = "error",
+                  encoder: bool = False) -> dict[str, Tensor]:
+    """This worker's slice of a split: index, label, clusters (n, H), confidence, features, ood, pixels (not on
+    cached features: there are no pixels then), and with `encoder` the backbone's own features."""
     parts: dict[str, list[Tensor]] = {}
-    for batch in local_slice(url, on_corrupt):
+    for batch in local_slice(url, on_corrupt, views):
         x = views.eval(batch["image"].to(device))
         p = method.predict(x)
         cols = {"index": batch["index"], "label": batch["label"], "clusters": p.clusters.cpu(),
-                "confidence": p.confidence.float().cpu(), "features": p.features.float().cpu(),
-                "pixels": x.flatten(1).float().cpu()}
+                "confidence": p.confidence.float().cpu(), "features": p.features.float().cpu()}
+        if not isinstance(views, FeatureViews):
+            cols["pixels"] = x.flatten(1).float().cpu()
+        if encoder:
+            cols["encoder"] = method.encode(x).float().cpu()
         if p.ood is not None:
             cols["ood"] = p.ood.float().cpu()
         for k, v in cols.items():
@@ -96,12 +108,15 @@ def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt:
 def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, device) -> dict[str, Any] | None:
     """Called by every worker at the end of training; rank 0 writes the outputs and returns metrics.json."""
     k, km = cfg.method.num_clusters, cfg.method.kmeans
-    local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt)
+    encoder = bool(cfg.model.weights)
+    local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt, encoder)
              for name, url in cfg.data.splits().items()}
     # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.
     extra_cols: dict[str, str] = {"kmeans_features": "features"}
-    if cfg.eval.baseline:
+    if cfg.eval.baseline and not isinstance(views, FeatureViews):
         extra_cols["kmeans_pixels"] = "pixels"
+    if encoder:
+        extra_cols["kmeans_encoder"] = "encoder"
     centers = {col: kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
                for col, src in extra_cols.items()}
     parts: dict[str, list[np.ndarray]] = {}
@@ -178,9 +193,9 @@ def metrics_table(result: dict[str, Any]) -> str:
     rows: dict[str, dict[str, float]] = {}
     for name, m in result["splits"].items():
         rows[f"{name} method"] = {k: v for k, v in m.items() if not isinstance(v, dict)}
-        for base in ("baseline", "baseline_features"):
+        for base, label in (("baseline", "kmeans-pixels"), ("baseline_features", "kmeans-features"),
+                            ("baseline_encoder", "kmeans-encoder")):
             if base in m:
-                label = "kmeans-pixels" if base == "baseline" else "kmeans-features"
                 rows[f"{name} {label}"] = m[base]
     return metrics.format_table(rows)
 
@@ -210,7 +225,7 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
     """Every worker calls this with its own slice; all get the same numbers (reduced over workers)."""
     K = num_clusters
     stats, labels, clusters = None, [], []
-    for batch in local_slice(url, on_corrupt):
+    for batch in local_slice(url, on_corrupt, views):
         p = method.predict(views.eval(batch["image"].to(device)))
         z, c = p.features.float().flatten(1), p.clusters[:, 0]
         part = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64, device=z.device)  # (K, D + 2)

@@ -17,6 +17,7 @@ from djc import ray_setup, rundir, runfiles, storage
 from djc.checkpoint import CheckpointError
 from djc.config import Config, ConfigError, from_dict, has_credentials, to_dict, to_yaml
 from djc.data.shards import DatasetError
+from djc.models.weights import WeightsError
 
 
 class RunError(Exception):
@@ -25,7 +26,7 @@ class RunError(Exception):
 
 # Errors a user can fix: the CLI prints their message on one line and exits 2. Anything else is a bug and keeps
 # its traceback. OSError covers an --out that is read-only or whose parent is a file.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, storage.StorageError, RunError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, WeightsError, storage.StorageError, RunError, OSError)
 
 
 def is_local(url: str) -> bool:
@@ -50,6 +51,8 @@ def resolve(cfg: Config) -> Config:
     tree = to_dict(cfg)
     tree["data"]["train"] = absolute(cfg.data.train)
     tree["data"]["eval"] = {k: absolute(v) for k, v in cfg.data.eval.items()}
+    if cfg.model.weights:  # a relative model.weights=runs/<pretext run> is the driver's, not a worker's cwd
+        tree["model"]["weights"] = absolute(cfg.model.weights)
     return from_dict(tree)
 
 
@@ -101,6 +104,38 @@ def check_against_data(cfg: Config) -> None:
             raise DatasetError(f"dataset {url} has images of shape {e.image_shape} (H, W, C), the training set "
                                f"{tuple(m.image_shape)}: an evaluation split needs the training set's channels "
                                f"and one image size")
+    check_model(cfg, m)
+
+
+def check_model(cfg: Config, m) -> None:
+    """The backbone against the data and its weights, here rather than on every worker: a library backbone is
+    built, model.weights loaded into it (what does not match is a WeightsError listing the keys) and model.freeze
+    applied; what loading left out (a projection head) is printed."""
+    from djc import features
+    from djc.methods import REGISTRY
+    from djc.methods.base import DataInfo
+    from djc.models import zoo
+    from djc.models.backbones import build_encoder
+    from djc.step import views_input
+
+    model = cfg.model
+    if features.applies(cfg, REGISTRY[cfg.method.name].cls.takes_augmented(cfg.method.selected())) and cfg.data.on_corrupt == "skip":
+        raise ConfigError("data.on_corrupt=skip: a frozen backbone's features are computed once for every image "
+                          "(model.freeze=all); set model.cache_features=false to skip undecodable images instead")
+    if not (model.weights or zoo.library(model.backbone) or model.freeze not in ("all", "none")):
+        return
+    if cfg.method.name == "aecm" and not model.weights:
+        return  # AE-CM uses a backbone only with weights
+    info = DataInfo(m.num_samples, tuple(m.image_shape), m.num_classes, tuple(m.mean), tuple(m.std))
+    try:
+        side = views_input(cfg, info).size
+        notes = build_encoder(model, (side, side, m.image_shape[2])).notes
+    except WeightsError:
+        raise
+    except ValueError as err:  # a ViT's side, model.freeze=N beyond the blocks, ...: one line naming the keys
+        raise ConfigError(str(err)) from None
+    for note in notes:
+        print(f"[djc] model.weights {model.weights}: {note}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

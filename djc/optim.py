@@ -15,6 +15,10 @@ def make_optimizer(cfg: Config, method: ClusteringMethod) -> torch.optim.Optimiz
     o = cfg.optim
     groups = []
     for g in method.param_groups():
+        # What model.freeze fixed has no gradient: leave it out (no momentum or Adam moments kept for it).
+        g = {**g, "params": [p for p in g["params"] if p.requires_grad]}
+        if not g["params"]:
+            continue
         g = {"lr": o.lr, "weight_decay": o.weight_decay, "fixed_lr": False, **g}
         g["base_lr"] = g["lr"]
         groups.append(g)

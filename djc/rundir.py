@@ -27,13 +27,14 @@ from typing import Any
 
 import fsspec
 
+from djc import checkpoint
 from djc.config import Config, ConfigError, from_dict, to_dict
 
 LOCK_FILE = ".djc-lock"
 ERROR_LOG = "logs/error-rank{rank}.txt"  # a worker's failure with its full traceback (djc/train.py writes it)
 HEARTBEAT_S = 15.0
 STALE_S = 120.0  # 8 missed heartbeats: the owner is gone (and clocks of two hosts may differ by a minute)
-SNAPSHOT = "train/checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it kept
+SNAPSHOT = checkpoint.RAY_RECORD  # Ray Train's record of the checkpoints it kept
 
 # What a resumed run may change: how long it trains, where and how it runs, what it evaluates. Everything else
 # is what the checkpoint was trained with. trainer.num_workers is not here: the stream position in a checkpoint

@@ -11,14 +11,21 @@ from torch import Tensor, nn
 from djc.config import Config
 from djc.methods import REGISTRY
 from djc.methods.base import ClusteringMethod, DataInfo, Setup, StepOut
+from djc.models.inputs import run_input
+from djc.models.zoo import InputSpec
+
+
+def views_input(cfg: Config, info: DataInfo) -> InputSpec:
+    """The normalisation and side of what the views hand the method: the dataset's, or with model.weights the
+    backbone's (djc/models/inputs.py); augment.out_size sets the side."""
+    return run_input(cfg.model, cfg.augment.out_size, info.mean, info.std, info.image_shape)
 
 
 def setup(cfg: Config, info: DataInfo) -> Setup:
-    """The shared settings a method is built with. The image shape is what the views hand the method:
-    augment.out_size square when that is set (an MLP's input width, an autoencoder's output, depend on it)."""
-    shape = info.image_shape
-    if cfg.augment.out_size:
-        shape = (cfg.augment.out_size, cfg.augment.out_size, shape[2])
+    """The shared settings a method is built with. The image shape is what the views hand the method
+    (`views_input`: an MLP's input width, an autoencoder's output, a ViT's grid depend on it)."""
+    side = views_input(cfg, info).size
+    shape = info.image_shape if side == info.image_shape[0] else (side, side, info.image_shape[2])
     return Setup(num_clusters=cfg.method.num_clusters, num_samples=info.num_samples, image_shape=shape,
                  num_classes=info.num_classes, global_batch=cfg.data.batch_size, epochs=cfg.optim.epochs,
                  seed=cfg.seed, model=cfg.model, kmeans=cfg.method.kmeans)

@@ -19,21 +19,39 @@ from typing import Any
 
 import torch
 
-from djc import checkpoint, dist, evaluate, rundir, runfiles, storage
+from djc import checkpoint, dist, evaluate, features, rundir, runfiles, storage
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.loader import StreamLoader
 from djc.data.stream import ShardStream
 from djc.data.augment import ViewPair
 from djc.optim import apply_lr, lr_factor, make_optimizer
-from djc.step import build_method, to_device, train_step, wrap_ddp
+from djc.step import build_method, to_device, train_step, views_input, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.metrics import size_health
 
 def data_info(m: Manifest) -> DataInfo:
     if m.image_shape is None:
         raise ValueError(f"dataset {m.url} has images of varying size; resize them when preparing it")
-    return DataInfo(m.num_samples, tuple(m.image_shape), m.num_classes)
+    return DataInfo(m.num_samples, tuple(m.image_shape), m.num_classes, tuple(m.mean), tuple(m.std))
+
+
+def make_inputs(cfg: Config, method, manifest: Manifest, device: torch.device, run_dir: str):
+    """(views, loader) of this worker: the training stream and the views that turn its batches into the method's
+    two inputs. Views of the images, normalised and sized for the backbone (djc/models/inputs.py); or, with a
+    frozen backbone on plain views, its features computed once (djc/features.py) and a stream of indices only."""
+    rank, world = dist.rank(), dist.world_size()
+    spec = views_input(cfg, data_info(manifest))  # the dataset's normalisation and side, or the pretrained backbone's
+    views = ViewPair(cfg, spec.mean, spec.std, spec.size)
+    order = None  # with cached features: the dataset index of each row, so the stream reads nothing
+    if features.applies(cfg, method.augmented):
+        views = features.prepare(cfg, method, views, device, run_dir)
+        method.features_in, order = True, views.order()
+    stream = ShardStream(manifest, batch_size=cfg.data.batch_size // world, rank=rank, world_size=world,
+                         seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
+                         cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
+                         retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches, order=order)
+    return views, StreamLoader(stream, loader_workers=cfg.data.loader_workers if order is None else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,20 +88,15 @@ def _train(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))))
 
-    # --- data -------------------------------------------------------------------------------------------
+    # --- model and cluster state ------------------------------------------------------------------------
     manifest = read_manifest(cfg.data.train)
     info = data_info(manifest)
-    stream = ShardStream(manifest, batch_size=cfg.data.batch_size // world, rank=rank, world_size=world,
-                         seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
-                         cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
-                         retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches)
-    loader = StreamLoader(stream, loader_workers=cfg.data.loader_workers)
-    steps_per_epoch = loader.steps_per_epoch
-    views = ViewPair(cfg, manifest.mean, manifest.std, info.image_shape[0])
-
-    # --- model and cluster state ------------------------------------------------------------------------
     method = to_device(build_method(cfg, info), cfg, device)  # precision, memory format, compile
     opt = make_optimizer(cfg, method)
+
+    # --- data -------------------------------------------------------------------------------------------
+    views, loader = make_inputs(cfg, method, manifest, device, run_dir)
+    steps_per_epoch = loader.steps_per_epoch
 
     # --- resume -----------------------------------------------------------------------------------------
     start_epoch, step = 0, 0
@@ -128,8 +141,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                     break
                 continue
             apply_lr(opt, lr_factor(cfg, step, steps_per_epoch))
-            # non_blocking: a blocking host -> GPU copy synchronises the stream
-            x1, x2 = views.for_method(method, batch["image"].to(device, non_blocking=True), step, rank)
+            x1, x2 = views.for_batch(method, batch, device, step, rank)  # augmented views, or cached features
             out = train_step(model, method, opt, batch["index"].to(device, non_blocking=True), x1, x2)
             logs = torch.stack([out.loss.detach(), *out.logs.values()])
             sums = logs if sums is None else sums + logs

@@ -88,3 +88,26 @@ def test_bench_quality_tabulates_methods_and_baselines_per_data_set(ray_local, t
 def test_bench_refuses_a_malformed_data_set(capsys):
     assert cli.main(["bench", "quality", "--data", "no-colon"]) == 2
     assert "NAME:key=v" in capsys.readouterr().err
+
+
+def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_local, tmp_path, capsys):
+    """The two-stage recipe through real workers: a pretext run (contrastive, no clustering term), then P2OT on its
+    frozen encoder (model.weights = the pretext run dir), features computed once, beside P2OT from scratch."""
+    jobs = Path(JOB).parent
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "quality", "--config", str(jobs / "digits_lt_p2ot.yaml"),
+                     "--pretext", str(jobs / "digits_lt_pretext.yaml"),
+                     "--data", f"tiny:data.train={tmp_path}/data/train",
+                     "--seeds", "1", "--out", str(out), f"data.eval={{test: {tmp_path}/data/test}}", "optim.epochs=1",
+                     "optim.warmup_epochs=0", "model.width=8", "method.kmeans.restarts=1"])
+    assert code == 0
+    table = (out / "quality.md").read_text().splitlines()
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in table[2:]}
+    for method in ("p2ot", "p2ot (pretext)", "kmeans-encoder (pretext)", "kmeans-pixels"):
+        assert ("tiny", "train", method) in rows, method
+    minutes = [float(rows["tiny", "train", m].split("|")[-2].split("±")[0]) for m in ("p2ot", "p2ot (pretext)")]
+    assert all(m > 0 for m in minutes)  # each row has its wall time; the pair's includes the pretext run's
+    run = out / "tiny" / "digits_lt_p2ot-on-pretext-seed0"
+    cfg = (run / "config.yaml").read_text()
+    assert str(out / "tiny" / "digits_lt_pretext-seed0") in cfg and "freeze: all" in cfg
+    assert list((run / "features").glob("train-*.pt")) and list((run / "features").glob("test-*.pt"))

@@ -6,6 +6,13 @@ evaluated split, per (data set, method), with the k-means on pixels and on learn
 same runs report. A data set is a named set of overrides applied to every config (by default the configs' own
 long-tailed digits and the balanced digits train split), so every method sees exactly the same data.
 All runs share one Ray session (each fit still costs Ray's start-up of a worker group, ~15 s).
+
+With --pretext CONFIG it runs the two-stage recipe beside each method: per data set and seed, the pretext run
+first (a contrastive job with no clustering term, e.g. jobs/digits_lt_pretext.yaml), then every config again on
+its frozen encoder (model.weights=<pretext run dir>, model.freeze=all, augment.policy=none: features computed once)
+as "<method> (pretext)", with k-means on the same pretext features ("kmeans-encoder") as the bar it must reach.
+Every row carries its wall time in minutes (a pretext pair: pretext + clustering run), so a from-scratch run can
+be compared with the pair for the same total time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from djc.config import ConfigError, load_config
 from djc.methods import REGISTRY
 
 KEYS = ("balanced_acc", "acc", "nmi", "tail_acc", "size_entropy")
+TIME = "minutes"  # the wall time column: one run's (a pretext pair: both runs')
 # Every registered method's job (djc/methods/__init__.py); each trains on the same long-tailed train split.
 DEFAULT_CONFIGS = [e.job for e in REGISTRY.values() if e.job]
 # name:overrides. lt10 = the configs' own data (ratio 10, 562 images); balanced = all 1,438 train images.
@@ -43,7 +51,7 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def format_rows(rows: dict[tuple[str, str, str], dict[str, list[float]]], keys=KEYS) -> str:
+def format_rows(rows: dict[tuple[str, str, str], dict[str, list[float]]], keys=(*KEYS, TIME)) -> str:
     """Markdown table, sorted by data set, split, then method; each cell mean ± std over seeds."""
     lines = ["| data | split | method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 3)]
     for (data, split, method), r in sorted(rows.items()):
@@ -59,20 +67,46 @@ def main(args: argparse.Namespace) -> int:
     configs = args.config or DEFAULT_CONFIGS
     datasets = parse_named(args.data or DEFAULT_DATA)
     rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
-    runs = [(c, d, s) for d in datasets for c in configs for s in range(args.seeds)]
+    pretext = getattr(args, "pretext", None)
+    # (config, data, seed, stage): stage "" = from scratch, "pretext" = the pretext run, "on-pretext" = the config
+    # on the pretext run's frozen encoder (after the pretext run of the same data set and seed).
+    runs = []
+    for d in datasets:
+        for s in range(args.seeds):
+            runs += [(c, d, s, "") for c in configs]
+            if pretext:
+                runs += [(pretext, d, s, "pretext"), *[(c, d, s, "on-pretext") for c in configs]]
     t_start = time.time()
-    for i, (config, data, seed) in enumerate(runs):
-        cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}"]))
+    pretext_minutes: dict[tuple[str, int], float] = {}
+    for i, (config, data, seed, stage) in enumerate(runs):
+        extra, tag = [], ""
+        if stage == "on-pretext":
+            pcfg = load_config(pretext, [*args.overrides, *datasets[data]])
+            extra = [f"model.weights={_pretext_dir(args.out, data, pretext, seed)}", "model.freeze=all",
+                     "augment.policy=none", f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}"]
+            tag = "-on-pretext"
+        cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
-        run_dir = launch.absolute(f"{args.out}/{data}/{Path(config).stem}-seed{seed}")
+        run_dir = (_pretext_dir(args.out, data, config, seed) if stage == "pretext"
+                   else launch.absolute(f"{args.out}/{data}/{Path(config).stem}{tag}-seed{seed}"))
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
-        print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name} on {data}, seed {seed} -> {run_dir}{eta}",
-              flush=True)
+        print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name}{' ' + stage if stage else ''} on {data}, "
+              f"seed {seed} -> {run_dir}{eta}", flush=True)
+        t_run = time.time()
         result = launch.run(cfg, run_dir, echo_config=False)
+        minutes = (time.time() - t_run) / 60
+        if stage == "pretext":
+            pretext_minutes[data, seed] = minutes
+            continue
+        name = cfg.method.name + (" (pretext)" if stage else "")
+        if stage:
+            minutes += pretext_minutes[data, seed]
         for split, m in result["splits"].items():
-            entries = {cfg.method.name: m, f"kmeans-features ({cfg.method.name})": m.get("baseline_features")}
-            if config == configs[0]:  # pixels do not depend on the method: one row per data set and seed
+            entries = {name: m, f"kmeans-features ({name})": m.get("baseline_features")}
+            if stage and config == configs[0]:  # k-means on the pretext encoder's own features: one per seed
+                entries["kmeans-encoder (pretext)"] = m.get("baseline_encoder")
+            if not stage and config == configs[0]:  # pixels do not depend on the method: one row per data set, seed
                 entries["kmeans-pixels"] = m.get("baseline")
             for method, vals in entries.items():
                 if vals is None:
@@ -80,6 +114,8 @@ def main(args: argparse.Namespace) -> int:
                 r = rows.setdefault((data, split, method), {})
                 for k in KEYS:
                     r.setdefault(k, []).append(float(vals[k]))
+                if method == name:
+                    r.setdefault(TIME, []).append(minutes)
     table = format_rows(rows)
     print(f"\nquality over {args.seeds} seeds (mean ± std), {len(runs)} runs in "
           f"{(time.time() - t_start) / 60:.1f} min\n{table}")
@@ -87,3 +123,9 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text(table + "\n")
     return 0
+
+
+def _pretext_dir(out: str, data: str, pretext: str, seed: int) -> str:
+    from djc import launch
+
+    return launch.absolute(f"{out}/{data}/{Path(pretext).stem}-seed{seed}")

@@ -1,7 +1,8 @@
 """The two training views of a step, made on the training device from the run's augment settings.
 
 The batched ops live in djc/data/views.py; this is the pair a training step uses: SeCu's asymmetric CIFAR
-views scaled by `augment.*`, seeded by (seed, step, rank) so that a resumed run sees the same views.
+views scaled by `augment.*` (augment.policy=crop_flip keeps only their crop and flip; none, the plain view twice),
+seeded by (seed, step, rank) so that a resumed run sees the same views.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class ViewPair:
         scale = a.strength
 
         def adapt(v: views.ViewSpec) -> views.ViewSpec:
+            if a.policy == "crop_flip":  # the colour and blur ops all off: each draws, none applies
+                return views.ViewSpec(crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=0.0, gray_p=0.0,
+                                      blur_p=0.0, solarize_p=0.0, degrees=a.degrees)
             return views.ViewSpec(
                 crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=v.jitter_p,
                 brightness=v.brightness * scale, contrast=v.contrast * scale,
@@ -31,6 +35,7 @@ class ViewPair:
             )
 
         self.specs = (adapt(v1), adapt(v2))
+        self.plain = a.policy == "none"
         self.mean, self.std = mean, std
         self.out = a.out_size or image_side
         self.seed = cfg.seed
@@ -49,9 +54,16 @@ class ViewPair:
     def eval(self, images: Tensor) -> Tensor:
         return views.eval_view(images, *self._on(images.device), out_size=self.out)
 
+    def for_batch(self, method: ClusteringMethod, batch: dict, device: torch.device, step: int,
+                  rank: int) -> tuple[Tensor, Tensor]:
+        """The two inputs of a training step from a loader batch (djc/features.py's views take the same call)."""
+        # non_blocking: a blocking host -> GPU copy synchronises the stream
+        return self.for_method(method, batch["image"].to(device, non_blocking=True), step, rank)
+
     def for_method(self, method: ClusteringMethod, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
-        """The two inputs of a training step: augmented views, or the plain view twice for autoencoders."""
-        if not method.augmented:
+        """The two inputs of a training step: augmented views, or the plain view twice (autoencoders, and
+        augment.policy=none)."""
+        if not method.augmented or self.plain:
             x = self.eval(images)
             return x, x
         return self.train(images, step, rank)

@@ -49,6 +49,10 @@ class ShardStream(IterableDataset):
 
     cache_dir: a local copy of each shard is made on its first read (in the prefetch threads) and later reads
     use it, under cache_max_bytes (djc/data/cache.py).
+
+    order: the dataset index of every row in the shards' order (N,). Given it, batches are {index, batch_id,
+    skipped} of the same rows in the same order, computed without reading or decoding anything: a run on cached
+    features (djc/features.py) looks its inputs up by index.
     """
 
     RETRY_BASE_S = 0.2
@@ -56,7 +60,7 @@ class ShardStream(IterableDataset):
     def __init__(self, url_or_manifest: str | Manifest, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, window: int = 16, on_corrupt: str = "error",
                  cache_dir: str | None = None, cache_max_bytes: int = 20 << 30, retries: int = 5,
-                 prefetch_batches: int = 4):
+                 prefetch_batches: int = 4, order: np.ndarray | None = None):
         m = url_or_manifest if isinstance(url_or_manifest, Manifest) else read_manifest(url_or_manifest)
         if batch_size < 1 or window < 1 or retries < 1 or seed < 0 or prefetch_batches < 0:
             raise ValueError(f"need batch_size, window, retries >= 1 and seed, prefetch_batches >= 0; got "
@@ -75,6 +79,9 @@ class ShardStream(IterableDataset):
         self._group = np.array([g for sh in m.shards for g in range(len(sh.row_groups))], dtype=np.int64)
         self._sizes = np.array([n for sh in m.shards for n in sh.row_groups], dtype=np.int64)
         self._first = np.concatenate([np.cumsum([0, *sh.row_groups[:-1]]) for sh in m.shards]).astype(np.int64)
+        if order is not None and len(order) != m.num_samples:
+            raise ValueError(f"order has {len(order)} rows, the dataset {m.num_samples}")
+        self.order = order
         self._epoch, self._start, self.skipped = 0, 0, 0
         self._plan: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         self._pid = -1  # per-process readers, made on first use: never shared across a fork
@@ -154,6 +161,12 @@ class ShardStream(IterableDataset):
         B = self.batch_size
         todo = [(j, units[j * B:(j + 1) * B], rows[j * B:(j + 1) * B])
                 for j in range(self._start + w, self.num_batches(), D)]
+        if self.order is not None:  # indices only: row (u, r) is row first-of-its-shard + first[u] + r overall
+            start = np.concatenate([[0], np.cumsum([sh.num_samples for sh in self.manifest.shards])])
+            offset = start[self._shard] + self._first  # (units,)
+            for j, u, r in todo:
+                yield {"index": torch.from_numpy(self.order[offset[u] + r]), "batch_id": j, "skipped": 0}
+            return
         self._readers()
         with Prefetcher(self._row_group, [u for _, u, _ in todo], self.prefetch_batches) as groups:
             for k, (j, u, r) in enumerate(todo):

@@ -11,6 +11,8 @@ CM (djc/methods/cm.py) on the code c. Per step, with n the GLOBAL batch and ever
 That is the paper's summed loss divided by n: the mean over workers of these local losses equals the one-process
 loss, and E4 reads mean_i gamma_ik from a with-gradient all-reduce of the local sums (it sits inside a log).
 The last epoch averages the weights after each of its steps; `on_train_end` swaps the average in.
+With model.weights the autoencoder's input x is not the pixels but the frozen backbone's features (model.freeze=all:
+an autoencoder would make a trainable backbone's features trivial to reconstruct), computed once per run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Pre
 from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
 from djc.methods.kmeans import kmeans
 from djc.methods.stage_optim import StageOptimizer
+from djc.models.backbones import build_encoder
 
 PRETRAIN, CM_ONLY, JOINT = 0, 1, 2
 
@@ -85,6 +88,9 @@ class AECMConfig(MethodSettings):
         if cfg.optim.name != "adam" and release_stages:
             raise ValueError(f"method.aecm.pretrain_optimizer / fresh_optimizer / adam_eps_hat are the release's Adam "
                              f"stages: they need optim.name=adam (got {cfg.optim.name})")
+        if cfg.model.weights and cfg.model.freeze != "all":
+            raise ValueError(f"method aecm reconstructs the backbone's features: with model.weights it needs "
+                             f"model.freeze=all (got {cfg.model.freeze}), or a trainable backbone makes them trivial")
 
 class AECMUpdate(NamedTuple):
     """A step's state update, the same on every worker."""
@@ -121,6 +127,10 @@ def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int) -> int
 class AECM(ClusteringMethod):
     augmented = False  # an autoencoder reconstructs the non-augmented input
 
+    @classmethod
+    def takes_augmented(cls, settings: MethodSettings) -> bool:
+        return settings.augment
+
     def __init__(self, c: AECMConfig, s: Setup):
         super().__init__()
         self.c, self.k, self.seed, self.km = c, s.num_clusters, s.seed, s.kmeans
@@ -130,7 +140,12 @@ class AECM(ClusteringMethod):
             raise ValueError(f"optim.epochs={s.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
                              f"{c.pretrain_epochs} + method.aecm.cm_epochs={c.cm_epochs}")
         h, w, ch = s.image_shape
-        self.d = d = h * w * ch
+        if s.model.weights:  # the frozen backbone's features are the input (module docstring)
+            bb = build_encoder(s.model, s.image_shape)
+            self.backbone, d = bb.net, bb.feat_dim
+        else:
+            d = h * w * ch
+        self.d = d
         self.encoder = mlp([d, *c.hidden, c.code_dim])
         self.decoder = mlp([c.code_dim, *reversed(c.hidden), d])
         self.cm = CM(c.code_dim, self.k)
@@ -140,7 +155,7 @@ class AECM(ClusteringMethod):
         # (stage, averaging): set at each epoch start; a buffer so that a checkpoint restores it.
         self.register_buffer("phase", torch.tensor([stage_at(0, c.init, c.pretrain_epochs, c.cm_epochs), 0]))
         self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
-        numel = sum(p.numel() for p in self.parameters())
+        numel = sum(p.numel() for p in self._own())
         self.register_buffer("avg_sum", torch.zeros(numel))  # sum of the weight vector after each averaged step
         self.register_buffer("avg_count", torch.zeros((), dtype=torch.long))
         self._phase: tuple[int, int] | None = None  # host copy of `phase`: no device sync per step
@@ -153,9 +168,17 @@ class AECM(ClusteringMethod):
             self._phase = (int(s), int(a))
         return self._phase
 
+    def _own(self) -> list[nn.Parameter]:
+        """The autoencoder's and the CM's parameters: everything but a (frozen) backbone."""
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.cm.parameters()]
+
+    def _input(self, x: Tensor) -> Tensor:
+        """(B, d): the pixels, or the frozen backbone's features of them."""
+        return self.encode(x) if hasattr(self, "backbone") else x.flatten(1)
+
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:
         stage, _ = self._stage()
-        x = x1.flatten(1)  # x2 is the same plain view, or with augment another augmentation (unused)
+        x = self._input(x1)  # x2 is the same plain view, or with augment another augmentation (unused)
         b, k = x.shape[0], self.k
         code = self.encoder(x)
         recon = (x - self.decoder(code)).pow(2).sum()
@@ -184,7 +207,7 @@ class AECM(ClusteringMethod):
         else:
             loss = logs["e1"] + logs["e2"] + self.c.beta * logs["recon"] + self.c.lam * logs["orth"] + logs["prior"]
         # Every parameter takes part (with a zero gradient in the staged phases) so that DDP's reducer sees all.
-        loss = loss + 0.0 * sum(p.sum() for p in self.parameters())
+        loss = loss + 0.0 * sum(p.sum() for p in self._own())
         update = AECMUpdate(glob[k + 1 :].detach().round().long())
         return StepOut(loss, {name: v.detach() for name, v in logs.items()}, update)
 
@@ -199,7 +222,7 @@ class AECM(ClusteringMethod):
             # digits, <1e-3 per weight over ~20 steps took the reconstruction error from 1.2 to 21): put it back.
             copy_vector_(self._frozen, self._autoencoder())
         if self._stage()[1]:
-            self.avg_sum.add_(torch.nn.utils.parameters_to_vector(self.parameters()))
+            self.avg_sum.add_(torch.nn.utils.parameters_to_vector(self._own()))
             self.avg_count.add_(1)
 
     @torch.no_grad()
@@ -222,7 +245,7 @@ class AECM(ClusteringMethod):
     @torch.no_grad()
     def _init_cm(self, ctx: EpochContext) -> None:
         """k-means on the codes of the whole training set (sharded), U = centers, V = pinv(U) (or the GMM posterior)."""
-        codes, index = ctx.map_train(lambda x, i: self.encoder(x.flatten(1)))
+        codes, index = ctx.map_train(lambda x, i: self.encoder(self._input(x)))
         km = kmeans(codes, self.k, iters=self.km.iters, restarts=self.km.restarts, seed=self.seed, index=index)
         var = None  # pinv
         if self.c.cm_init == "posterior":  # the per-dimension variance around the centers, over every worker
@@ -234,12 +257,12 @@ class AECM(ClusteringMethod):
     @torch.no_grad()
     def on_train_end(self) -> None:
         if int(self.avg_count) > 0:
-            copy_vector_(self.avg_sum / self.avg_count, list(self.parameters()))
+            copy_vector_(self.avg_sum / self.avg_count, self._own())
 
     def param_groups(self) -> list[dict]:
         # The paper's Adam (eps rescaled to our per-sample loss) at a constant lr: a cosine schedule would make the
         # averaging epoch's steps vanish.
-        return [{"params": list(self.parameters()), "eps": self.c.adam_eps, "fixed_lr": self.c.constant_lr}]
+        return [{"params": self._own(), "eps": self.c.adam_eps, "fixed_lr": self.c.constant_lr}]
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer | None:
         """The release's optimisers when any of its settings is on (djc/methods/stage_optim.py), else optim.name's.
@@ -256,7 +279,7 @@ class AECM(ClusteringMethod):
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
-        code = self.encoder(x.flatten(1))
+        code = self.encoder(self._input(x))
         gamma = self.cm(code)
         conf, y = gamma.max(dim=1)
         # OOD score: the sample's soft distortion sum_k gamma_k |c - u_k|^2, its negative log-likelihood up to

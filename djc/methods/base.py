@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from djc.confignode import Node
+from djc.models import freeze
 
 
 class MethodSettings(Node):
@@ -72,6 +73,8 @@ class DataInfo:
     num_samples: int  # N, the size of the per-instance memory
     image_shape: tuple[int, int, int]  # (H, W, C)
     num_classes: int  # from the manifest; 0 when unlabelled
+    mean: tuple[float, ...] = ()  # per-channel statistics of the images in [0, 1] (the views normalise with them
+    std: tuple[float, ...] = ()  # unless the backbone's weights bring their own: djc/models/inputs.py)
 
 
 @dataclass(frozen=True)
@@ -109,17 +112,46 @@ class ClusteringMethod(nn.Module):
     # True: the loop passes two augmented views; False: both arguments are the same non-augmented view
     # (autoencoder methods that reconstruct the input).
     augmented: bool = True
+
+    @classmethod
+    def takes_augmented(cls, settings: MethodSettings) -> bool:
+        """`augmented` as a run with these settings will have it, before the method is built (a setting may
+        turn it on, as AE-CM's augment does)."""
+        return cls.augmented
     # The backbone's autocast dtype (torch.bfloat16 on GPUs), set by djc.step.to_device; None = float32.
     # Only `encode` uses it: projection heads, cluster statistics, Sinkhorn and every loss stay float32/64.
     amp_dtype: torch.dtype | None = None
+    # True while the inputs are the frozen backbone's features computed once (djc/features.py), not images:
+    # `encode` hands them on as they are. Set by the training loop.
+    features_in: bool = False
 
     def encode(self, x: Tensor) -> Tensor:
         """backbone(x) under autocast at `amp_dtype` (one code path: the device type comes from x), returned as
-        float32, so what the method computes from the features is full precision whatever the step's dtype."""
+        float32, so what the method computes from the features is full precision whatever the step's dtype.
+
+        A frozen backbone (model.freeze=all) runs under no_grad, in eval mode (`train` keeps it there), and its
+        features are rounded to `amp_dtype` as the feature cache stores them, so a step on cached features and a
+        step that recomputes them see the same numbers."""
+        if self.features_in:
+            return x
+        if not freeze.is_frozen(self.backbone):
+            return self._backbone(x)
+        with torch.no_grad():
+            f = self._backbone(x)
+            return f if self.amp_dtype is None else f.to(self.amp_dtype).float()
+
+    def _backbone(self, x: Tensor) -> Tensor:
         if self.amp_dtype is None:
             return self.backbone(x)
         with torch.autocast(x.device.type, dtype=self.amp_dtype):
             return self.backbone(x).float()
+
+    def train(self, mode: bool = True) -> ClusteringMethod:
+        """nn.Module.train, except that what model.freeze fixed stays in eval mode (djc/models/freeze.py)."""
+        super().train(mode)
+        if mode and getattr(self, "backbone", None) is not None:
+            freeze.hold_in_eval(self.backbone)
+        return self
 
     def forward(self, index: Tensor, x1: Tensor, x2: Tensor) -> StepOut:  # pragma: no cover - interface
         raise NotImplementedError

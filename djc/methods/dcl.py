@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from djc import dist
 from djc.methods.agglomerate import PieceStats
 from djc.methods.base import ClusteringMethod, MethodSettings, Prediction, Setup, StepOut, both_views, cluster_counts
-from djc.models.backbones import build_backbone, projection_head
+from djc.models.backbones import build_encoder, projection_head
 from djc.models.norm import globalize_batchnorm
 
 class DCLConfig(MethodSettings):
@@ -183,7 +183,7 @@ class DCL(ClusteringMethod):
         super().__init__()
         self.c, self.k = c, s.num_clusters
         k = self.k * c.pieces  # the head's outputs: K, or K x pieces merged to K at prediction
-        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
+        bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
         hid = self.c.cluster_hidden

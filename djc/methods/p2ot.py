@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
-from djc.models.backbones import build_backbone, projection_head
+from djc.models.backbones import build_encoder, projection_head
 
 CHECK_EVERY = 16  # scaling iterations per host read of convergence (partial_ot)
 TINY = 1e-300  # floor of (Q^T a): a cluster no sample can reach gets a huge but finite scaling, not inf * 0
@@ -143,7 +143,7 @@ class P2OT(ClusteringMethod):
     def __init__(self, c: P2OTConfig, s: Setup):
         super().__init__()
         self.c, self.k = c, s.num_clusters
-        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
+        bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         if self.c.head == "cosine":  # the release's head, on the backbone's features
             self.head: nn.Module = CosineHead(bb.feat_dim, self.k, self.c.logit_scale)

@@ -26,7 +26,7 @@ from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Pr
                               both_views, cluster_counts)
 from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
                                      profile_shares, representation_loss, share_norm)
-from djc.models.backbones import build_backbone, projection_head
+from djc.models.backbones import build_encoder, projection_head
 
 class SeCuConfig(MethodSettings):
     """SeCu (docs/methods/secu.md)."""
@@ -115,7 +115,7 @@ class SeCu(ClusteringMethod):
     def __init__(self, c: SeCuConfig, s: Setup):
         super().__init__()
         self.c, self.n = c, s.num_samples
-        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
+        bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
         g = torch.Generator().manual_seed(s.seed)

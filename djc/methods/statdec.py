@@ -28,7 +28,7 @@ from djc.methods.agglomerate import Merge, merge_clusters
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut
 from djc.methods.dcl import debiased_contrastive_loss
 from djc.methods.kmeans import assign, kmeans
-from djc.models.backbones import build_backbone, projection_head
+from djc.models.backbones import build_encoder, projection_head
 
 Target = Literal["cardinality", "balanced"]
 
@@ -227,7 +227,7 @@ class StatDEC(ClusteringMethod):
     def __init__(self, c: StatDECConfig, s: Setup):
         super().__init__()
         self.c, self.n, self.seed, self.km = c, s.num_samples, s.seed, s.kmeans
-        bb = build_backbone(s.model.backbone, s.image_shape, s.model.width)
+        bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
         dim = bb.feat_dim if c.pool_space == "backbone" else s.model.proj_dim

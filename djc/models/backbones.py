@@ -1,8 +1,10 @@
 """Backbones: a feature extractor f(x) -> (B, feat_dim), chosen by `model.backbone`.
 
 smallconv suits 8x8 digits and 28x28 inputs; resnet18_cifar is ResNet-18 with the CIFAR stem (3x3 conv,
-stride 1, no max-pool), the standard for 32 px clustering; resnet50 is torchvision's, for 224 px ImageNet.
-Every BatchNorm is a GlobalBatchNorm so the statistics are over the global batch.
+stride 1, no max-pool), the standard for 32 px clustering; resnet50 is torchvision's, for 224 px ImageNet;
+torchvision:<name> and timm:<name> are the libraries' (djc/models/zoo.py). Every plain BatchNorm is a
+GlobalBatchNorm so the statistics are over the global batch. `build_encoder` is what a method builds: the
+backbone with model.weights loaded (djc/models/weights.py) and model.freeze applied (djc/models/freeze.py).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from typing import NamedTuple
 
 from torch import nn
 
+from djc.models import freeze, weights, zoo
 from djc.models.norm import globalize_batchnorm
 
 
 class Backbone(NamedTuple):
     net: nn.Module
     feat_dim: int
+    notes: tuple[str, ...] = ()  # what loading model.weights left out, for the driver to print
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -55,9 +59,11 @@ def resnet(depth: int, in_channels: int, cifar_stem: bool) -> Backbone:
 
 
 def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 64) -> Backbone:
-    """`image_shape` is (H, W, C) as in the dataset manifest."""
+    """`image_shape` is (H, W, C) of the backbone's input (the views' output)."""
     h, w, c = image_shape
-    if name == "smallconv":
+    if zoo.library(name):
+        bb = Backbone(*zoo.build(name, c, h))
+    elif name == "smallconv":
         bb = small_convnet(c, width)
     elif name == "mlp":
         bb = mlp(h * w * c, width)
@@ -68,6 +74,15 @@ def build_backbone(name: str, image_shape: tuple[int, int, int], width: int = 64
     else:
         raise ValueError(f"unknown model.backbone '{name}'")
     return Backbone(globalize_batchnorm(bb.net), bb.feat_dim)
+
+
+def build_encoder(model, image_shape: tuple[int, int, int]) -> Backbone:
+    """The run's backbone from its `model` section (djc.models.settings.ModelConfig): built for inputs of
+    `image_shape` (H, W, C), its weights loaded from model.weights, frozen as model.freeze says."""
+    bb = build_backbone(model.backbone, image_shape, model.width)
+    notes = weights.load_into(bb.net, model.weights, model.backbone, model.weights_key) if model.weights else []
+    freeze.apply(bb.net, model.freeze, model.backbone)
+    return Backbone(bb.net, bb.feat_dim, tuple(notes))
 
 
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:

@@ -57,9 +57,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def globalize_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in `module` by a GlobalBatchNorm with the same parameters and buffers."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+    """Replace every plain BatchNorm in `module` by a GlobalBatchNorm with the same parameters and buffers.
+    Subclasses that do more (timm's BatchNormAct2d fuses an activation) are kept: their statistics stay local."""
+    if type(module) in _PLAIN:
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
         new.load_state_dict(module.state_dict())

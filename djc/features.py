@@ -1,0 +1,185 @@
+"""A frozen backbone's features, computed once per run, and the views that hand them to the method.
+
+When nothing of the backbone trains (model.freeze=all) and nothing augments its input (augment.policy=none, or a
+method that takes the plain view: AE-CM), an image's features are the same at every step: the frozen backbone
+runs in eval mode (djc/models/freeze.py), so they do not depend on the batch. They are computed once per split,
+each worker encoding its own slice (the evaluation's order: every image once), then all-gathered so that every
+worker holds the split's (N, D) table on its device; rank 0 stores it as features/<split>-<key>.pt in
+data.cache_dir when that is set (shared by every run of the same data, backbone and weights), else in the run dir,
+and a rerun or a resumed run reads it back. The key is a hash of what determines the features: the dataset's
+manifest, the backbone, its weights (URL, size and date; the checkpoint of a run dir; the seed when random), the
+input side, normalisation and dtype.
+
+Training then decodes no image: the stream yields the dataset indices of its batches in exactly the order their
+images would come (ShardStream(order=...)), and a step's two inputs are the table's rows of those indices
+(ClusteringMethod.features_in), so a run on the cache steps exactly as a run that recomputes the features each
+step (tests/test_features.py). The table is stored in the step's autocast dtype: bf16 on a GPU (N x D x 2 B:
+ImageNet-LT's 115,846 x 768 x 2 B = 178 MB per worker for ViT-B/16), float32 on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import fsspec
+import numpy as np
+import torch
+from torch import Tensor
+
+from djc import dist, runfiles
+from djc.config import Config
+from djc.data.shards import read_manifest
+from djc.data.stream import ShardStream
+from djc.methods.base import ClusteringMethod
+
+BATCH = 512  # images per encoder pass while computing the table (the evaluation's batch)
+
+
+def applies(cfg: Config, augmented: bool) -> bool:
+    """Whether this run's backbone features are computed once: frozen, and its input not augmented
+    (`augmented`: the method takes two augmented views, ClusteringMethod.augmented)."""
+    plain = cfg.augment.policy == "none" or not augmented
+    return cfg.model.freeze == "all" and cfg.model.cache_features and plain
+
+
+class Table(NamedTuple):
+    features: Tensor  # (N, D) on the device; row i holds the image of dataset index i
+    labels: Tensor  # (N,) int64, by index
+    order: np.ndarray  # (N,) the dataset index of each row in the order the shards hold them (the stream's)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Computing, storing and reading the tables
+
+
+def _weights_id(cfg: Config) -> Any:
+    """What identifies the weights: none (random: the seed), a run dir's latest checkpoint, a file's size and date."""
+    w = cfg.model.weights
+    if not w:
+        return {"seed": cfg.seed}
+    fs, path = fsspec.core.url_to_fs(w)
+    if fs.isdir(path):
+        with fs.open(f"{path}/train/checkpoint_manager_snapshot.json", "r") as f:
+            return {"url": w, "checkpoint": json.load(f)["latest_checkpoint_result"]["checkpoint_dir_name"]}
+    info = fs.info(path)
+    return {"url": w, "size": info.get("size"), "date": str(info.get("mtime") or info.get("LastModified") or "")}
+
+
+def cache_key(cfg: Config, manifest_json: str, side: int, mean, std, dtype: torch.dtype) -> str:
+    m = cfg.model
+    spec = {"data": hashlib.sha256(manifest_json.encode()).hexdigest(), "backbone": m.backbone, "width": m.width,
+            "weights": _weights_id(cfg), "key": m.weights_key, "side": side, "mean": [round(float(v), 6) for v in mean],
+            "std": [round(float(v), 6) for v in std], "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_split(url: str, method: ClusteringMethod, views, device: torch.device) -> Table:
+    """Every image of a split through the frozen encoder, each worker its slice, gathered on every worker."""
+    stream = ShardStream(url, batch_size=BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False)
+    stream.set_epoch(0)
+    was_training = method.training
+    method.eval()
+    feats, index, labels = [], [], []
+    for batch in stream:
+        feats.append(method.encode(views.eval(batch["image"].to(device))))
+        index.append(batch["index"])
+        labels.append(batch["label"])
+    method.train(was_training)
+    dtype = method.amp_dtype or torch.float32
+    d = int(dist.all_reduce_max(torch.tensor([feats[0].shape[1] if feats else 0]))[0])  # a worker may have none
+    local = torch.cat(feats).to(dtype) if feats else torch.zeros(0, d, dtype=dtype, device=device)
+    # In rank order the slices concatenate to the shards' own order (unshuffled): the stream's row order.
+    order = dist.all_gather_cat(torch.cat(index) if index else torch.zeros(0, dtype=torch.long))
+    rows = dist.all_gather_cat(local)
+    lab = dist.all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    features = torch.empty_like(rows)
+    features[order.to(rows.device)] = rows  # by dataset index
+    by_index = torch.empty_like(lab)
+    by_index[order] = lab
+    return Table(features, by_index, order.numpy())
+
+
+def _read(url: str, key: str, device: torch.device) -> Table | None:
+    try:
+        with fsspec.open(url, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    if state.get("key") != key:  # a file of another backbone, weights or dataset under the same name: recompute
+        return None
+    return Table(state["features"].to(device), state["labels"], state["order"].numpy())
+
+
+def _write(url: str, key: str, t: Table) -> None:
+    buf = io.BytesIO()
+    torch.save({"key": key, "features": t.features.cpu(), "labels": t.labels, "order": torch.from_numpy(t.order)},
+               buf)
+    runfiles.write_bytes(url, buf.getvalue())
+
+
+def prepare(cfg: Config, method: ClusteringMethod, views, device: torch.device, run_dir: str,
+            log=print) -> FeatureViews:
+    """The feature tables of every split of the run, read back or computed, on every worker."""
+    where = f"{cfg.data.cache_dir.rstrip('/')}/features" if cfg.data.cache_dir else f"{run_dir}/features"
+    dtype = method.amp_dtype or torch.float32
+    tables = {}
+    for name, url in cfg.data.splits().items():
+        key = cache_key(cfg, read_manifest(url).to_json(), views.out, views.mean, views.std, dtype)
+        path = f"{where}/{name}-{key}.pt"
+        table = _read(path, key, device)
+        # Every worker must agree whether to compute: a file written between two workers' reads would not be
+        # read by all of them. Rank 0's answer decides.
+        found = int(dist.all_reduce_max(torch.tensor([int(table is not None) if dist.is_main() else 0]))[0])
+        if found and table is None:
+            table = _read(path, key, device)
+        if not found:
+            table = encode_split(url, method, views, device)
+            if dist.is_main():
+                _write(path, key, table)
+                log(f"[djc] features of {name} ({tuple(table.features.shape)}, {table.features.dtype}) computed "
+                    f"once and stored at {path}")
+        elif dist.is_main():
+            log(f"[djc] features of {name} read from {path}")
+        tables[url] = table
+    dist.barrier()
+    return FeatureViews(tables, cfg.data.train)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The views on cached features
+
+
+class FeatureViews:
+    """Stands where djc/data/augment.py's ViewPair stands when features are cached: a step's two inputs are the
+    table's rows of its batch, and a split's evaluation batches come from its table (`local_slice`)."""
+
+    def __init__(self, tables: dict[str, Table], train_url: str):
+        self.tables, self.train = tables, tables[train_url]
+
+    def order(self) -> np.ndarray:
+        """The training set's dataset index of each row, in the shards' order: what the stream maps rows with."""
+        return self.train.order
+
+    def for_batch(self, method: ClusteringMethod, batch: dict[str, Any], device: torch.device, step: int,
+                  rank: int) -> tuple[Tensor, Tensor]:
+        x = self.train.features[batch["index"].to(device, non_blocking=True)].float()  # (B, D)
+        return x, x
+
+    def eval(self, x: Tensor) -> Tensor:
+        return x  # batches from `local_slice` already hold the features
+
+    def local_slice(self, url: str) -> Iterator[dict[str, Tensor]]:
+        """This worker's rows of a split in batches: {index, label, image: (b, D) features}."""
+        t = self.tables[url]
+        n, w, r = t.features.shape[0], dist.world_size(), dist.rank()
+        base, extra = divmod(n, w)  # the stream's rule: the first n % w workers take one more
+        lo = r * base + min(r, extra)
+        hi = lo + base + (r < extra)
+        for s in range(lo, hi, BATCH):
+            idx = torch.arange(s, min(s + BATCH, hi))
+            yield {"index": idx, "label": t.labels[idx], "image": t.features[idx.to(t.features.device)].float()}

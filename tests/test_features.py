@@ -1,0 +1,134 @@
+"""Frozen features computed once (djc/features.py): a frozen backbone on plain views encodes every image once per
+run (backbone forwards counted), the table is the same on 1 and 2 gloo workers, a rerun reads it back, and every
+method trained on the cached features ends in the cluster state of the same run recomputing them at each step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from djc import evaluate, features
+from djc.config import from_dict
+from djc.data.shards import read_manifest
+from djc.methods.base import EpochContext
+from djc.optim import apply_lr, lr_factor, make_optimizer
+from djc.step import build_method, to_device, train_step, wrap_ddp
+from djc.train import data_info, make_inputs
+from tests.gloo import run_gloo
+
+CPU = torch.device("cpu")
+METHODS = {  # small settings of each method for 562 digits, 8 steps per epoch
+    "secu": {"secu": {"num_heads": 2}},
+    "dcl": {},
+    "statdec": {"statdec": {"init_over": 1}},
+    "aecm": {"aecm": {"hidden": [32, 32], "code_dim": 4, "pretrain_epochs": 0, "cm_epochs": 1}},
+    "p2ot": {"p2ot": {"bank_batches": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    from djc.data.prepare import prepare
+
+    url = str(tmp_path_factory.mktemp("data") / "digits_lt10")
+    prepare("digits", url, imbalance_ratio=10, progress=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def encoder_weights(tmp_path_factory) -> str:
+    """A small convnet's random weights as a file: the run's model.weights (AE-CM takes a backbone only with them)."""
+    from djc.models.backbones import build_backbone
+
+    torch.manual_seed(7)
+    path = str(tmp_path_factory.mktemp("weights") / "smallconv.pth")
+    torch.save(build_backbone("smallconv", (8, 8, 1), 8).net.state_dict(), path)
+    return path
+
+
+def _tree(data: str, weights: str, method: str, cache: bool = True) -> dict:
+    return {"data": {"train": data, "batch_size": 64},
+            "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 64, "proj_dim": 16, "weights": weights,
+                      "freeze": "all", "cache_features": cache},
+            "augment": {"policy": "none"},
+            "method": {"name": method, "num_clusters": 4, **METHODS[method]},
+            "optim": {"epochs": 2, "warmup_epochs": 0, "frozen_epochs": 0},
+            "trainer": {"num_workers": 1}}
+
+
+def train_run(rank: int, world: int, tree: dict, run_dir: str, only_table: bool = False) -> dict[str, np.ndarray]:
+    """The training story's inputs (djc/train.py make_inputs) and loop on this process, Ray aside: the method's
+    final state, with the backbone forwards counted while the inputs were made and while it trained."""
+    torch.manual_seed(0)
+    cfg = from_dict(tree)
+    manifest = read_manifest(cfg.data.train)
+    method = to_device(build_method(cfg, data_info(manifest)), cfg, CPU)
+    calls = {"n": 0}
+    method.backbone.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    opt = make_optimizer(cfg, method)
+    views, loader = make_inputs(cfg, method, manifest, CPU, run_dir)
+    forwards_inputs = calls["n"]
+    if only_table:
+        return {"table": views.train.features.numpy(), "order": views.order(), "forwards": np.array(forwards_inputs)}
+    model = wrap_ddp(method) if world > 1 else method
+
+    def map_train(fn):
+        method.eval()
+        out = evaluate.map_split(cfg.data.train, fn, views, CPU)
+        method.train()
+        return out
+
+    step = 0
+    for epoch in range(cfg.optim.epochs):
+        loader.set_epoch(epoch)
+        method.on_epoch_start(EpochContext(epoch, cfg.optim.epochs, loader.steps_per_epoch, map_train))
+        method.train()
+        for n, batch in enumerate(loader, 1):
+            apply_lr(opt, lr_factor(cfg, step, loader.steps_per_epoch))
+            x1, x2 = views.for_batch(method, batch, CPU, step, rank)
+            train_step(model, method, opt, batch["index"], x1, x2)
+            step += 1
+            if n == loader.steps_per_epoch:
+                break
+    state = {k: v.detach().numpy() for k, v in method.state_dict().items() if not k.startswith("backbone.")}
+    return {**state, "forwards_inputs": np.array(forwards_inputs), "forwards": np.array(calls["n"])}
+
+
+def test_features_are_computed_once_then_read_back(digits, encoder_weights, tmp_path):
+    tree = _tree(digits, encoder_weights, "secu")
+    first = train_run(0, 1, tree, str(tmp_path))
+    # 562 images in 2 encoder passes (512 + 50), and none in 16 training steps and the epoch starts
+    assert first["forwards_inputs"] == 2 and first["forwards"] == 2
+    stored = list((tmp_path / "features").glob("train-*.pt"))
+    assert len(stored) == 1
+    again = train_run(0, 1, tree, str(tmp_path))  # a rerun in the same run dir: read back, no forward at all
+    assert again["forwards"] == 0
+    for k, v in first.items():
+        if not k.startswith("forwards"):
+            np.testing.assert_array_equal(again[k], v, err_msg=k)
+    recompute = train_run(0, 1, _tree(digits, encoder_weights, "secu", cache=False), str(tmp_path / "r"))
+    assert recompute["forwards_inputs"] == 0 and recompute["forwards"] == 16  # one per step
+
+
+@pytest.mark.slow
+def test_the_table_is_the_same_on_one_and_two_workers(digits, encoder_weights, tmp_path):
+    tree = _tree(digits, encoder_weights, "secu")
+    one = train_run(0, 1, tree, str(tmp_path / "one"), True)
+    w0, w1 = run_gloo(train_run, 2, tree, str(tmp_path / "two"), True)
+    assert w0["forwards"] == w1["forwards"] == 1  # 281 images each, one pass
+    np.testing.assert_array_equal(one["order"], w0["order"])
+    for w in (w0, w1):  # each worker encodes 281 images, one worker 512 + 50: the same numbers
+        np.testing.assert_array_equal(w["table"], one["table"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_run_on_cached_features_ends_where_the_run_recomputing_them_does(method, digits, encoder_weights,
+                                                                           tmp_path):
+    cached = train_run(0, 1, _tree(digits, encoder_weights, method), str(tmp_path / "cached"))
+    recomputed = train_run(0, 1, _tree(digits, encoder_weights, method, cache=False), str(tmp_path / "recomputed"))
+    assert cached["forwards"] == 2 and recomputed["forwards"] >= 16  # at least one per step
+    for k, v in recomputed.items():  # every parameter and buffer, to the bit
+        if not k.startswith("forwards"):
+            np.testing.assert_array_equal(cached[k], v, err_msg=k)
