@@ -36,6 +36,14 @@ def parse_named(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def row_labels(configs: list[str]) -> dict[str, str]:
+    """A row's name per config: "" (the method's name) unless two configs run the same method, as a contrastive
+    reference (DCL with lam=0) beside DCL does; those rows take the config file's stem."""
+    methods = {c: load_config(c).method.name for c in configs}
+    shared = {m for m in methods.values() if list(methods.values()).count(m) > 1}
+    return {c: Path(c).stem if m in shared else "" for c, m in methods.items()}
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -61,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     rows: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     runs = [(c, d, s) for d in datasets for c in configs for s in range(args.seeds)]
     t_start = time.time()
+    labels = row_labels(configs)
     for i, (config, data, seed) in enumerate(runs):
         cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}"]))
         launch.ensure_datasets(cfg)
@@ -71,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
         result = launch.run(cfg, run_dir, echo_config=False)
         for split, m in result["splits"].items():
-            entries = {cfg.method.name: m, f"kmeans-features ({cfg.method.name})": m.get("baseline_features")}
+            label = labels[config] or cfg.method.name
+            entries = {label: m, f"kmeans-features ({label})": m.get("baseline_features")}
             if config == configs[0]:  # pixels do not depend on the method: one row per data set and seed
                 entries["kmeans-pixels"] = m.get("baseline")
             for method, vals in entries.items():
