@@ -66,7 +66,7 @@ def test_every_class_renders_its_shape_where_it_says():
 def test_prepare_realises_the_long_tail_and_a_balanced_test_split(tmp_path):
     train = prepare("shapes", str(tmp_path / "train"), imbalance_ratio=10, progress=False)
     assert list(train.class_counts) == class_counts(2000, 10, 10) and train.num_samples == 8169
-    assert train.class_names == list(shapes.CLASSES) and tuple(train.image_shape) == (32, 32, 3)
+    assert list(train.class_names) == list(shapes.CLASSES) and tuple(train.image_shape) == (32, 32, 3)
     test = prepare("shapes", str(tmp_path / "test"), split="test", progress=False)
     assert list(test.class_counts) == [200] * 10
     assert read_manifest(str(tmp_path / "test")).provenance["render_seed"] == 0
