@@ -126,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
-    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder", "imagenet-lt"])
+    pr.add_argument("source", choices=["digits", "shapes", "cifar10", "cifar100", "folder", "imagenet-lt"])
     pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
     pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
     pr.add_argument("--split", default="train", choices=["train", "test"])

@@ -34,11 +34,11 @@ class DataConfig(Node):
     train: str = "runs/data/digits_lt10/train"  # dataset URL (path, file://, s3://, memory://) trained on
     eval: dict[str, str] = Field(default_factory=dict)  # extra splits evaluated at the end: name -> URL
     # If `train` (or an eval URL) holds no dataset yet, make it from this source on first use ("" = never).
-    source: Literal["", "digits", "cifar10", "cifar100", "folder"] = ""
-    source_root: str = ""  # where cifar/folder sources live (ignored for digits)
+    source: Literal["", "digits", "shapes", "cifar10", "cifar100", "folder"] = ""
+    source_root: str = ""  # where cifar/folder sources live (ignored for digits and shapes, which djc makes)
     imbalance_ratio: float = Field(1.0, ge=1.0)  # long-tail ratio for the prepared train split (1 = balanced)
     profile: Literal["exp", "step"] = "exp"  # long-tail profile (docs/data.md)
-    prepare_seed: int = 0  # seed of the train/test split and of the long-tail subset
+    prepare_seed: int = 0  # seed of the train/test split and of the long-tail subset (and of shapes' images)
     batch_size: int = Field(128, gt=0)  # GLOBAL batch over all workers; each worker takes batch_size / workers
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker (0 = decode in-process)
     window: int = Field(16, gt=0)  # row groups shuffled together; larger = better mixing, more memory
@@ -72,6 +72,9 @@ class AugmentConfig(Node):
     crop_scale_min: float = Field(0.3, gt=0.0, le=1.0)  # RandomResizedCrop lower scale (0.2 CIFAR-100, 0.08 ImageNet)
     hflip: bool = True  # off for digits and text: a mirrored 2 is not a 2
     strength: float = Field(1.0, ge=0.0)  # multiplies the colour-jitter amplitudes; 0 disables jitter
+    # Probability that a view is turned grey (SeCu, SimCLR: 0.2). Raise it when colour alone tells images apart
+    # (randomly coloured objects): a grey view can only be matched to its pair by shape.
+    gray_p: float = Field(0.2, ge=0.0, le=1.0)
     degrees: float = Field(0.0, ge=0.0, le=180.0)  # random rotation ~ U(-d, d), both views; 0 = none (SeCu)
     # Side of the views; 0 = the dataset's image side, or with model.weights the side the backbone was trained at
     # (224; a ViT's is fixed by its position embeddings), the images resized on the device (djc/models/inputs.py)

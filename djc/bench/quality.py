@@ -44,6 +44,14 @@ def parse_named(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def row_labels(configs: list[str]) -> dict[str, str]:
+    """A row's name per config: "" (the method's name) unless two configs run the same method, as a contrastive
+    reference (DCL with lam=0) beside DCL does; those rows take the config file's stem."""
+    methods = {c: load_config(c).method.name for c in configs}
+    shared = {m for m in methods.values() if list(methods.values()).count(m) > 1}
+    return {c: Path(c).stem if m in shared else "" for c, m in methods.items()}
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -77,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
             if pretext:
                 runs += [(pretext, d, s, "pretext"), *[(c, d, s, "on-pretext") for c in configs]]
     t_start = time.time()
+    labels = row_labels(configs)
     pretext_minutes: dict[tuple[str, int], float] = {}
     for i, (config, data, seed, stage) in enumerate(runs):
         extra, tag = [], ""
@@ -99,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         if stage == "pretext":
             pretext_minutes[data, seed] = minutes
             continue
-        name = cfg.method.name + (" (pretext)" if stage else "")
+        name = (labels[config] or cfg.method.name) + (" (pretext)" if stage else "")
         if stage:
             minutes += pretext_minutes[data, seed]
         for split, m in result["splits"].items():

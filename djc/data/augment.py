@@ -31,7 +31,7 @@ class ViewPair:
                 crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=v.jitter_p,
                 brightness=v.brightness * scale, contrast=v.contrast * scale,
                 saturation=v.saturation * scale, hue=min(0.5, v.hue * scale),
-                gray_p=v.gray_p, blur_p=v.blur_p, solarize_p=v.solarize_p, degrees=a.degrees,
+                gray_p=a.gray_p, blur_p=v.blur_p, solarize_p=v.solarize_p, degrees=a.degrees,
             )
 
         self.specs = (adapt(v1), adapt(v2))

@@ -15,7 +15,7 @@ from djc.data.longtail import class_counts, longtail_indices
 from djc.data.shards import MANIFEST, Manifest, fs_path
 from djc.data.writer import write_dataset
 
-SOURCES = ("digits", "cifar10", "cifar100", "folder")
+SOURCES = ("digits", "shapes", "cifar10", "cifar100", "folder")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # fixed, not `seed`: train and test prepared with different seeds must never overlap
 
@@ -27,9 +27,11 @@ def dataset_exists(url: str) -> bool:
 
 
 def load_source(source: str, root: str | None = None, split: str = "train", size: int | None = None,
-                mode: str = "auto") -> sources.Source:
+                mode: str = "auto", seed: int = 0) -> sources.Source:
     if source == "digits":
         return sources.digits(split, seed=DIGITS_SPLIT_SEED, test_fraction=DIGITS_TEST_FRACTION)
+    if source == "shapes":
+        return sources.shapes(split, seed=seed)
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     if not root:
@@ -82,7 +84,7 @@ def prepare(source: str, out_url: str, *, root: str | None = None, split: str = 
     class_counts(1 << 30, 2, imbalance_ratio, profile)  # validate ratio and profile before reading anything
     if (size is not None or mode != "auto") and source != "folder":
         raise ValueError(f"--size and --mode apply to folder sources; {source} images have one shape already")
-    src = load_source(source, root, split, size=size, mode=mode)
+    src = load_source(source, root, split, size=size, mode=mode, seed=seed)
     images, labels, C = src.images, np.asarray(src.labels, dtype=np.int64), len(src.class_names)
     n_source = len(labels)
     if imbalance_ratio > 1:
@@ -97,6 +99,8 @@ def prepare(source: str, out_url: str, *, root: str | None = None, split: str = 
                                   "source_samples": n_source}
     if source == "digits":
         provenance.update(test_fraction=DIGITS_TEST_FRACTION, split_seed=DIGITS_SPLIT_SEED)
+    elif source == "shapes":
+        provenance["render_seed"] = seed
     else:
         provenance["root"] = os.path.abspath(os.path.expanduser(root or ""))
     base = os.path.basename(os.path.normpath(root or "")) if source == "folder" else source

@@ -55,6 +55,19 @@ def digits(split: str, seed: int = 0, test_fraction: float = 0.2) -> Source:
 
 
 # --------------------------------------------------------------------------------------------------------
+# shapes: procedural RGB objects (djc/data/shapes.py)
+
+
+def shapes(split: str, seed: int = 0) -> Source:
+    """djc's procedural benchmark: 10 classes of object defined by structure alone, every nuisance random per
+    image; 2,000 images per class in train, 200 in test, rendered from (seed, split)."""
+    from djc.data import shapes as render
+
+    images, labels = render.generate(split, seed=seed)
+    return Source(images, labels, list(render.CLASSES))
+
+
+# --------------------------------------------------------------------------------------------------------
 # CIFAR python-pickle release (https://www.cs.toronto.edu/~kriz/cifar.html, "python version")
 
 _CIFAR = {

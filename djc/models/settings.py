@@ -13,15 +13,15 @@ from pydantic import Field, field_validator
 from djc.confignode import Node
 from djc.models import zoo
 
-OWN_BACKBONES = ("smallconv", "resnet18_cifar", "resnet50", "mlp")
+OWN_BACKBONES = ("smallconv", "conv4", "resnet18_cifar", "resnet50", "mlp")
 
 
 class ModelConfig(Node):
-    # djc's own (smallconv, mlp, resnet18_cifar, resnet50) or a library's: torchvision:<builder> (its ResNets and
+    # djc's own (smallconv, conv4, mlp, resnet18_cifar, resnet50) or a library's: torchvision:<builder> (its ResNets and
     # ViTs: torchvision:resnet50, torchvision:vit_b_16) or timm:<model> with the tag of the weights you load
     # (timm:vit_base_patch16_224.dino: the tag brings their normalisation); timm needs `pip install -e '.[timm]'`
     backbone: str = "smallconv"
-    width: int = Field(64, gt=0)  # channels of the small convnet / hidden units of the MLP
+    width: int = Field(64, gt=0)  # channels of the small convnet (conv4: of its first stage) / hidden units of the MLP
     proj_hidden: int = Field(512, gt=0)  # hidden units of the projection head
     proj_dim: int = Field(128, gt=0)  # D, the normalised feature dimension the clustering heads see
     # The backbone's weights: an fsspec URL (path, file://, s3://) of a state dict in its library's format (.pth /

@@ -1,0 +1,152 @@
+"""The RGB benchmark's probe: a job's method trained through djc's own step (build_method, ViewPair, train_step)
+in one process, without Ray, on long-tailed `shapes` in memory, with the features read every --eval-every steps.
+By the equivalence tests a 1-process run is the 2-worker run's algorithm; it skips Ray's start-up and lets two
+probes share 2 cores (--threads 1 each). What docs/results.md's RGB section reports was printed by this script.
+
+usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--eval-every S] [--threads T]
+       [--pixels]  k-means and 20-NN on the pixels instead of training
+       [--spec field=value]  override a field of both views' ViewSpec (e.g. hue=0.5)
+       [--variant flat,clut2,lownoise,light,noclut,soft]  render the train split with milder nuisances
+       [--gray-all]  turn the data grey before anything (colour removed from the data, not by the views)
+       [--remap P]  with probability P a view's channels are permuted and each inverted with probability 1/2
+Each line printed is JSON: km / km_tail = k-means on Prediction.features (balanced ACC, tail classes' ACC),
+own / own_tail = the method's clusters, knn = leave-one-out 20-NN balanced ACC, bb_km = k-means on the backbone.
+"""
+
+import argparse, json, sys, time
+import numpy as np, torch, torch.nn.functional as F
+from djc.config import load_config
+from djc.data import shapes
+from djc.data.longtail import class_counts, longtail_indices
+from djc.data.augment import ViewPair
+from djc.step import build_method, train_step
+from djc.optim import make_optimizer, apply_lr, lr_factor
+from djc.methods.base import DataInfo, EpochContext
+from djc.methods.kmeans import kmeans, assign
+from djc import metrics
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config"); ap.add_argument("overrides", nargs="*")
+ap.add_argument("--eval-every", type=int, default=200)
+ap.add_argument("--minutes", type=float, default=10)
+ap.add_argument("--ratio", type=float, default=10)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--pixels", action="store_true")
+ap.add_argument("--tag", default="")
+ap.add_argument("--remap", type=float, default=0.0)
+ap.add_argument("--variant", default="")
+ap.add_argument("--gray-all", action="store_true")
+ap.add_argument("--spec", action="append", default=[])
+a = ap.parse_intermixed_args()
+torch.set_num_threads(a.threads)
+cfg = load_config(a.config, a.overrides)
+
+def gen(variant):
+    labels = np.repeat(np.arange(10), 2000); n = len(labels)
+    p = shapes._draw_params(np.random.default_rng([0, 0]), n); f = np.float32
+    if "flat" in variant: p["bg_b"] = p["bg_a"].copy(); p["bg_texture"] = np.zeros(n, f)
+    if "soft" in variant: p["bg_b"] = np.clip(p["bg_a"] + 0.5 * (p["bg_b"] - p["bg_a"]), 0, 1).astype(f); p["bg_texture"] *= 0.5
+    if "clut2" in variant: p["clutter"] = np.minimum(p["clutter"], 2); p["clutter_front"][:] = False
+    if "noclut" in variant: p["clutter"] = np.zeros(n, np.int64)
+    if "lownoise" in variant: p["noise"] = p["noise"] * 0.5
+    if "light" in variant:  # object lighter than background
+        lum = np.array([0.2989, 0.587, 0.114], f)
+        sw = (p["obj_rgb"] @ lum) < (p["bg_a"] @ lum)
+        p["obj_rgb"][sw], p["bg_a"][sw] = p["bg_a"][sw].copy(), p["obj_rgb"][sw].copy()
+    x = np.concatenate([shapes.render(labels[i:i+1000], {k: v[i:i+1000] for k, v in p.items()}, np.random.default_rng(i)) for i in range(0, n, 1000)])
+    return x, labels
+X0, Y0 = gen(a.variant) if a.variant else shapes.generate("train", seed=0)
+counts = class_counts(2000, 10, a.ratio)
+keep = longtail_indices(Y0, counts, seed=0)
+X, Y = torch.from_numpy(X0[keep]).permute(0, 3, 1, 2).contiguous(), Y0[keep]
+if a.gray_all:
+    g_ = (X.float() * torch.tensor([0.2989, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    X = g_.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+x32 = X.float().div(255)
+mean = x32.mean(dim=(0, 2, 3)).tolist(); std = x32.std(dim=(0, 2, 3)).tolist()
+info = DataInfo(len(X), (32, 32, 3), 10)
+views = ViewPair(cfg, mean, std, 32)
+import dataclasses
+for kv in a.spec:
+    k, v = kv.split("="); views.specs = tuple(dataclasses.replace(sp, **{k: float(v)}) for sp in views.specs)
+print(views.specs, flush=True)
+K = cfg.method.num_clusters
+N = len(X)
+
+def ev(feats, y, cl=None):
+    km = kmeans(feats, K, iters=50, restarts=3, seed=0)
+    p = assign(feats, km.centers)[0].numpy()
+    r = metrics.evaluate(y, p, K, np.asarray(counts))
+    out = {"km": round(r["balanced_acc"], 3), "km_tail": round(r["tail_acc"], 3)}
+    if cl is not None:
+        r2 = metrics.evaluate(y, cl, K, np.asarray(counts))
+        out["own"] = round(r2["balanced_acc"], 3); out["own_tail"] = round(r2["tail_acc"], 3)
+    f = F.normalize(feats, dim=1); sims = f @ f.T; sims.fill_diagonal_(-2)
+    pred = torch.mode(torch.from_numpy(y)[sims.topk(20, dim=1).indices], dim=1).values.numpy()
+    out["knn"] = round(float(np.mean([np.mean(pred[y == c] == c) for c in range(K)])), 3)
+    return out
+
+if a.pixels:
+    print(json.dumps(ev(views.eval(X).flatten(1), Y))); sys.exit()
+
+method = build_method(cfg, info)
+opt = make_optimizer(cfg, method)
+B = cfg.data.batch_size
+spe = N // B
+g = torch.Generator().manual_seed(cfg.seed)
+
+def map_train(fn):
+    method.eval(); outs = []
+    with torch.no_grad():
+        for lo in range(0, N, 1024):
+            idx = torch.arange(lo, min(N, lo + 1024))
+            outs.append(fn(views.eval(X[idx]), idx))
+    method.train()
+    return torch.cat(outs), torch.arange(N)
+
+def evaluate():
+    method.eval(); fs, cs, bbs = [], [], []
+    with torch.no_grad():
+        for lo in range(0, N, 1024):
+            x = views.eval(X[lo:lo + 1024])
+            p = method.predict(x); fs.append(p.features.float().flatten(1)); cs.append(p.clusters[:, 0])
+            bb = getattr(method, "backbone", None)
+            if bb is not None: bbs.append(bb(x).float().flatten(1))
+    method.train()
+    out = ev(torch.cat(fs), Y, torch.cat(cs).numpy())
+    if bbs:
+        out["bb_km"] = ev(torch.cat(bbs), Y)["km"]
+    return out
+
+t0 = time.time(); step = 0; epoch = 0; hist = []
+budget = a.minutes * 60
+# epochs in config determine the schedule; stop at whichever comes first
+while epoch < cfg.optim.epochs and time.time() - t0 < budget:
+    method.on_epoch_start(EpochContext(epoch, cfg.optim.epochs, spe, map_train))
+    perm = torch.randperm(N, generator=g)
+    for s in range(spe):
+        idx = perm[s * B:(s + 1) * B]
+        apply_lr(opt, lr_factor(cfg, step, spe))
+        if a.remap > 0:
+            def remap(xb, gen):
+                n = len(xb)
+                on = torch.rand(n, generator=gen) < a.remap
+                perm = torch.argsort(torch.rand(n, 3, generator=gen), dim=1)
+                inv = torch.rand(n, 3, generator=gen) < 0.5
+                y = xb.gather(1, perm[:, :, None, None].expand(-1, -1, 32, 32))
+                y = torch.where(inv[:, :, None, None], 255 - y, y)
+                return torch.where(on[:, None, None, None], y, xb)
+            gg = torch.Generator().manual_seed(step)
+            x1 = views.train(remap(X[idx], gg), step, 0)[0]; x2 = views.train(remap(X[idx], gg), step + 10**6, 0)[1]
+        else:
+            x1, x2 = views.for_method(method, X[idx], step, 0)
+        out = train_step(method, method, opt, idx, x1, x2)
+        step += 1
+        if step % a.eval_every == 0:
+            te = time.time(); r = evaluate(); r.update(step=step, ep=epoch, t=round(te - t0), loss=round(float(out.loss), 3))
+            print(json.dumps(r), flush=True); hist.append(r); t0 += time.time() - te
+        if time.time() - t0 > budget: break
+    epoch += 1
+method.on_train_end() if hasattr(method, "on_train_end") else None
+r = evaluate(); r.update(step=step, ep=epoch, t=round(time.time() - t0), final=True, tag=a.tag, ov=a.overrides)
+print(json.dumps(r), flush=True)

@@ -1,0 +1,86 @@
+"""Features that beat pixels on the RGB benchmark: a short from-scratch contrastive run through djc's own step
+(build_method, the augment settings' ViewPair, train_step) on long-tailed `shapes`, in one process.
+
+k-means on the raw pixels of `shapes` sits at chance (tests/test_shapes.py). A working encoder and working views
+lift the learned features well above that within a couple of minutes; features learned from views that share
+their colours (no colour jitter, no grey views), or no training at all, stay near the pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from djc import metrics
+from djc.config import load_config
+from djc.data import shapes
+from djc.data.augment import ViewPair
+from djc.data.longtail import class_counts, longtail_indices
+from djc.methods.base import DataInfo
+from djc.methods.kmeans import assign, kmeans
+from djc.optim import apply_lr, lr_factor, make_optimizer
+from djc.step import build_method, train_step
+
+JOB = "jobs/shapes_lt_simclr.yaml"
+STEPS = 150  # ~60 s on 2 cores
+
+
+def _data(per_class: int = 600, ratio: float = 10) -> tuple[torch.Tensor, np.ndarray]:
+    x, y = shapes.generate("train", seed=0, per_class=per_class)
+    keep = longtail_indices(y, class_counts(per_class, 10, ratio), seed=0)
+    return torch.from_numpy(x[keep]).permute(0, 3, 1, 2).contiguous(), y[keep]
+
+
+def _knn_balanced_acc(z: torch.Tensor, y: np.ndarray, k: int = 20) -> float:
+    """Leave-one-out k-NN on cosine similarity, recall averaged over classes: how much class the features hold."""
+    f = F.normalize(z.flatten(1).float(), dim=1)
+    sims = f @ f.T
+    sims.fill_diagonal_(-2)
+    pred = torch.mode(torch.from_numpy(y)[sims.topk(k, dim=1).indices], dim=1).values.numpy()
+    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+
+
+def _kmeans_balanced_acc(z: torch.Tensor, y: np.ndarray) -> float:
+    z = z.flatten(1).float()
+    pred = assign(z, kmeans(z, 10, iters=50, restarts=3, seed=0).centers)[0].numpy()
+    return metrics.evaluate(y, pred, 10)["balanced_acc"]
+
+
+def _train(overrides: list[str], x: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` steps of the job on x; the features its k-means baseline reads (Prediction.features)."""
+    cfg = load_config(JOB, [f"optim.epochs={steps}", "optim.warmup_epochs=0", *overrides])
+    xf = x.float().div(255)
+    views = ViewPair(cfg, xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).tolist(), 32)
+    method = build_method(cfg, DataInfo(len(x), (32, 32, 3), 10))
+    opt = make_optimizer(cfg, method)
+    g = torch.Generator().manual_seed(0)
+    b = cfg.data.batch_size
+    for step in range(steps):  # one batch an "epoch": the schedule runs its cosine over `steps`
+        idx = torch.randint(0, len(x), (b,), generator=g)
+        apply_lr(opt, lr_factor(cfg, step, 1))
+        train_step(method, method, opt, idx, *views.for_method(method, x[idx], step, 0))
+    method.eval()
+    with torch.no_grad():
+        return torch.cat([method.predict(views.eval(x[i:i + 1024])).features for i in range(0, len(x), 1024)])
+
+
+@pytest.mark.slow
+def test_contrastive_features_beat_pixels_and_need_the_colour_views():
+    x, y = _data()
+    xf = x.float().div(255)
+    pixels = ((xf - xf.mean(dim=(0, 2, 3), keepdim=True)) / xf.std(dim=(0, 2, 3), keepdim=True)).flatten(1)
+    learned = _train([], x, STEPS)
+    shared_colours = _train(["augment.strength=0", "augment.gray_p=0"], x, STEPS)
+    knn = {name: _knn_balanced_acc(z, y) for name, z in
+           (("pixels", pixels), ("learned", learned), ("shared_colours", shared_colours))}
+    km = {"pixels": _kmeans_balanced_acc(pixels, y), "learned": _kmeans_balanced_acc(learned, y)}
+    print(f"kNN balanced ACC {knn}, k-means {km}")
+    assert knn["pixels"] < 0.2 and km["pixels"] < 0.2
+    # Measured at 150 steps: 20-NN 0.213 against 0.128 on pixels, k-means 0.175 against 0.129.
+    assert knn["learned"] > knn["pixels"] + 0.06
+    assert km["learned"] > km["pixels"] + 0.03
+    # The views are what teach the structure: without colour jitter and grey views the pair's shared colours
+    # are the easier cue, and the features learn no more class than the pixels hold.
+    assert knn["shared_colours"] < knn["learned"] - 0.06  # measured: 0.106 against 0.213
