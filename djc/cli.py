@@ -1,4 +1,4 @@
-"""djc prepare | train | eval | tune | bench: the command line, a thin layer over the library.
+"""djc prepare | train | eval | predict | tune | bench: the command line, a thin layer over the library.
 
 Errors a user can fix (bad config key, missing dataset, corrupt shard) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -33,30 +33,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import yaml
+    import fsspec
 
     from djc.data.shards import read_manifest
-    from djc.evaluate import metrics_table, write_outputs
-    from djc.runfiles import read_assignments, read_text
+    from djc.evaluate import MAP_FILE, Pictures, metrics_table, write_outputs
+    from djc.rundir import read_config
+    from djc.runfiles import read_assignments, read_map
 
     run_dir = launch.out_url(args.run_dir, flag="djc eval")
-    try:
-        text = read_text(f"{run_dir}/config.yaml")
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a djc run dir: it has no config.yaml") from None
-    try:
-        cfg = from_dict(yaml.safe_load(text))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{run_dir}/config.yaml is not valid YAML: {str(err).splitlines()[0]}") from None
+    cfg = read_config(run_dir)
     storage.configure(cfg.storage)
     try:
         table = read_assignments(f"{run_dir}/assignments.parquet")
+        fs, path = fsspec.core.url_to_fs(f"{run_dir}/{MAP_FILE}")
+        coords = read_map(f"{run_dir}/{MAP_FILE}") if fs.exists(path) else None
         result = write_outputs(run_dir, table, cfg.method.num_clusters, read_manifest(cfg.data.train).class_counts,
-                               cfg.eval.primary)
+                               cfg.eval.primary, Pictures(cfg.data.splits(), cfg.eval, coords))
     except ValueError as err:  # assignments.parquet damaged or missing columns
         raise DatasetError(str(err)) from None
     print(metrics_table(result))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from djc import predict
+
+    return predict.main(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -156,6 +158,18 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="recompute metrics.json and plots from a run dir's assignments")
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
+
+    pc = sub.add_parser("predict", help="apply a trained run to a data set: assignments, embeddings, galleries, map")
+    pc.add_argument("run_dir", help="a run dir djc train wrote (its final checkpoint and config are used)")
+    pc.add_argument("--data", required=True, help="dataset URL (djc prepare's format; unlabelled is fine)")
+    pc.add_argument("--out", required=True, help="output dir (path or s3:// URL)")
+    pc.add_argument("--workers", type=int, default=1, help="1: this process (no Ray); N: N Ray Train workers")
+    pc.add_argument("--embeddings", nargs="?", const="float32", choices=["float32", "float16"],
+                    help="also write embeddings.npy, (N, D) unit-length features in assignments.parquet's row order "
+                         "(float32 unless float16 is given)")
+    pc.add_argument("--on-corrupt", default="error", choices=["error", "skip"],
+                    help="an undecodable image: stop (error) or leave it out (skip)")
+    pc.set_defaults(func=cmd_predict)
 
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA) over a method's space; writes best.yaml for djc train")
     tu.add_argument("config", help="run config YAML (jobs/*.yaml): the base every trial starts from")

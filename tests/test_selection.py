@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import calinski_harabasz_score
 
-from djc.evaluate import variance_ratio
+from djc.selection import variance_ratio
 from tests.gloo import run_gloo
 
 
@@ -56,7 +56,7 @@ def _tiny_method(data_url: str):
 
 
 def selection_on_workers(rank: int, world: int, data_url: str) -> dict:
-    from djc.evaluate import selection_metrics
+    from djc.selection import selection_metrics
 
     method, views = _tiny_method(data_url)
     return selection_metrics(method, data_url, views, torch.device("cpu"), 10)

@@ -4,7 +4,7 @@ The pattern Ray 2.60's Train V2 asks for: a Tune function per trial (`train_tria
 refuses 0) builds and fits the run's TorchTrainer through djc.launch.fit with Tune's report callback; the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
 compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
-Trials are ranked by a metric of the run config's `eval.select_split` (djc/evaluate.py): the label-free
+Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
 `select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it. The best
 trial that ran all its epochs is written as best.yaml: the run config plus its values, which `djc train` takes
 as is. Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
@@ -23,7 +23,7 @@ import yaml
 
 from djc.config import Config, ConfigError, from_dict, load_tree, to_dict, to_yaml, with_values
 from djc.methods import REGISTRY
-from djc.evaluate import METRICS
+from djc.selection import METRICS
 from tune import spaces
 
 TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; the workers reserve the real CPUs
