@@ -118,6 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from djc.bench import data
 
         return data.main(args)
+    if args.which == "selection":
+        from djc.bench import selection
+
+        return selection.main(args)
     from djc.bench import quality
 
     return quality.main(args)
@@ -181,12 +185,16 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
                     help="score: label-free (djc/evaluate.py); acc / balanced_acc: on a labelled eval.select_split")
     tu.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops poor trials early")
+    tu.add_argument("--search", default="optuna", choices=["optuna", "hyperopt", "random"],
+                    help="optuna: Optuna's TPE (default); hyperopt: HyperOpt's TPE; random: random sampling. "
+                         "The job's own values are always the first trial")
     tu.set_defaults(func=cmd_tune)
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "
-                                      "(local disk vs S3 vs cache, read and training step rates)")
-    be.add_argument("which", choices=["quality", "throughput", "data"])
+                                      "(local disk vs S3 vs cache, read and training step rates), selection (the "
+                                      "label-free selection score against balanced ACC over finished runs)")
+    be.add_argument("which", choices=["quality", "throughput", "data", "selection"])
     be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: each registered "
                                                         "method's digits_lt job)")
     be.add_argument("--data", action="append", default=[],
@@ -213,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
     da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
     da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")
+    se = be.add_argument_group("selection", "the label-free selection score against balanced ACC over finished runs")
+    se.add_argument("--runs", nargs="+", help="run dirs, or dirs holding them (djc tune's search dirs)")
+    se.add_argument("--cached", action="store_true", help="reuse --out's measurements of runs measured before")
     be.set_defaults(func=cmd_bench)
     return p
 

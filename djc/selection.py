@@ -24,6 +24,7 @@ for validating the label-free score (`djc bench selection`). No Ray here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,9 +81,24 @@ def size_entropy(counts: np.ndarray, k: int) -> float:
     return float(-(p * np.log(p)).sum() / math.log(k)) if k > 1 else 0.0
 
 
+# Label-free scores measured against balanced ACC by `djc bench selection` (docs/cluster.md has the table),
+# each a function of the quantities selection_metrics logs; SCORE is the one trials are ranked by.
+CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
+    "r_used": lambda m: m["select_r_used"],
+    "r": lambda m: m["select_r"],
+    "silhouette": lambda m: m["select_silhouette"],
+    "stability_ari": lambda m: m["select_stability_ari"],
+    "stability_nmi": lambda m: m["select_stability_nmi"],
+    "size_entropy": lambda m: m["select_size_entropy"],
+    "r_used x stability_ari": lambda m: m["select_r_used"] * max(m["select_stability_ari"], 0.0),
+    "silhouette x stability_ari": lambda m: max(m["select_silhouette"], 0.0) * max(m["select_stability_ari"], 0.0),
+}
+SCORE = "r_used"
+
+
 def score(m: dict[str, float]) -> float:
-    """The score trials are ranked by, from the label-free quantities (module docstring)."""
-    return m["select_r_used"]
+    """The score trials are ranked by (SCORE of CANDIDATES)."""
+    return CANDIDATES[SCORE](m)
 
 
 @torch.no_grad()
