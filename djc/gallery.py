@@ -2,7 +2,7 @@
 
 One row per cluster, largest first: its size (and, when labelled, its majority class and purity), its most
 confident images on the left and its least confident on the right, where a wrong member shows first. A page
-holds at most `per_page` clusters (50 rows: ~1,800 px tall, a few hundred KB), so every page opens at once;
+holds at most `per_page` clusters (50 rows of 32-48 px images: 1,850-2,650 px tall), so every page opens at once;
 `pages` pages of the largest clusters are drawn, and when clusters remain (K = 1000 is 20 pages of 50), one more
 page samples `per_page` of them evenly over their size ranking, down to the smallest. The page is composed
 as one RGB array and drawn by matplotlib with its text: ~1 s a page.
@@ -24,7 +24,7 @@ LABEL_W = 230  # px of the text column
 PAD = 2  # px around each thumbnail
 GAP = 18  # px between the most and the least confident images
 HEADER = 46  # px of the page title and the column heads
-MIN_SIDE, MAX_SIDE = 40, 64  # thumbnails: 8x8 digits are scaled x5 (nearest), photos shrunk to 64 px
+MIN_SIDE, MAX_SIDE = 32, 48  # thumbnails: 8x8 digits scaled x4 (nearest), 32 px as they are, photos to 48 px
 
 
 def thumb_side(side: int) -> int:
