@@ -90,6 +90,10 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "stability_ari": lambda m: m["select_stability_ari"],
     "stability_nmi": lambda m: m["select_stability_nmi"],
     "size_entropy": lambda m: m["select_size_entropy"],
+    "stability_nmi x used": lambda m: m["select_stability_nmi"] * m["select_clusters_used"] / m["select_k"],
+    # K^(H - 1) = exp(entropy in nats) / K: the share of the K clusters that the sizes effectively use
+    "stability_nmi x effective": lambda m: m["select_stability_nmi"] * m["select_k"] ** (m["select_size_entropy"] - 1),
+    "r_used x stability_nmi": lambda m: m["select_r_used"] * m["select_stability_nmi"],
     "r_used x stability_ari": lambda m: m["select_r_used"] * max(m["select_stability_ari"], 0.0),
     "silhouette x stability_ari": lambda m: max(m["select_silhouette"], 0.0) * max(m["select_stability_ari"], 0.0),
 }
@@ -146,7 +150,7 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
         pos = torch.argsort(index)
         keep = pos[torch.searchsorted(index[pos], is_)]  # rows of the gathered columns in the sample
     c, cv, y = g["cluster"].numpy(), g["view_cluster"].numpy(), g["label"].numpy()
-    out = {"select_r": r, "select_ch": ch, "select_clusters_used": k_used, "select_r_used": r * k_used / K,
+    out = {"select_k": K, "select_r": r, "select_ch": ch, "select_clusters_used": k_used, "select_r_used": r * k_used / K,
            "select_silhouette": silhouette(zs, g["cluster"][keep]) if len(keep) else 0.0,
            # scikit-learn scores two one-cluster labelings 1 ("identical"); collapse is no agreement here
            "select_stability_ari": float(adjusted_rand_score(c, cv)) if k_used > 1 else 0.0,
