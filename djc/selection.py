@@ -90,6 +90,10 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "stability_ari": lambda m: m["select_stability_ari"],
     "stability_nmi": lambda m: m["select_stability_nmi"],
     "size_entropy": lambda m: m["select_size_entropy"],
+    "kmeans_nmi": lambda m: m["select_kmeans_nmi"],
+    "kmeans_nmi x used": lambda m: m["select_kmeans_nmi"] * m["select_clusters_used"] / m["select_k"],
+    "stability_nmi x kmeans_nmi x used": lambda m: (m["select_stability_nmi"] * m["select_kmeans_nmi"]
+                                                    * m["select_clusters_used"] / m["select_k"]),
     "stability_nmi x used": lambda m: m["select_stability_nmi"] * m["select_clusters_used"] / m["select_k"],
     # K^(H - 1) = exp(entropy in nats) / K: the share of the K clusters that the sizes effectively use
     "stability_nmi x effective": lambda m: m["select_stability_nmi"] * m["select_k"] ** (m["select_size_entropy"] - 1),
@@ -150,12 +154,20 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
         pos = torch.argsort(index)
         keep = pos[torch.searchsorted(index[pos], is_)]  # rows of the gathered columns in the sample
     c, cv, y = g["cluster"].numpy(), g["view_cluster"].numpy(), g["label"].numpy()
+    kmeans_nmi = 0.0
+    if len(keep) >= 5 * k_used and k_used > 1:  # NMI of the clusters with k-means (K_used) on the same features
+        from sklearn.cluster import KMeans
+
+        u = torch.nn.functional.normalize(zs.double(), dim=1).numpy()
+        km = KMeans(n_clusters=k_used, n_init=3, random_state=0).fit_predict(u)
+        kmeans_nmi = float(normalized_mutual_info_score(g["cluster"][keep].numpy(), km))
     out = {"select_k": K, "select_r": r, "select_ch": ch, "select_clusters_used": k_used, "select_r_used": r * k_used / K,
            "select_silhouette": silhouette(zs, g["cluster"][keep]) if len(keep) else 0.0,
            # scikit-learn scores two one-cluster labelings 1 ("identical"); collapse is no agreement here
            "select_stability_ari": float(adjusted_rand_score(c, cv)) if k_used > 1 else 0.0,
            "select_stability_nmi": float(normalized_mutual_info_score(c, cv)) if k_used > 1 else 0.0,
-           "select_size_entropy": size_entropy(np.bincount(c, minlength=K), K) if n else 0.0}
+           "select_size_entropy": size_entropy(np.bincount(c, minlength=K), K) if n else 0.0,
+           "select_kmeans_nmi": kmeans_nmi}
     out["select_score"] = score(out)
     if (y >= 0).any():
         m = metrics.evaluate(y, c, K)
