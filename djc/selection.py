@@ -1,20 +1,22 @@
 """The label-free model-selection score that `djc tune` ranks trials by, computed every epoch on
 `eval.select_split` (ideally a held-out `val` entry of data.eval) and reduced over workers.
 
-Several label-free quantities are logged (`select_*` in metrics.jsonl); `select_score` is the one trials are
-ranked by (`score` below). Each is a function of the method's predictions on the split's non-augmented view and
-on one augmented view of it (the training views' first, each sample's drawn from the run's seed and its index,
-so the same every epoch and whatever the number of workers):
+    select_score = S x A x K_used / K
 
-- R = B / T, the share of the feature scatter that the clusters explain: T = sum_i |z_i - mean|^2, W = sum_i
-  |z_i - mu_c(i)|^2, B = T - W. The Calinski-Harabasz criterion brought to [0, 1] (CH = R / (1 - R) x
-  (N - K_used) / (K_used - 1), also logged as `select_ch`); from per-cluster sufficient statistics in one
-  all-reduce. `select_r_used` = R x K_used / K, the score before it was validated (docs/cluster.md).
-- the silhouette of the clusters on a fixed sample of at most SAMPLE rows (cosine distance): how much closer a
-  sample is to its own cluster than to the next one.
-- stability: how much the clustering of the augmented view agrees with the clustering of the plain view,
-  as adjusted Rand index and NMI (both 0 for chance agreement, so collapse to one cluster scores 0).
-- the normalised entropy of the cluster sizes and the clusters used.
+- S, stability: NMI between the clusters of the split's plain view and of one augmented view of it (the
+  training views' first, each sample's drawn from the run's seed and its index, so the same every epoch and
+  whatever the number of workers). Clusters that follow what the augmentations leave alone, not pixels.
+- A, agreement: NMI between the clusters and k-means (K_used clusters) on the same features, on a fixed sample
+  of at most SAMPLE rows. Clusters that are the natural groups of the method's own representation. When the
+  sample is too small for K_used clusters (K_used > SAMPLE / 5, e.g. K = 1000) A is left out (taken as 1).
+- K_used / K: clusters left empty on the split are a share of the clustering lost; collapse to one cluster
+  scores 0 (both NMIs of a one-cluster labelling are 0 here).
+
+Both NMIs are invariant to the scale of the features, which temperatures and loss weights change from trial to
+trial: the variance ratio R = between / total scatter that was the score before (`select_r_used` = R x K_used /
+K, logged with the Calinski-Harabasz CH) ranked SeCu's trials at rho 0.72 and P2OT's negatively
+(`djc bench selection`, docs/cluster.md). Also logged: the silhouette on the sample (cosine), the stability's
+ARI, the normalised entropy of the cluster sizes, K_used. `CANDIDATES` are the scores that were measured.
 
 z are `Prediction.features`, the clusters its evaluated head (column 0). When the split is labelled,
 `select_acc`, `select_balanced_acc` and `select_nmi` (Hungarian-matched) are logged too, for `--metric acc` and
@@ -81,6 +83,11 @@ def size_entropy(counts: np.ndarray, k: int) -> float:
     return float(-(p * np.log(p)).sum() / math.log(k)) if k > 1 else 0.0
 
 
+def _or_one(x: float) -> float:
+    """A factor that could not be computed (k-means on a sample too small for K_used) leaves the product as is."""
+    return 1.0 if math.isnan(x) else x
+
+
 # Label-free scores measured against balanced ACC by `djc bench selection` (docs/cluster.md has the table),
 # each a function of the quantities selection_metrics logs; SCORE is the one trials are ranked by.
 CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
@@ -92,7 +99,7 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "size_entropy": lambda m: m["select_size_entropy"],
     "kmeans_nmi": lambda m: m["select_kmeans_nmi"],
     "kmeans_nmi x used": lambda m: m["select_kmeans_nmi"] * m["select_clusters_used"] / m["select_k"],
-    "stability_nmi x kmeans_nmi x used": lambda m: (m["select_stability_nmi"] * m["select_kmeans_nmi"]
+    "stability_nmi x kmeans_nmi x used": lambda m: (m["select_stability_nmi"] * _or_one(m["select_kmeans_nmi"])
                                                     * m["select_clusters_used"] / m["select_k"]),
     "stability_nmi x used": lambda m: m["select_stability_nmi"] * m["select_clusters_used"] / m["select_k"],
     # K^(H - 1) = exp(entropy in nats) / K: the share of the K clusters that the sizes effectively use
@@ -101,7 +108,7 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "r_used x stability_ari": lambda m: m["select_r_used"] * max(m["select_stability_ari"], 0.0),
     "silhouette x stability_ari": lambda m: max(m["select_silhouette"], 0.0) * max(m["select_stability_ari"], 0.0),
 }
-SCORE = "r_used"
+SCORE = "stability_nmi x kmeans_nmi x used"
 
 
 def score(m: dict[str, float]) -> float:
@@ -154,7 +161,7 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
         pos = torch.argsort(index)
         keep = pos[torch.searchsorted(index[pos], is_)]  # rows of the gathered columns in the sample
     c, cv, y = g["cluster"].numpy(), g["view_cluster"].numpy(), g["label"].numpy()
-    kmeans_nmi = 0.0
+    kmeans_nmi = 0.0 if k_used < 2 else math.nan  # NaN: too few sample rows for k-means with K_used clusters
     if len(keep) >= 5 * k_used and k_used > 1:  # NMI of the clusters with k-means (K_used) on the same features
         from sklearn.cluster import KMeans
 
