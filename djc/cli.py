@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--samples", type=int, default=8, help="number of trials")
     tu.add_argument("--out", help="search dir (trials/, best.yaml, trials.txt); default runs/tune/<name>")
     tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
-                    help="score: label-free (djc/evaluate.py); acc / balanced_acc: on a labelled eval.select_split")
+                    help="score: label-free (djc/selection.py); acc / balanced_acc: on a labelled eval.select_split")
     tu.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops poor trials early")
     tu.add_argument("--search", default="optuna", choices=["optuna", "hyperopt", "random"],
                     help="optuna: Optuna's TPE (default); hyperopt: HyperOpt's TPE; random: random sampling. "
