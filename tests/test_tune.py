@@ -114,3 +114,6 @@ def test_a_tiny_search_prints_its_trials_and_writes_a_best_yaml_djc_train_accept
     for name in (r[0] for r in rows):
         lines = (out / "trials" / name / "metrics.jsonl").read_text().splitlines()
         assert lines and all("select_score" in ln for ln in lines)
+    # A completed trial is a whole run dir: ASHA lets it reach its final evaluation.
+    assert (out / "trials" / rows[0][0] / "metrics.json").is_file()
+    assert (out / "trials" / rows[0][0] / "assignments.parquet").is_file()

@@ -166,7 +166,10 @@ def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str,
     key = METRICS[metric]
     epochs = cfg.optim.epochs
     # Rungs at epochs/10 x 1, 3, 9, ..: 6, 18, 54 of 60; a trial in the lower two thirds at a rung stops.
-    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 10), reduction_factor=3)
+    # stop_last_trials=False: ASHA would otherwise stop a trial on its epochs-th report, before the workers'
+    # final evaluation, and a completed trial's run dir would lack assignments.parquet and metrics.json.
+    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 10), reduction_factor=3,
+                           stop_last_trials=False)
              if scheduler == "asha" else FIFOScheduler())
     # Trials beyond what the cluster holds at once would start their drivers and wait on placement groups:
     # on 2 CPUs, 2 workers x 0.5 CPU + 0.01 for the driver = 1.01 fit once.
