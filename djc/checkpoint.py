@@ -8,10 +8,12 @@ it reads with `weights_only=True`, which rebuilds nothing else, and refuses a fi
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 from typing import IO, Any
 
+import fsspec
 import torch
 
 CKPT_FILE = "state.pt"
@@ -29,11 +31,16 @@ def save(directory: str | Path, state: dict[str, Any]) -> None:
 
 
 def load(path: str | Path | IO[bytes], map_location: Any = "cpu", name: str | None = None) -> dict[str, Any]:
-    """Tensors and plain data only; anything else is refused before a single object of it is built. `path` may
-    be an open file (a checkpoint read from object storage), then `name` is what messages call it."""
+    """Tensors and plain data only; anything else is refused before a single object of it is built. `path` is a
+    local path or any fsspec URL (djc predict reads a run dir on S3), or an open file (a checkpoint read from
+    object storage), then `name` is what messages call it."""
     path_name = name or path
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(path, (str, Path)):
+            with fsspec.open(str(path), "rb") as f:
+                state = torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice; the line that names the refused global is the one to show.
         lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]

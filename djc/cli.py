@@ -1,4 +1,4 @@
-"""djc prepare | train | eval | tune | bench: the command line, a thin layer over the library.
+"""djc prepare | train | eval | predict | tune | bench: the command line, a thin layer over the library.
 
 Errors a user can fix (bad config key, missing dataset, corrupt shard) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -33,30 +33,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import yaml
+    import fsspec
 
     from djc.data.shards import read_manifest
-    from djc.evaluate import metrics_table, write_outputs
-    from djc.runfiles import read_assignments, read_text
+    from djc.evaluate import MAP_FILE, Pictures, metrics_table, write_outputs
+    from djc.rundir import read_config
+    from djc.runfiles import read_assignments, read_map
 
     run_dir = launch.out_url(args.run_dir, flag="djc eval")
-    try:
-        text = read_text(f"{run_dir}/config.yaml")
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a djc run dir: it has no config.yaml") from None
-    try:
-        cfg = from_dict(yaml.safe_load(text))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{run_dir}/config.yaml is not valid YAML: {str(err).splitlines()[0]}") from None
+    cfg = read_config(run_dir)
     storage.configure(cfg.storage)
     try:
         table = read_assignments(f"{run_dir}/assignments.parquet")
+        fs, path = fsspec.core.url_to_fs(f"{run_dir}/{MAP_FILE}")
+        coords = read_map(f"{run_dir}/{MAP_FILE}") if fs.exists(path) else None
         result = write_outputs(run_dir, table, cfg.method.num_clusters, read_manifest(cfg.data.train).class_counts,
-                               cfg.eval.primary)
+                               cfg.eval.primary, Pictures(cfg.data.splits(), cfg.eval, coords))
     except ValueError as err:  # assignments.parquet damaged or missing columns
         raise DatasetError(str(err)) from None
     print(metrics_table(result))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from djc import predict
+
+    return predict.main(args)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -116,6 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from djc.bench import data
 
         return data.main(args)
+    if args.which == "selection":
+        from djc.bench import selection
+
+        return selection.main(args)
     from djc.bench import quality
 
     return quality.main(args)
@@ -157,6 +163,18 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.set_defaults(func=cmd_eval)
 
+    pc = sub.add_parser("predict", help="apply a trained run to a data set: assignments, embeddings, galleries, map")
+    pc.add_argument("run_dir", help="a run dir djc train wrote (its final checkpoint and config are used)")
+    pc.add_argument("--data", required=True, help="dataset URL (djc prepare's format; unlabelled is fine)")
+    pc.add_argument("--out", required=True, help="output dir (path or s3:// URL)")
+    pc.add_argument("--workers", type=int, default=1, help="1: this process (no Ray); N: N Ray Train workers")
+    pc.add_argument("--embeddings", nargs="?", const="float32", choices=["float32", "float16"],
+                    help="also write embeddings.npy, (N, D) unit-length features in assignments.parquet's row order "
+                         "(float32 unless float16 is given)")
+    pc.add_argument("--on-corrupt", default="error", choices=["error", "skip"],
+                    help="an undecodable image: stop (error) or leave it out (skip)")
+    pc.set_defaults(func=cmd_predict)
+
     tu = sub.add_parser("tune", help="Ray Tune search (ASHA) over a method's space; writes best.yaml for djc train")
     tu.add_argument("config", help="run config YAML (jobs/*.yaml): the base every trial starts from")
     tu.add_argument("overrides", nargs="*", help="key.sub=value overrides of the base")
@@ -165,14 +183,18 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--samples", type=int, default=8, help="number of trials")
     tu.add_argument("--out", help="search dir (trials/, best.yaml, trials.txt); default runs/tune/<name>")
     tu.add_argument("--metric", default="score", choices=["score", "acc", "balanced_acc"],
-                    help="score: label-free (djc/evaluate.py); acc / balanced_acc: on a labelled eval.select_split")
+                    help="score: label-free (djc/selection.py); acc / balanced_acc: on a labelled eval.select_split")
     tu.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="asha stops poor trials early")
+    tu.add_argument("--search", default="optuna", choices=["optuna", "hyperopt", "random"],
+                    help="optuna: Optuna's TPE (default); hyperopt: HyperOpt's TPE; random: random sampling. "
+                         "The job's own values are always the first trial")
     tu.set_defaults(func=cmd_tune)
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "
-                                      "(local disk vs S3 vs cache, read and training step rates)")
-    be.add_argument("which", choices=["quality", "throughput", "data"])
+                                      "(local disk vs S3 vs cache, read and training step rates), selection (the "
+                                      "label-free selection score against balanced ACC over finished runs)")
+    be.add_argument("which", choices=["quality", "throughput", "data", "selection"])
     be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: each registered "
                                                         "method's digits_lt job)")
     be.add_argument("--data", action="append", default=[],
@@ -202,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
     da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
     da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")
+    se = be.add_argument_group("selection", "the label-free selection score against balanced ACC over finished runs")
+    se.add_argument("--runs", nargs="+", help="run dirs, or dirs holding them (djc tune's search dirs)")
+    se.add_argument("--cached", action="store_true", help="reuse --out's measurements of runs measured before")
     be.set_defaults(func=cmd_bench)
     return p
 

@@ -147,9 +147,18 @@ class TrainerConfig(Node):
 class EvalConfig(Node):
     baseline: bool = True  # also run k-means on raw pixels through the same evaluation
     primary: str = "train"  # the split whose metrics head metrics.json
-    # Split scored every epoch for model selection (djc tune, djc/evaluate.py): "train" or a data.eval name;
+    # Split scored every epoch for model selection (djc tune, djc/selection.py): "train" or a data.eval name;
     # "" = none. Use a held-out split that training never reads (a `val` entry in data.eval).
     select_split: str = ""
+    # Cluster galleries (plots/gallery_<split>_p<n>.png, djc/gallery.py): pages of the largest clusters per split
+    # (0 = none); past them one page samples the remaining clusters over their size ranking. 4 x 50 covers K=200.
+    gallery_pages: int = Field(4, ge=0)
+    gallery_clusters: int = Field(50, gt=0)  # clusters (rows) per page: 50 rows of 32-64 px thumbnails ~1,800 px
+    gallery_images: int = Field(8, gt=0)  # most confident and least confident images shown per cluster (each)
+    # The 2-D map of the embeddings (plots/map_<split>.png, djc/embedmap.py): t-SNE (~10 s for 2,000 points on
+    # one core), PCA (instant, less structure) or none.
+    map: Literal["tsne", "pca", "none"] = "tsne"
+    map_samples: int = Field(2000, gt=0)  # points per split on the map: a fixed random sample beyond this
 
 
 class Config(Node):

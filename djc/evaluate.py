@@ -1,41 +1,23 @@
-"""The end of a run, and the score it is selected by: predict every split, run the k-means baselines, compute
-the metrics, write the run dir's outputs; and every epoch, the label-free model-selection score.
+"""The end of a run: predict every split, run the k-means baselines, compute the metrics, write the run dir's
+outputs (assignments, metrics.json, plots, cluster galleries and the map of the embeddings).
 
 Each worker predicts its own slice of every split and k-means runs on the sharded rows (djc.methods.kmeans),
-so no worker holds another's features; only the small per-sample results are gathered for rank 0, which writes
-assignments.parquet and computes metrics.json and the plots from the same table in memory. `djc eval`
-recomputes metrics.json and the plots from a stored assignments.parquet with `write_outputs`. No Ray here.
-
-The selection score (`selection_metrics`) is what `djc tune` ranks trials by. The default is label-free, so it
-works on unlabelled data:
-
-    score = R x (K_used / K)
-
-- R = B / T is the share of the feature scatter that the clustering explains: T = sum_i |z_i - mean|^2 (total),
-  W = sum_i |z_i - mu_c(i)|^2 (within the predicted clusters), B = T - W (between). R is the Calinski-Harabasz
-  criterion brought to [0, 1]: CH = R / (1 - R) x (N - K_used) / (K_used - 1), also reported (`select_ch`).
-  Unlike CH, R is comparable across trials whatever the number of used clusters, and unlike silhouette it needs
-  no N x N distances: it comes from per-cluster sufficient statistics (count, sum z, sum |z|^2), one all-reduce.
-- K_used / K is the cluster-health penalty: a trial that leaves clusters empty on the split loses that share.
-  Collapse to one cluster gives R = 0; features that carry no variance (T ~ 0) give 0.
-
-z are the method's `Prediction.features` on the non-augmented view of a split (`eval.select_split`, ideally a
-held-out `val` entry of data.eval), and the clusters its evaluated head. R does not look at class sizes, so it
-does not push long-tailed data towards equal clusters. What it cannot see: a clustering that is compact and
-well separated but disagrees with the classes; that is what the labelled choices (`select_acc`,
-`select_balanced_acc`, Hungarian-matched on the same split) are for when the split has labels.
+so no worker holds another's features; only the small per-sample results (and the features of the map's
+sample) are gathered for rank 0, which writes assignments.parquet and computes metrics.json and the pictures
+from the same table in memory. `djc eval` recomputes metrics.json and the pictures from a stored
+assignments.parquet with `write_outputs`; `djc predict` (djc/predict.py) predicts new data through the same
+`predict_split`. The label-free selection score of every epoch is djc/selection.py's. No Ray here.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from djc import dist, metrics, plots, runfiles
+from djc import dist, embedmap, gallery, metrics, plots, runfiles
 from djc.config import Config
 from djc.features import FeatureViews
 from djc.data.shards import read_manifest
@@ -47,10 +29,10 @@ EVAL_BATCH = 512
 # Baseline assignment column -> key of its metrics inside each split's dict. kmeans_encoder: k-means on the
 # backbone's own features, in runs that load model.weights (a frozen pretext encoder's: the baseline a method on it
 # must reach).
+MAP_FILE = "map.parquet"  # the 2-D coordinates of each split's map sample, for djc eval to re-draw
+MAP_NAMES = {"tsne": "t-SNE", "pca": "PCA", "none": ""}
 BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features",
                     "kmeans_encoder": "baseline_encoder"}
-# djc tune --metric NAME -> the key the training loop reports; all are "higher is better".
-METRICS = {"score": "select_score", "acc": "select_acc", "balanced_acc": "select_balanced_acc"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,16 +63,18 @@ def map_split(url: str, fn, views, device, on_corrupt: str = "error") -> tuple[T
 
 @torch.no_grad()
 def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt: str = "error",
-                  encoder: bool = False) -> dict[str, Tensor]:
-    """This worker's slice of a split: index, label, clusters (n, H), confidence, features, ood, pixels (not on
-    cached features: there are no pixels then), and with `encoder` the backbone's own features."""
+                  pixels: bool = True, encoder: bool = False) -> dict[str, Tensor]:
+    """This worker's slice of a split: index, label, clusters (n, H), confidence, features, ood, the eval view's
+    pixels (for the pixel k-means baseline) when `pixels` (never on cached features: there are no pixels then),
+    and with `encoder` the backbone's own features. The one prediction path: the end of a run, `djc predict` and
+    the tests all come here."""
     parts: dict[str, list[Tensor]] = {}
     for batch in local_slice(url, on_corrupt, views):
         x = views.eval(batch["image"].to(device))
         p = method.predict(x)
         cols = {"index": batch["index"], "label": batch["label"], "clusters": p.clusters.cpu(),
                 "confidence": p.confidence.float().cpu(), "features": p.features.float().cpu()}
-        if not isinstance(views, FeatureViews):
+        if pixels and not isinstance(views, FeatureViews):
             cols["pixels"] = x.flatten(1).float().cpu()
         if encoder:
             cols["encoder"] = method.encode(x).float().cpu()
@@ -101,6 +85,36 @@ def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt:
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def gather_rows(local: dict[str, Tensor], split: str, extra: dict[str, Tensor] | None = None) -> dict[str, np.ndarray]:
+    """A split's per-sample columns from every worker, concatenated (every rank joins; rank 0 uses them):
+    index, label, clusters (n, H), confidence, ood when the method has it, the `extra` columns, split."""
+    row = {c: local[c] for c in ("index", "label", "clusters", "confidence", "ood") if c in local} | (extra or {})
+    out = {c: dist.all_gather_cat(v).numpy() for c, v in row.items()}
+    out["split"] = np.full(len(out["index"]), split, dtype=object)
+    return out
+
+
+def map_sample(local: dict[str, Tensor], num_samples: int, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index, features) of a fixed random sample of at most `rows` of a split of `num_samples`, gathered from
+    every worker: the points of its 2-D map (djc/embedmap.py). The sample depends only on the seed."""
+    chosen = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(num_samples)[:rows]))
+    mask = torch.isin(local["index"], chosen)
+    return dist.all_gather_cat(local["index"][mask]).numpy(), dist.all_gather_cat(local["features"][mask]).numpy()
+
+
+def concat_rows(tables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
+
+
+def write_predictions(out: str, flat: dict[str, np.ndarray], extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """assignments.parquet from gathered rows; returns the table as it holds it, without reading it back."""
+    runfiles.write_assignments(f"{out}/assignments.parquet", index=flat["index"], clusters=flat["clusters"],
+                               confidence=flat["confidence"], label=flat["label"], split=flat["split"],
+                               ood=flat.get("ood"), extra={c: flat[c] for c in extra})
+    return {"index": flat["index"], "split": flat["split"], "label": flat["label"],
+            "cluster": flat["clusters"][:, 0], "confidence": flat["confidence"], **{c: flat[c] for c in extra}}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The end of a run
 
@@ -109,8 +123,10 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
     """Called by every worker at the end of training; rank 0 writes the outputs and returns metrics.json."""
     k, km = cfg.method.num_clusters, cfg.method.kmeans
     encoder = bool(cfg.model.weights)
-    local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt, encoder)
-             for name, url in cfg.data.splits().items()}
+    splits = cfg.data.splits()
+    local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt, pixels=cfg.eval.baseline,
+                                 encoder=encoder)
+             for name, url in splits.items()}
     # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.
     extra_cols: dict[str, str] = {"kmeans_features": "features"}
     if cfg.eval.baseline and not isinstance(views, FeatureViews):
@@ -119,37 +135,40 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
         extra_cols["kmeans_encoder"] = "encoder"
     centers = {col: kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
                for col, src in extra_cols.items()}
-    parts: dict[str, list[np.ndarray]] = {}
-    for name, cols in local.items():
-        row = {c: cols[c] for c in ("index", "label", "clusters", "confidence") + (("ood",) if "ood" in cols else ())}
-        for col, src in extra_cols.items():
-            row[col] = assign(cols[src], centers[col])[0]
-        for c, v in row.items():
-            parts.setdefault(c, []).append(dist.all_gather_cat(v).numpy())
-        parts.setdefault("split", []).append(np.full(len(parts["index"][-1]), name))
+    rows = [gather_rows(cols, name, {col: assign(cols[src], centers[col])[0] for col, src in extra_cols.items()})
+            for name, cols in local.items()]
+    samples = ({name: map_sample(cols, read_manifest(splits[name]).num_samples, cfg.eval.map_samples, cfg.seed)
+                for name, cols in local.items()} if cfg.eval.map != "none" else {})
     if not dist.is_main():
         return None
-    flat = {c: np.concatenate(v) for c, v in parts.items()}
-    runfiles.write_assignments(
-        f"{run_dir}/assignments.parquet", index=flat["index"], clusters=flat["clusters"],
-        confidence=flat["confidence"], label=flat["label"], split=flat["split"], ood=flat.get("ood"),
-        extra={c: flat[c] for c in extra_cols},
-    )
-    # The table as assignments.parquet holds it, without reading it back.
-    table = {"index": flat["index"], "split": flat["split"], "label": flat["label"], "cluster": flat["clusters"][:, 0],
-             **{c: flat[c] for c in extra_cols}}
-    return write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
+    table = write_predictions(run_dir, concat_rows(rows), tuple(extra_cols))
+    coords = embedmap.project_splits(samples, cfg.eval.map, cfg.seed)
+    if coords is not None:
+        runfiles.write_map(f"{run_dir}/{MAP_FILE}", coords)
+    return write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary,
+                         Pictures(splits, cfg.eval, coords))
+
+
+class Pictures(NamedTuple):
+    """What the galleries and maps of `write_outputs` are drawn from."""
+
+    datasets: dict[str, str]  # split -> dataset URL, for the galleries' images
+    settings: Any  # djc.config.EvalConfig: gallery pages and images, the map's projection
+    coords: dict[str, np.ndarray] | None  # map.parquet's columns (index, split, x, y); None = no map
 
 
 def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int, class_counts,
-                  primary: str = "train") -> dict[str, Any]:
-    """metrics.json (the primary split's metrics at the top, every split under `splits`) and the plots, from an
-    assignments table (`evaluate_run`'s in memory, or `runfiles.read_assignments` of a run dir for djc eval)."""
+                  primary: str = "train", pictures: Pictures | None = None, metrics_json: bool = True
+                  ) -> dict[str, Any]:
+    """metrics.json (the primary split's metrics at the top, every split under `splits`), the plots, and with
+    `pictures` the cluster galleries and the maps, from an assignments table (`evaluate_run`'s in memory, or
+    `runfiles.read_assignments` of a run dir for djc eval)."""
     per_split = evaluate_table(table, num_clusters, class_counts)
     if primary not in per_split:
         primary = next(iter(per_split))
     result = {"split": primary, **per_split[primary], "splits": per_split}
-    runfiles.write_json(f"{run_dir}/metrics.json", result)
+    if metrics_json:
+        runfiles.write_json(f"{run_dir}/metrics.json", result)
     for name in per_split:
         sel = table["split"] == name
         y, c = table["label"][sel], table["cluster"][sel]
@@ -158,7 +177,23 @@ def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int,
                                  title=f"{name}: cluster sizes against class sizes")
         if (y >= 0).any():
             plots.plot_confusion(f"{run_dir}/plots/confusion_{name}.png", y, c, title=f"{name}: confusion")
+        if pictures is not None:
+            _draw_pictures(run_dir, name, {k: v[sel] for k, v in table.items()}, pictures)
     return result
+
+
+def _draw_pictures(run_dir: str, split: str, rows: dict[str, np.ndarray], pictures: Pictures) -> None:
+    s = pictures.settings
+    if split in pictures.datasets and s.gallery_pages > 0:
+        gallery.write_gallery(f"{run_dir}/plots", split, read_manifest(pictures.datasets[split]), rows["index"],
+                              rows["cluster"], rows["confidence"], rows["label"], pages=s.gallery_pages,
+                              per_page=s.gallery_clusters, images=s.gallery_images)
+    if pictures.coords is not None:
+        on = pictures.coords["split"] == split
+        if on.any():
+            embedmap.plot_map(f"{run_dir}/plots/map_{split}.png", pictures.coords["x"][on], pictures.coords["y"][on],
+                              pictures.coords["index"][on], rows["index"], rows["cluster"], rows["label"],
+                              title=f"{split}: {MAP_NAMES[pictures.settings.map]} of the embeddings")
 
 
 def evaluate_table(
@@ -198,52 +233,3 @@ def metrics_table(result: dict[str, Any]) -> str:
             if base in m:
                 rows[f"{name} {label}"] = m[base]
     return metrics.format_table(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The selection score, every epoch
-
-
-def variance_ratio(stats: torch.Tensor) -> tuple[float, float, int]:
-    """(R, CH, K_used) from per-cluster sufficient statistics `stats` (K, D + 2): [count, sum |z|^2, sum z]."""
-    s = stats.double()
-    n_k, q_k, s_k = s[:, 0], s[:, 1], s[:, 2:]
-    used = n_k > 0
-    n, k_used = float(n_k.sum()), int(used.sum())
-    total = float(q_k.sum() - s_k.sum(0).square().sum() / max(n, 1.0))  # T = sum |z|^2 - |sum z|^2 / N
-    within = float((q_k[used] - s_k[used].square().sum(1) / n_k[used]).sum())  # W = sum_k (q_k - |s_k|^2 / n_k)
-    if total <= 1e-12 * max(n, 1.0) or k_used < 2:
-        return 0.0, 0.0, k_used
-    r = min(1.0, max(0.0, 1.0 - within / total))
-    ch = math.inf if r == 1.0 or n <= k_used else r / (1.0 - r) * (n - k_used) / (k_used - 1)
-    return r, ch, k_used
-
-
-@torch.no_grad()
-def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clusters: int,
-                      on_corrupt: str = "error") -> dict[str, float]:
-    """Every worker calls this with its own slice; all get the same numbers (reduced over workers)."""
-    K = num_clusters
-    stats, labels, clusters = None, [], []
-    for batch in local_slice(url, on_corrupt, views):
-        p = method.predict(views.eval(batch["image"].to(device)))
-        z, c = p.features.float().flatten(1), p.clusters[:, 0]
-        part = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64, device=z.device)  # (K, D + 2)
-        part[:, 0].index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
-        part[:, 1].index_add_(0, c, z.square().sum(1).double())
-        part[:, 2:].index_add_(0, c, z.double())
-        stats = part if stats is None else stats + part
-        labels.append(batch["label"])
-        clusters.append(c.cpu())
-    # A worker with an empty slice still joins the collectives (with zeros of the right shape).
-    d = int(dist.all_reduce_max(torch.tensor([0 if stats is None else stats.shape[1]]))[0])
-    local = stats.cpu() if stats is not None else torch.zeros(K, d, dtype=torch.float64)
-    r, ch, k_used = variance_ratio(dist.all_reduce_sum(local))
-    out = {"select_score": r * k_used / K, "select_r": r, "select_ch": ch, "select_clusters_used": k_used}
-
-    y = dist.all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)).numpy()
-    c = dist.all_gather_cat(torch.cat(clusters) if clusters else torch.zeros(0, dtype=torch.long)).numpy()
-    if (y >= 0).any():
-        m = metrics.evaluate(y, c, K)
-        out.update(select_acc=m["acc"], select_balanced_acc=m["balanced_acc"], select_nmi=m["nmi"])
-    return out

@@ -173,6 +173,11 @@ class FeatureViews:
     def eval(self, x: Tensor) -> Tensor:
         return x  # batches from `local_slice` already hold the features
 
+    def by_index(self, x: Tensor, index: Tensor, num_samples: int) -> Tensor:
+        """The selection score's per-sample view (djc/selection.py): cached features are never augmented, so a
+        sample's view is the sample itself (its view stability reads 1)."""
+        return x
+
     def local_slice(self, url: str) -> Iterator[dict[str, Tensor]]:
         """This worker's rows of a split in batches: {index, label, image: (b, D) features}."""
         t = self.tables[url]

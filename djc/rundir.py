@@ -186,6 +186,19 @@ def _read(url: str) -> str | None:
         return None
 
 
+def read_config(run_dir: str) -> Config:
+    """The config.yaml of a run dir (djc eval, djc predict), refused in one line when missing or invalid."""
+    import yaml
+
+    text = _read(f"{run_dir}/config.yaml")
+    if text is None:
+        raise ConfigError(f"{run_dir} is not a djc run dir: it has no config.yaml")
+    try:
+        return from_dict(yaml.safe_load(text))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{run_dir}/config.yaml is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
 def snapshot(run_dir: str) -> dict[str, Any] | None:
     """Ray Train's checkpoint record of the run dir (plain JSON), None when it holds no checkpoint."""
     text = _read(f"{run_dir}/{SNAPSHOT}")

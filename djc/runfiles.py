@@ -128,6 +128,31 @@ def read_assignments(url: str) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+# ---- the map's coordinates and the embeddings ----------------------------------------------------------
+
+def write_map(url: str, coords: dict[str, np.ndarray]) -> None:
+    """map.parquet: ``index`` int64, ``split`` string, ``x``, ``y`` float32 (a split's 2-D map sample)."""
+    table = pa.table({"index": pa.array(np.asarray(coords["index"], np.int64)),
+                      "split": pa.array([str(s) for s in coords["split"]], pa.string()),
+                      "x": pa.array(np.asarray(coords["x"], np.float32)),
+                      "y": pa.array(np.asarray(coords["y"], np.float32))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(url, sink.getvalue().to_pybytes())
+
+
+def read_map(url: str) -> dict[str, np.ndarray]:
+    """map.parquet's columns (as read_assignments reads a table)."""
+    return read_assignments(url)
+
+
+def write_npy(url: str, array: np.ndarray) -> None:
+    """One .npy file (numpy's format: np.load, memory-mappable with mmap_mode="r")."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array))
+    write_bytes(url, buf.getvalue())
+
+
 # ---- JSON and JSON lines ------------------------------------------------------------------------------
 
 def _jsonable(obj: Any) -> Any:

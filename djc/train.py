@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from djc import checkpoint, dist, evaluate, features, rundir, runfiles, storage
+from djc import checkpoint, dist, evaluate, features, rundir, runfiles, selection, storage
 from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.loader import StreamLoader
@@ -152,9 +152,9 @@ def _train(loop_config: dict[str, Any]) -> None:
                 break
         loader.set_epoch(epoch + 1)  # position 0 of the next epoch: what a checkpoint here resumes from
         metrics = _epoch_metrics(cfg, method, out.logs.keys(), sums, n, epoch, step, time.time() - t0, opt)
-        if select_url:  # every rank: the criterion is reduced over workers (djc/evaluate.py)
+        if select_url:  # every rank: the criterion is reduced over workers (djc/selection.py)
             method.eval()
-            metrics.update(evaluate.selection_metrics(method, select_url, views, device,
+            metrics.update(selection.selection_metrics(method, select_url, views, device,
                                                       cfg.method.num_clusters, cfg.data.on_corrupt))
             method.train()
         if rank == 0:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import calinski_harabasz_score
 
-from djc.evaluate import variance_ratio
+from djc.selection import variance_ratio
 from tests.gloo import run_gloo
 
 
@@ -56,7 +56,7 @@ def _tiny_method(data_url: str):
 
 
 def selection_on_workers(rank: int, world: int, data_url: str) -> dict:
-    from djc.evaluate import selection_metrics
+    from djc.selection import selection_metrics
 
     method, views = _tiny_method(data_url)
     return selection_metrics(method, data_url, views, torch.device("cpu"), 10)
@@ -73,4 +73,58 @@ def test_two_workers_get_the_one_worker_numbers(tmp_path):
     assert set(one) >= {"select_score", "select_r", "select_ch", "select_acc", "select_balanced_acc"}
     for k, v in one.items():
         assert two[0][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-    assert one["select_score"] == pytest.approx(one["select_r"] * one["select_clusters_used"] / 10)
+    assert one["select_score"] == pytest.approx(one["select_stability_nmi"] * one["select_kmeans_nmi"]
+                                                * one["select_clusters_used"] / 10)
+
+
+def test_silhouette_is_scikit_learns_under_cosine_distance():
+    from sklearn.metrics import silhouette_score
+
+    from djc.selection import silhouette
+
+    rng = np.random.default_rng(3)
+    centers = rng.normal(0, 2, (5, 8))
+    c = rng.integers(0, 5, 400)
+    c[:1] = 7  # a cluster of one sample scores 0, as in scikit-learn
+    z = centers[c % 5] + rng.normal(0, 1, (400, 8))
+    assert silhouette(torch.as_tensor(z), torch.as_tensor(c)) == pytest.approx(
+        silhouette_score(z, c, metric="cosine"), abs=1e-9)
+    assert silhouette(torch.as_tensor(z), torch.zeros(400, dtype=torch.long)) == 0.0  # one cluster
+
+
+def test_a_collapsed_clustering_scores_zero_and_a_clean_one_near_one(tmp_path):
+    """selection_metrics on a 'method' whose features are blobs and whose clusters are given: stability and
+    agreement with k-means are 1 for the true blobs, 0 for one cluster."""
+    from djc.data.writer import write_dataset
+    from djc.methods.base import Prediction
+    from djc.selection import CANDIDATES, SCORE, selection_metrics
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 300)
+    images = np.zeros((300, 4, 4, 1), np.uint8)
+    images[:, 0, 0, 0] = labels * 60  # the class is in one pixel, which no augmentation here moves
+    write_dataset(str(tmp_path / "ds"), list(images), labels, name="blobs", class_names=list("abcd"), provenance={})
+
+    class Blobs:
+        def __init__(self, collapse):
+            self.collapse = collapse
+
+        def predict(self, x):
+            k = torch.round(x[:, 0, 0, 0] / 60).long()  # the pixel holds 60 x class
+            z = torch.nn.functional.one_hot(k, 4).float() + 0.01 * torch.randn(len(k), 4)
+            c = torch.zeros_like(k) if self.collapse else k
+            return Prediction(c[:, None], torch.ones(len(k)), z)
+
+    class Plain:  # views that leave the pixel alone: stability is then exact
+        def eval(self, images):
+            return images.float()
+
+        def by_index(self, images, index, n):
+            return self.eval(images)
+
+    clean = selection_metrics(Blobs(False), str(tmp_path / "ds"), Plain(), torch.device("cpu"), 4)
+    collapsed = selection_metrics(Blobs(True), str(tmp_path / "ds"), Plain(), torch.device("cpu"), 4)
+    assert clean["select_balanced_acc"] == 1.0 and clean["select_stability_nmi"] == pytest.approx(1.0)
+    assert clean["select_kmeans_nmi"] == pytest.approx(1.0) and clean["select_score"] > 0.95
+    assert collapsed["select_score"] == 0.0 and collapsed["select_stability_nmi"] == 0.0
+    assert clean["select_score"] == CANDIDATES[SCORE](clean)

@@ -14,7 +14,7 @@ from ray import tune as rt
 from djc import cli
 from djc.config import ConfigError, from_dict, load_config, load_tree
 from tune import spaces
-from tune.search import check_space
+from tune.search import check_space, job_values
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = str(ROOT / "jobs" / "digits_lt.yaml")
@@ -33,6 +33,25 @@ def test_every_method_space_fits_its_job_config(method):
     space = spaces.load(method)(cfg)
     assert space and all(k.startswith(f"method.{method}.") for k in space)
     check_space(method, space, tree, cfg)  # both ends of every range make a valid config
+
+
+@pytest.mark.parametrize("method", sorted(JOBS))
+def test_every_methods_space_contains_its_jobs_own_values(method):
+    """The job's values are every search's first trial, so each space must contain them."""
+    tree = load_tree(ROOT / "jobs" / JOBS[method])
+    space = spaces.load(method)(from_dict(tree))
+    first = job_values(space, tree)
+    assert first is not None and set(first) == set(space)
+    cfg = from_dict(tree)
+    for key, value in first.items():
+        section = getattr(cfg.method, method)
+        assert getattr(section, key.rsplit(".", 1)[1]) == value
+
+
+def test_a_space_that_leaves_the_job_out_is_noticed():
+    tree = load_tree(JOB)
+    assert job_values({"method.secu.tau": rt.uniform(0.3, 0.5)}, tree) is None  # the job's tau is 0.2
+    assert job_values({"method.secu.tau": rt.uniform(0.1, 0.5)}, tree) == {"method.secu.tau": 0.2}
 
 
 @pytest.mark.parametrize("space, message", [
@@ -67,15 +86,24 @@ def test_a_tiny_search_prints_its_trials_and_writes_a_best_yaml_djc_train_accept
              "eval.baseline=false", "trainer.cpus_per_worker=0.45"]  # 2 x (2 x 0.45 + 0.01) CPUs: 2 trials at once
     # Its own process, so its own local Ray instance (djc tune starts one with the dashboard it needs).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "djc.cli", "tune", JOB, "--space", "secu", "--samples", "2",
-                           "--out", str(out), *small], env=env, capture_output=True, text=True, timeout=500)
+    done = subprocess.run([sys.executable, "-m", "djc.cli", "tune", JOB, "--space", "secu", "--samples", "3",
+                           "--search", "optuna", "--out", str(out), *small], env=env, capture_output=True, text=True,
+                          timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     table = (out / "trials.txt").read_text().splitlines()
     assert table[0].split()[:4] == ["trial", "status", "epochs", "select_score"]
     assert table[0] in done.stdout
-    rows = [line.split() for line in table[2:]]
-    assert len(rows) == 2 and rows[0][1] == "completed" and rows[0][2] == "2"
+    rows = [line.split() for line in table[2:] if not line.endswith("the job's own values")]
+    assert len(rows) == 3 and rows[0][1] == "completed" and rows[0][2] == "2"
+    # The first trial is the job's own values (t_x = t_w = 0.05, tau 0.2, alpha 100), the others Optuna's.
+    first = table[-1].split()[0]
+    assert table[-1] == f"{first} is the job's own values" and first in (r[0] for r in rows)
+    job = yaml.safe_load((out / "trials" / first / "config.yaml").read_text())["method"]["secu"]
+    assert (job["t_x"], job["t_w"], job["tau"], job["alpha"]) == (0.05, 0.05, 0.2, 100)
+    others = [yaml.safe_load((out / "trials" / r[0] / "config.yaml").read_text())["method"]["secu"]["alpha"]
+              for r in rows if r[0] != first]
+    assert all(a != 100 for a in others)
 
     best = load_config(out / "best.yaml")  # what `djc train best.yaml` loads
     trial = yaml.safe_load((out / "trials" / rows[0][0] / "config.yaml").read_text())
@@ -86,3 +114,6 @@ def test_a_tiny_search_prints_its_trials_and_writes_a_best_yaml_djc_train_accept
     for name in (r[0] for r in rows):
         lines = (out / "trials" / name / "metrics.jsonl").read_text().splitlines()
         assert lines and all("select_score" in ln for ln in lines)
+    # A completed trial is a whole run dir: ASHA lets it reach its final evaluation.
+    assert (out / "trials" / rows[0][0] / "metrics.json").is_file()
+    assert (out / "trials" / rows[0][0] / "assignments.parquet").is_file()

@@ -4,7 +4,7 @@ The pattern Ray 2.60's Train V2 asks for: a Tune function per trial (`train_tria
 refuses 0) builds and fits the run's TorchTrainer through djc.launch.fit with Tune's report callback; the training loop reports its per-epoch metrics, reduced over workers, from every rank. ASHA (default)
 compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
-Trials are ranked by a metric of the run config's `eval.select_split` (djc/evaluate.py): the label-free
+Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
 `select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it. The best
 trial that ran all its epochs is written as best.yaml: the run config plus its values, which `djc train` takes
 as is. Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
@@ -23,7 +23,7 @@ import yaml
 
 from djc.config import Config, ConfigError, from_dict, load_tree, to_dict, to_yaml, with_values
 from djc.methods import REGISTRY
-from djc.evaluate import METRICS
+from djc.selection import METRICS
 from tune import spaces
 
 TRIAL_CPU = 0.01  # the trial's driver only waits on its TorchTrainer; the workers reserve the real CPUs
@@ -111,16 +111,65 @@ def _trial_name(prefix: str, trial) -> str:
     return f"{prefix}_{trial.trial_id}"
 
 
-def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str, scheduler: str):
-    """Tuner.fit over `space`; returns Ray's ResultGrid. Ray must be up (djc.ray_setup.ensure_ray)."""
+def job_values(space: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any] | None:
+    """The run config's own value of every key of the space (defaults where the YAML leaves a key out): the
+    first trial, so a search starts from the hand-tuned job and can only improve on it. None if one of them lies
+    outside its domain (a search space that does not contain the job)."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    flat = to_dict(from_dict(tree))
+    values = {}
+    for key, domain in space.items():
+        node: Any = flat
+        for part in key.split("."):
+            node = node[part]
+        inside = (node in domain.categories if isinstance(domain, Categorical) else
+                  domain.lower <= node <= domain.upper if isinstance(domain, (Float, Integer)) else True)
+        if not inside:
+            return None
+        values[key] = node
+    return values
+
+
+def searcher(name: str, key: str, first: dict[str, Any] | None, samples: int, concurrent: int, seed: int):
+    """--search: random sampling, or Optuna's TPE / HyperOpt's TPE through Ray Tune's own integrations. TPE
+    starts from a few random points (a quarter of the trials, at least 3) and then samples where the trials that
+    scored best so far lie; the job's values are the first point of every search."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    points = [first] if first else []
+    startup = max(3, samples // 4)
+    if name == "random":
+        return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent, points_to_evaluate=points)
+    if name == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise
+        alg = OptunaSearch(metric=key, mode="max", points_to_evaluate=points,
+                           sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup))
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        alg = HyperOptSearch(metric=key, mode="max", points_to_evaluate=points, n_initial_points=startup,
+                             random_state_seed=seed)
+    return ConcurrencyLimiter(alg, max_concurrent=concurrent)
+
+
+def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str, scheduler: str,
+        search: str = "optuna", first: dict[str, Any] | None = None):
+    """Tuner.fit over `space`, `first` (the job's values) as its first trial; returns Ray's ResultGrid. Ray must
+    be up (djc.ray_setup.ensure_ray)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     key = METRICS[metric]
     epochs = cfg.optim.epochs
     # Rungs at epochs/10 x 1, 3, 9, ..: 6, 18, 54 of 60; a trial in the lower two thirds at a rung stops.
-    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 10), reduction_factor=3)
+    # stop_last_trials=False: ASHA would otherwise stop a trial on its epochs-th report, before the workers'
+    # final evaluation, and a completed trial's run dir would lack assignments.parquet and metrics.json.
+    sched = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 10), reduction_factor=3,
+                           stop_last_trials=False)
              if scheduler == "asha" else FIFOScheduler())
     # Trials beyond what the cluster holds at once would start their drivers and wait on placement groups:
     # on 2 CPUs, 2 workers x 0.5 CPU + 0.01 for the driver = 1.01 fit once.
@@ -131,8 +180,7 @@ def run(cfg: Config, space: dict[str, Any], samples: int, out: str, metric: str,
         tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=key, mode="max", num_samples=samples, scheduler=sched,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.seed,
-                                                                     max_concurrent=concurrent),
+                                    search_alg=searcher(search, key, first, samples, concurrent, cfg.seed),
                                     trial_name_creator=name, trial_dirname_creator=name),
         run_config=tune.RunConfig(name="tune", storage_path=out, verbose=1),
     )
@@ -201,16 +249,23 @@ def main(args: argparse.Namespace) -> int:
     _check_metric(cfg, args.metric)
     out = launch.absolute(launch.out_url(args.out or f"runs/tune/{cfg.name}"))
     print(f"[djc tune] {args.samples} trials of space {args.space!r} ({', '.join(space)}), ranked by "
-          f"{METRICS[args.metric]} on split {cfg.eval.select_split!r}, scheduler {args.scheduler}; out: {out}",
+          f"{METRICS[args.metric]} on split {cfg.eval.select_split!r}, search {args.search}, scheduler "
+          f"{args.scheduler}; out: {out}",
           flush=True)
 
     ray_setup.ensure_ray(cfg)
     ray_setup.check_resources(cfg)
-    grid = run(cfg, space, args.samples, out, args.metric, args.scheduler)
+    first = job_values(space, tree)
+    if first is None:
+        print("[djc tune] the job's own values lie outside the space: the search does not start from them", flush=True)
+    grid = run(cfg, space, args.samples, out, args.metric, args.scheduler, args.search, first)
 
     key = METRICS[args.metric]
     rows = trial_rows(grid, key, cfg.optim.epochs)
     table = format_rows(rows, key)
+    job = [r["trial"] for r in rows if first is not None and r["values"] == first]
+    if job:
+        table += f"\n{job[0]} is the job's own values"
     print(f"\n{table}")
     write_text(f"{out}/trials.txt", table + "\n")
     done = [r for r in rows if r["status"] == "completed" and not math.isnan(r[key])]

@@ -60,6 +60,19 @@ class ViewPair:
         # non_blocking: a blocking host -> GPU copy synchronises the stream
         return self.for_method(method, batch["image"].to(device, non_blocking=True), step, rank)
 
+    def by_index(self, images: Tensor, index: Tensor, num_samples: int) -> Tensor:
+        """The first training view of each image, its random choices drawn from (seed, dataset index) alone: the
+        same view of a sample whatever its batch or worker (the selection score's stability, djc/selection.py).
+        The choices of all `num_samples` are drawn at once (~15 numbers each) and kept."""
+        H, W = images.shape[-2:]
+        key = (num_samples, H, W)
+        if getattr(self, "_fixed", (None,))[0] != key:
+            g = torch.Generator().manual_seed(self.seed)
+            self._fixed = (key, views.sample_params(num_samples, H, W, self.out, self.specs[0], g))
+        rows = index.cpu()
+        p = views.ViewParams(*(None if t is None else t[rows].to(images.device) for t in self._fixed[1]))
+        return views._normalise(views.apply_params(views._to_unit(images), p, self.out), *self._on(images.device))
+
     def for_method(self, method: ClusteringMethod, images: Tensor, step: int, rank: int) -> tuple[Tensor, Tensor]:
         """The two inputs of a training step: augmented views, or the plain view twice (autoencoders, and
         augment.policy=none)."""

@@ -1,0 +1,108 @@
+"""djc predict and the pictures of a run: one trained run (2 epochs, real Ray workers), predicted again in one
+process and on 2 Ray workers, on a flat unlabelled folder, and its galleries and maps drawn and redrawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from djc import cli
+from djc.runfiles import read_assignments
+
+pytestmark = pytest.mark.slow
+
+JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "digits_lt.yaml")
+
+
+@pytest.fixture(scope="module")
+def run_dir(ray_local, tmp_path_factory) -> Path:
+    """SeCu on long-tailed digits for 3 epochs, merged head as the job has it (predict: merge)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    out = tmp / "run"
+    code = cli.main(["train", JOB, "--out", str(out), f"data.train={tmp}/data/train",
+                     f"data.eval={{test: {tmp}/data/test}}", "optim.epochs=3", "optim.frozen_epochs=0", "model.width=32",
+                     "method.secu.num_heads=2", "optim.warmup_epochs=1", "method.kmeans.restarts=1",
+                     "eval.map_samples=300"])
+    assert code == 0
+    return out
+
+
+def _rows(table: dict, split: str) -> dict:
+    on = table["split"] == split
+    order = np.argsort(table["index"][on])
+    return {k: v[on][order] for k, v in table.items()}
+
+
+def test_a_run_dir_holds_its_galleries_and_maps_and_djc_eval_redraws_them(run_dir):
+    plots = run_dir / "plots"
+    for split in ("train", "test"):
+        for name in (f"gallery_{split}_p1.png", f"map_{split}.png"):
+            w, h = Image.open(plots / name).size
+            assert w > 400 and h >= 90, name  # a title and at least one cluster's row
+            (plots / name).unlink()
+    coords = pq.read_table(run_dir / "map.parquet").to_pydict()
+    assert sum(s == "train" for s in coords["split"]) == 300  # the map's sample of the 562 train images
+    assert cli.main(["eval", str(run_dir)]) == 0
+    for split in ("train", "test"):
+        assert (plots / f"gallery_{split}_p1.png").is_file() and (plots / f"map_{split}.png").is_file()
+
+
+def test_predicting_the_train_split_reproduces_the_runs_assignments(run_dir, tmp_path):
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run = read_assignments(str(run_dir / "assignments.parquet"))
+    for workers in (1, 2):  # this process, then 2 Ray Train workers as the run had
+        out = tmp_path / f"w{workers}"
+        assert cli.main(["predict", str(run_dir), "--data", cfg["data"]["train"], "--out", str(out),
+                         "--workers", str(workers), "--embeddings"]) == 0
+        new = _rows(read_assignments(str(out / "assignments.parquet")), "train")  # the run's own split name
+        old = _rows(run, "train")
+        assert len(np.unique(old["cluster_h1"])) > 2  # a clustering to reproduce, not a collapse
+        for col in ("index", "label", "cluster", "cluster_h1"):
+            np.testing.assert_array_equal(new[col], old[col], err_msg=f"{col}, {workers} worker(s)")
+        np.testing.assert_allclose(new["confidence"], old["confidence"], rtol=1e-6, err_msg=f"{workers} worker(s)")
+        assert json.loads((out / "metrics.json").read_text())["balanced_acc"] == pytest.approx(
+            json.loads((run_dir / "metrics.json").read_text())["balanced_acc"])
+        z = np.load(out / "embeddings.npy")
+        assert z.dtype == np.float32 and z.shape == (562, 128)  # proj_dim of the job; rows = assignments rows
+        np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_predict_on_a_flat_unlabelled_folder(run_dir, tmp_path):
+    from sklearn.datasets import load_digits
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images = (load_digits().images[:150] * 255 / 16).astype(np.uint8)  # (150, 8, 8), as djc prepare digits
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(photos / f"scan{i:03d}.png")
+    assert cli.main(["prepare", "folder", "--root", str(photos), "--out", str(tmp_path / "ds")]) == 0
+    out = tmp_path / "pred"
+    assert cli.main(["predict", str(run_dir), "--data", str(tmp_path / "ds"), "--out", str(out),
+                     "--embeddings", "float16"]) == 0
+    table = read_assignments(str(out / "assignments.parquet"))
+    assert sorted(table["index"].tolist()) == list(range(150))
+    assert (table["label"] == -1).all() and set(table["split"]) == {"predict"}
+    assert table["cluster"].max() < 10 and ((table["confidence"] >= 0) & (table["confidence"] <= 1)).all()
+    assert not (out / "metrics.json").exists()  # nothing to score without labels
+    z = np.load(out / "embeddings.npy")
+    assert z.dtype == np.float16 and z.shape == (150, 128)
+    assert Image.open(out / "plots" / "gallery_predict_p1.png").size[1] >= 90
+    assert Image.open(out / "plots" / "map_predict.png").size == (650, 600)  # one panel: no classes to show
+
+
+def test_predict_refuses_bad_input_in_one_line(run_dir, tmp_path, capsys):
+    assert cli.main(["predict", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(rgb / f"{i}.png")
+    assert cli.main(["prepare", "folder", "--root", str(rgb), "--out", str(tmp_path / "rgb_ds")]) == 0
+    assert cli.main(["predict", str(run_dir), "--data", str(tmp_path / "rgb_ds"), "--out", str(tmp_path / "o")]) == 2
+    assert "has 3-channel images, the run was trained on 1-channel ones" in capsys.readouterr().err
