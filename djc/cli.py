@@ -64,10 +64,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.source in ("folder", "cifar10", "cifar100", "imagenet-lt") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
-    if (args.size is not None and args.source not in ("folder", "imagenet-lt")) or (
+    if (args.size is not None and args.source not in ("folder", "imagenet-lt", "imagenet-lt-synthetic")) or (
             args.mode != "auto" and args.source != "folder"):
-        raise ConfigError(f"--size and --mode apply to folder sources (and --size to imagenet-lt); {args.source} "
-                          f"images have one shape already")
+        raise ConfigError(f"--size and --mode apply to folder sources (and --size to imagenet-lt and "
+                          f"imagenet-lt-synthetic); {args.source} images have one shape already")
     if args.source == "imagenet-lt":
         try:
             return _prepare_imagenet_lt(args)
@@ -79,8 +79,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, size=args.size, mode=args.mode)
     except ValueError as err:  # the source's and the writer's checks: the user's to fix
         raise DatasetError(str(err)) from None
-    print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
-          f"class counts {m.class_counts}")
+    counts = (f"class counts {m.class_counts}" if m.num_classes <= 20 else
+              f"{m.num_classes} classes, {max(m.class_counts)} -> {min(m.class_counts)} images")
+    print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; {counts}")
     return 0
 
 
@@ -126,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
-    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder", "imagenet-lt"])
+    pr.add_argument("source", choices=["digits", "cifar10", "cifar100", "folder", "imagenet-lt",
+                                       "imagenet-lt-synthetic"])
     pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
     pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
     pr.add_argument("--split", default="train", choices=["train", "test"])
@@ -138,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
     il.add_argument("--split-file", help="ImageNet_LT_{train,val,test}.txt: 'relative/path label' per line")
     pr.add_argument("--size", type=int, default=None,
                     help="folder, imagenet-lt: short side resized to this, then centre-cropped square (imagenet-lt: "
-                         "256 by default; folder: needed when image sizes differ)")
+                         "256 by default; folder: needed when image sizes differ); imagenet-lt-synthetic: the "
+                         "generated images' side (16 by default)")
     pr.add_argument("--mode", default="auto", choices=["auto", "rgb", "gray"],
                     help="folder: channels of every image (auto: the majority of the folder's images)")
     il.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")

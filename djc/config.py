@@ -33,7 +33,7 @@ class DataConfig(Node):
     train: str = "runs/data/digits_lt10/train"  # dataset URL (path, file://, s3://, memory://) trained on
     eval: dict[str, str] = Field(default_factory=dict)  # extra splits evaluated at the end: name -> URL
     # If `train` (or an eval URL) holds no dataset yet, make it from this source on first use ("" = never).
-    source: Literal["", "digits", "cifar10", "cifar100", "folder"] = ""
+    source: Literal["", "digits", "cifar10", "cifar100", "folder", "imagenet-lt-synthetic"] = ""
     source_root: str = ""  # where cifar/folder sources live (ignored for digits)
     imbalance_ratio: float = Field(1.0, ge=1.0)  # long-tail ratio for the prepared train split (1 = balanced)
     profile: Literal["exp", "step"] = "exp"  # long-tail profile (docs/data.md)

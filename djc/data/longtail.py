@@ -76,3 +76,48 @@ def longtail_indices(labels: np.ndarray, counts: Sequence[int], seed: int) -> np
             raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {n} the profile asks for")
         keep.append(np.random.default_rng([seed, c]).permutation(idx)[:n])
     return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet-LT's shape, generated (djc prepare imagenet-lt-synthetic; docs/data.md)
+
+IMAGENET_LT_SAMPLES, IMAGENET_LT_CLASSES = 115_846, 1000  # Liu et al. 2019's train list
+IMAGENET_LT_LARGEST, IMAGENET_LT_SMALLEST = 1280, 5
+# Classes with more than 100 images ("many-shot") and with fewer than 20 ("few-shot") in the train list, as
+# every ImageNet-LT paper splits its results; the 479 in between are "medium-shot".
+IMAGENET_LT_MANY, IMAGENET_LT_FEW = 385, 136
+PROFILE_SEED = 1000  # fixed: which label gets which size is part of the profile, not of a prepare's seed
+
+
+def _imagenet_lt_sorted(q: float) -> np.ndarray:
+    """(1000,) float sizes, largest first: log-linear through the published many / medium / few boundaries,
+    the head bent by the power q (q = 1: log-linear; larger q: a faster fall from 1280, as a Pareto draw has)."""
+    c, many, few = IMAGENET_LT_CLASSES, IMAGENET_LT_MANY, IMAGENET_LT_FEW
+    medium = c - many - few
+    head = np.linspace(0.0, 1.0, many)
+    mid = np.linspace(0.0, 1.0, medium)
+    tail = np.linspace(0.0, 1.0, few)
+    return np.concatenate([
+        np.exp(np.log(101) + np.log(IMAGENET_LT_LARGEST / 101) * (1.0 - head) ** q),  # 1280 -> 101
+        np.exp(np.log(100) + np.log(20 / 100) * mid),  # 100 -> 20
+        np.exp(np.log(19) + np.log(IMAGENET_LT_SMALLEST / 19) * tail),  # 19 -> 5
+    ])
+
+
+def imagenet_lt_counts() -> list[int]:
+    """ImageNet-LT's train profile, GENERATED (the list itself is not bundled): 1000 classes, 115,846 images,
+    1280 -> 5, 385 classes above 100 images and 136 below 20, as the list has. Sizes fall log-linearly through
+    those boundaries, the head bent so the total is exact (a bisection on its power), rounding repaired by one
+    image on as many head classes; then assigned to labels by a fixed permutation (the list's labels follow
+    WordNet ids, not sizes). The per-class values are this rule's, not the list's."""
+    lo, hi = 1.0, 10.0
+    for _ in range(60):  # the total falls as q grows
+        q = 0.5 * (lo + hi)
+        lo, hi = (q, hi) if _imagenet_lt_sorted(q).sum() > IMAGENET_LT_SAMPLES else (lo, q)
+    sizes = np.round(_imagenet_lt_sorted(0.5 * (lo + hi))).astype(np.int64)
+    diff = IMAGENET_LT_SAMPLES - int(sizes.sum())  # a few images of rounding
+    sizes[1 : 1 + abs(diff)] += np.sign(diff)  # head classes (never the 1280 or a boundary class)
+    order = np.random.default_rng(PROFILE_SEED).permutation(IMAGENET_LT_CLASSES)
+    counts = np.empty_like(sizes)
+    counts[order] = sizes
+    return counts.tolist()
