@@ -142,7 +142,10 @@ def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int,
                                  class_counts=class_counts if name == "train" else None,
                                  title=f"{name}: cluster sizes against class sizes")
         if (y >= 0).any():
-            plots.plot_confusion(f"{run_dir}/plots/confusion_{name}.png", y, c, title=f"{name}: confusion")
+            plots.plot_class_recall(f"{run_dir}/plots/recall_{name}.png", y, c, class_counts,
+                                    title=f"{name}: per-class recall against training class size")
+            if len(np.unique(y[y >= 0])) <= plots.MAX_CONFUSION_CLASSES:  # unreadable beyond
+                plots.plot_confusion(f"{run_dir}/plots/confusion_{name}.png", y, c, title=f"{name}: confusion")
     return result
 
 
@@ -204,6 +207,16 @@ def variance_ratio(stats: torch.Tensor) -> tuple[float, float, int]:
     return r, ch, k_used
 
 
+def cluster_stats(features: Tensor, clusters: Tensor, num_clusters: int) -> Tensor:
+    """(K, D + 2) float64 sufficient statistics [count, sum |z|^2, sum z] of features (n, D) per cluster (n,)."""
+    z, c = features.float().flatten(1), clusters
+    out = torch.zeros(num_clusters, z.shape[1] + 2, dtype=torch.float64, device=z.device)
+    out[:, 0].index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
+    out[:, 1].index_add_(0, c, z.square().sum(1).double())
+    out[:, 2:].index_add_(0, c, z.double())
+    return out
+
+
 @torch.no_grad()
 def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clusters: int,
                       on_corrupt: str = "error") -> dict[str, float]:
@@ -212,11 +225,8 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
     stats, labels, clusters = None, [], []
     for batch in local_slice(url, on_corrupt):
         p = method.predict(views.eval(batch["image"].to(device)))
-        z, c = p.features.float().flatten(1), p.clusters[:, 0]
-        part = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64, device=z.device)  # (K, D + 2)
-        part[:, 0].index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
-        part[:, 1].index_add_(0, c, z.square().sum(1).double())
-        part[:, 2:].index_add_(0, c, z.double())
+        c = p.clusters[:, 0]
+        part = cluster_stats(p.features, c, K)
         stats = part if stats is None else stats + part
         labels.append(batch["label"])
         clusters.append(c.cpu())
