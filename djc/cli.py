@@ -24,6 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = launch.absolute(launch.out_url(args.out or f"runs/{cfg.name}"))
     storage.configure(cfg.storage)
     storage.require_bucket(run_dir)
+    launch.check_shared_storage(cfg, run_dir)  # before any data is prepared
     launch.ensure_datasets(cfg)
     launch.check_against_data(cfg)
     result = launch.run(cfg, run_dir)
@@ -117,6 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from djc.bench import data
 
         return data.main(args)
+    if args.which == "scale":
+        from djc.bench import scale
+
+        return scale.main(args)
     from djc.bench import quality
 
     return quality.main(args)
@@ -174,8 +179,9 @@ def parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "
-                                      "(local disk vs S3 vs cache, read and training step rates)")
-    be.add_argument("which", choices=["quality", "throughput", "data"])
+                                      "(local disk vs S3 vs cache, read and training step rates), scale (every "
+                                      "method at ImageNet-LT's N and K up to 10,000)")
+    be.add_argument("which", choices=["quality", "throughput", "data", "scale"])
     be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: each registered "
                                                         "method's digits_lt job)")
     be.add_argument("--data", action="append", default=[],
@@ -186,10 +192,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     # Shared by throughput and data; 0 = the benchmark's own default (throughput: the device's).
     be.add_argument("--batch-size", type=int, default=0, help="throughput: per model (0: device default); "
-                                                              "data: reads and steps (0: 128)")
+                                                              "data: reads and steps (0: 128); scale: global (0: 256)")
     be.add_argument("--steps", type=int, default=0, help="timed steps per round and source (0: default; data: 10)")
     be.add_argument("--rounds", type=int, default=0, help="interleaved rounds of every measurement (0: default; "
-                                                          "data: 3, best kept)")
+                                                          "data: 3, best kept; scale: 3, medians)")
     tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
     tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -199,6 +205,12 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--profile", default="auto", choices=["auto", "always", "never"],
                     help="torch.profiler summaries in --out: auto = when SeCu's djc / reference < 0.97 or a "
                          "method's cluster side > 10%% of its step")
+    sc = be.add_argument_group("scale", "ImageNet-LT's N, K from 10 to 10,000 (docs/scale.md)")
+    sc.add_argument("--ks", default="10,100,1000,10000", help="scale: the numbers of clusters")
+    sc.add_argument("--gpu-k", type=int, default=1000, help="scale: the K whose cluster side is extrapolated to "
+                                                            "an H100 / H200 step")
+    sc.add_argument("--dataset", default=None, help="scale: the data set (default: runs/data/imagenet_lt_synthetic/"
+                                                    "train, which `djc prepare imagenet-lt-synthetic` writes)")
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
     da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
     da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")

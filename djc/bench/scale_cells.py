@@ -1,0 +1,305 @@
+"""One cell of `djc bench scale`: a method at one K, measured in one process at a global batch of 256.
+
+Times are CPU seconds of this process (time.process_time, one thread): on a machine shared with other jobs, wall
+time would also count the waits for a core. The step is split by replaying the encoder: the encoder's modules (the backbone; AE-CM's encoder and decoder)
+are swapped for `Replay`s that return their recorded outputs as fresh leaves, so `step.train_step` then runs
+exactly the method's cluster side (heads, assignment, clustering losses and their backward down to the
+features, the optimiser on the heads, the state update, the collectives' helpers) and nothing of the encoder.
+The encoder side is the same modules' forward and backward on the same inputs (with a fixed upstream gradient)
+and their optimiser step. Both are timed directly, in alternating rounds with the full step, medians kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from djc import checkpoint, dist, evaluate, metrics, plots, runfiles
+from djc.bench.census import census
+from djc.config import Config, load_config
+from djc.methods import REGISTRY
+from djc.methods.base import ClusteringMethod, DataInfo, EpochContext, state_bytes
+from djc.methods.kmeans import assign, kmeans_pp, seeding_sample
+from djc.optim import make_optimizer
+from djc.step import setup, train_step
+
+ENCODER = ["model.backbone=smallconv", "model.width=32"]  # the fixed small encoder: 32 -> 64 channels
+# Per method, the settings of its ImageNet-scale run: SeCu with one head (jobs/imagenet_lt.yaml: K <= the batch),
+# AE-CM's joint stage from step 0 with its job's Adam (its default init pretrains the autoencoder alone first).
+METHOD_SETTINGS = {"secu": ["method.secu.num_heads=1"],
+                   "aecm": ["method.aecm.init=rand", "optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0"]}
+EPOCHS = 100  # of the schedule the cells' methods are built for (StatDEC's init epoch: 20)
+ENCODER_PARTS = ("backbone", "encoder", "decoder")  # the modules a method's encoder side consists of
+SUBSAMPLE = 16384  # rows the k-means costs are measured on, then scaled to N (they are linear in the rows)
+SLOW_S = 5.0  # a warm-up step slower than this is timed once, not in rounds (K = 10,000 cells)
+clock = time.process_time  # CPU seconds of this process (module docstring)
+
+
+def cell_config(name: str, k: int, batch: int, overrides: list[str]) -> Config:
+    """The cell's config. SeCu, DCL and P2OT refuse K above the global batch in a run (needs_k_le_batch); a cell
+    validates them at batch max(batch, K) and builds them at `batch` (build), to measure the cost at K."""
+    needs = REGISTRY[name].config.needs_k_le_batch
+    return load_config(None, [f"method.name={name}", f"method.num_clusters={k}", "trainer.num_workers=1",
+                              f"data.batch_size={max(batch, k) if needs else batch}", f"optim.epochs={EPOCHS}",
+                              *ENCODER, *METHOD_SETTINGS.get(name, []), *overrides])
+
+
+def build(cfg: Config, info: DataInfo, batch: int) -> ClusteringMethod:
+    """step.build_method at a global batch of `batch` (cell_config)."""
+    torch.manual_seed(cfg.seed)
+    return REGISTRY[cfg.method.name].cls(cfg.method.selected(), dataclasses.replace(setup(cfg, info),
+                                                                                     global_batch=batch))
+
+
+class Replay(nn.Module):
+    """Stands in for an encoder module: returns its recorded output as a new leaf (gradient stops here)."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.value = value.detach()
+
+    def forward(self, *args: Any) -> Tensor:
+        return self.value.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def replayed(method: ClusteringMethod, outputs: dict[str, Tensor]) -> Iterator[None]:
+    saved = {n: getattr(method, n) for n in outputs}
+    try:
+        for n, v in outputs.items():
+            setattr(method, n, Replay(v))
+        yield
+    finally:
+        for n, m in saved.items():
+            setattr(method, n, m)
+
+
+def record_parts(method: ClusteringMethod, run: Callable[[], object]) -> tuple[dict[str, tuple], dict[str, Tensor]]:
+    """(inputs, outputs) of each encoder module of `method` during run() (its last call each)."""
+    ins: dict[str, tuple] = {}
+    outs: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, i: tuple, o: Tensor) -> None:  # None: the output stays as it is
+            ins[name], outs[name] = tuple(t.detach() for t in i), o.detach()
+        return hook
+
+    hooks = [getattr(method, n).register_forward_hook(keep(n)) for n in ENCODER_PARTS
+             if isinstance(getattr(method, n, None), nn.Module)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return ins, outs
+
+
+def peak_rss_reset() -> None:
+    """Give freed memory back to the OS and restart the kernel's peak-RSS counter (VmHWM) of this process."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    """Bytes: the process's peak resident memory since the last peak_rss_reset (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _median_times(fns: dict[str, Callable[[int], object]], rounds: int) -> dict[str, float]:
+    """Seconds per call of each fn: one warm-up call each, then `rounds` rounds alternating the order; medians.
+    One round when a warm-up call took more than SLOW_S."""
+    warm = [_timed(lambda fn=fn: fn(0))[1] for fn in fns.values()]
+    rounds = 1 if max(warm) > SLOW_S else rounds
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for name, fn in list(fns.items())[:: 1 if r % 2 == 0 else -1]:
+            t0 = clock()
+            fn(1 + r)
+            times[name].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = clock()
+    out = fn()
+    return out, clock() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step
+
+
+def measure_step(cfg: Config, info: DataInfo, x1: Tensor, x2: Tensor, rounds: int) -> dict[str, Any]:
+    """Encoder, cluster side and the full step (seconds), replicated state, what the cluster side asks of a
+    device (census), and the method built (for the epoch and evaluation measurements)."""
+    batch = x1.shape[0]
+    method = build(cfg, info, batch)
+    method.on_epoch_start(EpochContext(0, EPOCHS, 1000, map_train=None))
+    opt = make_optimizer(cfg, method)
+    index = torch.randperm(info.num_samples, generator=torch.Generator().manual_seed(0))[:batch]
+    ins, outs = record_parts(method, lambda: train_step(method, method, opt, index, x1, x2))
+    parts = {n: getattr(method, n) for n in outs}
+    grads = {n: torch.randn(o.shape, generator=torch.Generator().manual_seed(1)) for n, o in outs.items()}
+    enc_params = [p for m in parts.values() for p in m.parameters()]
+    enc_opt = (torch.optim.SGD(enc_params, lr=0.0, momentum=cfg.optim.momentum) if cfg.optim.name == "sgd"
+               else torch.optim.Adam(enc_params, lr=0.0))
+
+    def encoder(_: int) -> None:
+        enc_opt.zero_grad(set_to_none=True)
+        loss = sum((parts[n](*ins[n]) * grads[n]).sum() for n in parts)
+        loss.backward()
+        enc_opt.step()
+
+    def cluster(_: int) -> None:
+        with replayed(method, outs):
+            train_step(method, method, opt, index, x1, x2)
+
+    def full(_: int) -> None:
+        train_step(method, method, opt, index, x1, x2)
+
+    t = _median_times({"full": full, "encoder": encoder, "cluster": cluster}, rounds)
+    with dist.count_traffic() as traffic:
+        cluster(0)
+    cen = census(lambda: cluster(0))
+    sb = state_bytes(method, info.num_samples)
+    opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                    if torch.is_tensor(v))
+    return {"method": method, "encoder_s": t["encoder"], "cluster_s": t["cluster"], "step_s": t["full"],
+            "state": {**sb, "optimizer": opt_bytes}, "collective_bytes": sum(traffic.values()),
+            "census": dataclasses.asdict(cen), "gpu_s_at_batch": cen.gpu_seconds()}
+
+
+def gpu_census(cfg: Config, info: DataInfo, batch: int) -> dict[str, Any]:
+    """The census of one cluster-side step at a global batch of `batch` on one process (every local term at
+    the global batch: an upper bound of one GPU's share at W > 1 workers), on random images."""
+    method = build(cfg, info, batch)
+    method.on_epoch_start(EpochContext(0, EPOCHS, 1000, map_train=None))
+    opt = make_optimizer(cfg, method)
+    g = torch.Generator().manual_seed(2)
+    index = torch.randperm(info.num_samples, generator=g)[:batch]
+    h, w, c = info.image_shape
+    x = torch.randn(batch, c, h, w, generator=g)
+    with torch.no_grad():
+        _, outs = record_parts(method, lambda: method(index, x, x))
+
+    def cluster() -> None:
+        with replayed(method, outs):
+            train_step(method, method, opt, index, x, x)
+
+    cluster()  # a first step: banks and memories in their steady use
+    cen = census(cluster)
+    return dataclasses.asdict(cen) | {"gpu_s": cen.gpu_seconds()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work outside the steps: per epoch, and at the end of the run
+
+
+def measure_epoch(cfg: Config, method: ClusteringMethod, enc: Tensor, z: Tensor, c: Tensor) -> dict[str, float]:
+    """Seconds of the per-epoch work: the epoch-start hook (SeCu's W_prev, P2OT's counters; StatDEC's init is
+    statdec_init's), the health counts, the selection score's statistics over N (z, c: the method's features and
+    clusters over N), and a checkpoint of the method and its optimiser (with its bytes)."""
+    out: dict[str, float] = {}
+    _, out["epoch_start_s"] = _timed(lambda: method.on_epoch_start(EpochContext(0, EPOCHS, 1000, None)))
+    _, out["health_s"] = _timed(lambda: None if method.health_counts() is None else
+                                metrics.size_health(method.health_counts().cpu().numpy()))
+    k = cfg.method.num_clusters
+    _, out["select_stats_s"] = _timed(lambda: evaluate.variance_ratio(evaluate.cluster_stats(z, c, k)))
+    opt = make_optimizer(cfg, method)
+    with tempfile.TemporaryDirectory() as d:
+        _, out["checkpoint_s"] = _timed(lambda: checkpoint.save(d, {"method": method.state_dict(),
+                                                                     "optimizer": opt.state_dict()}))
+        out["checkpoint_bytes"] = float(sum(f.stat().st_size for f in Path(d).iterdir()))
+    return out
+
+
+def statdec_init(cfg: Config, method: ClusteringMethod, z: Tensor) -> dict[str, float]:
+    """Seconds of StatDEC's one-time init on its features z over N: k-means at init_over x K (kmeans_cost, at the
+    config's iterations and restarts, scaled to N), then each merge of the pieces to K, timed in full on the
+    pieces of SUBSAMPLE rows (the merges see the pieces' statistics, not the rows)."""
+    from djc.methods.agglomerate import merge_clusters
+    from djc.methods.statdec import pooled_sums_hard
+
+    k, over = cfg.method.num_clusters, method.c.init_over
+    km = cfg.method.kmeans
+    cost = kmeans_cost(z, over * k, km.iters, km.restarts)
+    out = {"init_kmeans_s": cost["total_s"]}
+    if math.isnan(cost["total_s"]):
+        return out | {"init_merge_s": float("nan")}
+    xs = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(4))[:SUBSAMPLE]].float()
+    labels = assign(xs, cost["centers"])[0]
+    pieces = pooled_sums_hard(xs, labels, over * k)
+    out["init_merge_s"] = sum(_timed(lambda c=c: merge_clusters(pieces, k, c))[1] for c in method.c.init_merges)
+    return out
+
+
+@torch.no_grad()
+def predict_all(method: ClusteringMethod, feats: Tensor, block: int = evaluate.EVAL_BATCH
+                ) -> tuple[float, Tensor, Tensor, Tensor]:
+    """(seconds, features, clusters of column 0, confidence) of method.predict over N with the encoder replayed
+    by the cached encoder outputs `feats`, in blocks of the evaluation's batch."""
+    name = "encoder" if isinstance(getattr(method, "encoder", None), nn.Module) else "backbone"
+    zs, cs, conf = [], [], []
+    method.eval()
+    t0 = clock()
+    for part in feats.split(block):
+        with replayed(method, {name: part}):
+            p = method.predict(part)
+        zs.append(p.features.float())
+        cs.append(p.clusters[:, 0])
+        conf.append(p.confidence)
+    seconds = clock() - t0
+    method.train()
+    return seconds, torch.cat(zs), torch.cat(cs), torch.cat(conf)
+
+
+def kmeans_cost(x: Tensor, k: int, iters: int, restarts: int) -> dict[str, Any]:
+    """Seconds of the evaluation's k-means at K on x (N, d): k-means++ seeding on the 100,000-row sample and one
+    Lloyd assignment over N, each timed on SUBSAMPLE rows and scaled (linear in rows), and the total at the
+    config's restarts x (seeding + iters x iteration); and the seeded centers. NaN when K exceeds the rows."""
+    n = x.shape[0]
+    rows = min(n, SUBSAMPLE)
+    if k > rows:
+        return {"seed_s": float("nan"), "iter_s": float("nan"), "total_s": float("nan")}
+    xs = x[torch.randperm(n, generator=torch.Generator().manual_seed(4))[:rows]].float()
+    sample = seeding_sample(xs, torch.arange(rows), rows, 0)
+    centers, seed_s = _timed(lambda: kmeans_pp(sample, k, torch.Generator().manual_seed(0)))
+    seed_s *= min(n, 100_000) / rows
+    _, iter_s = _timed(lambda: assign(xs, centers))
+    iter_s *= n / rows
+    return {"seed_s": seed_s, "iter_s": iter_s, "total_s": restarts * (seed_s + iters * iter_s), "centers": centers}
+
+
+def measure_end(method_clusters: np.ndarray, labels: np.ndarray, class_counts: np.ndarray, k: int,
+                confidence: np.ndarray) -> dict[str, float]:
+    """Seconds of metrics (Hungarian at K x C, NMI, ARI, per-class; for the method and the two baselines, as a
+    run computes them: timed once, times 3), plots, and the export of assignments.parquet, for N rows."""
+    out: dict[str, float] = {}
+    _, s = _timed(lambda: metrics.evaluate(labels, method_clusters, k, class_counts))
+    out["metrics_s"] = 3 * s
+    n = len(labels)
+    with tempfile.TemporaryDirectory() as d:
+        _, out["plots_s"] = _timed(lambda: (
+            plots.plot_cluster_sizes(f"{d}/sizes.png", method_clusters, labels, k, class_counts=class_counts),
+            plots.plot_class_recall(f"{d}/recall.png", labels, method_clusters, class_counts)))
+        _, out["export_s"] = _timed(lambda: runfiles.write_assignments(
+            f"{d}/assignments.parquet", index=np.arange(n), clusters=method_clusters, confidence=confidence,
+            label=labels, split="train", extra={"kmeans_pixels": method_clusters, "kmeans_features": method_clusters}))
+    return out
