@@ -5,13 +5,18 @@ matmuls and convolutions, 2 per multiply-add), the bytes of its tensor inputs an
 memory traffic), whether it computes in float64, and whether it reads a device value on the host (a sync). The
 counts depend only on shapes, so a step run on a CPU tells what it costs on a GPU:
 
-  GPU time = sum over ops of max(FLOPs / FLOP rate, bytes / memory bandwidth) + ops x DISPATCH_S + syncs x SYNC_S
+  device time = sum over ops of max(FLOPs / FLOP rate, bytes / memory bandwidth, KERNEL_MIN_S)
+                + syncs x SYNC_S (after a host read the GPU idles until the host enqueues the next kernels)
+  host time   = ops x DISPATCH_S (eager PyTorch's dispatch and launch; it overlaps with the GPU's work on earlier
+                kernels, the encoder's included, unless a sync makes the host wait)
 
-with the rates of one H100 / H200 (GPU below). Collectives are not in it (they are counted by djc.dist).
+with the rates of one H100 / H200 (GPU below). Collectives are not in it (djc.dist counts their bytes). Two
+CPU-only reads are not syncs: F.one_hot's range check (CUDA relies on a device assert), as in tests/test_step.py.
 """
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,10 +28,11 @@ from torch.utils.flop_counter import flop_registry
 # One H100 / H200 SXM: dense bf16 tensor-core matmul measured ~790 TFLOP/s on the lent H200; float32 without TF32
 # (PyTorch's default for matmuls) 67 TFLOP/s and float64 34 TFLOP/s (the data sheets' non-tensor rates); a
 # device-to-device copy measured ~4.3 TB/s. DISPATCH_S: what one eager op costs at least, host dispatch and
-# kernel launch (PyTorch eager spends ~5-10 us per op on a fast host; small kernels cannot go faster than their
-# launches); SYNC_S: a host read of a device value drains the queue, so the host stops feeding the GPU.
+# kernel launch (PyTorch eager spends ~5-10 us per op on a fast host); KERNEL_MIN_S: the shortest a kernel runs on
+# the GPU; SYNC_S: a host read of a device value drains the queue and the GPU idles until the host catches up.
 GPU = {"bf16": 790e12, "fp32": 67e12, "fp64": 34e12, "bytes": 4.3e12}
 DISPATCH_S = 6e-6
+KERNEL_MIN_S = 2e-6
 SYNC_S = 20e-6
 _SYNC_OPS = {"_local_scalar_dense", "item"}
 _FREE_OPS = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "slice", "select",
@@ -40,15 +46,15 @@ class Census:
     syncs: int = 0  # host reads of device values
     flops: dict[str, float] = field(default_factory=lambda: {"fp32": 0.0, "fp64": 0.0, "bf16": 0.0})
     bytes: float = 0.0  # inputs + outputs of every counted op
-    gpu_s: float = 0.0  # roofline of every op, summed (without DISPATCH_S and SYNC_S)
+    kernels_s: float = 0.0  # every op's max(FLOPs / rate, bytes / bandwidth, KERNEL_MIN_S), summed
 
-    @property
-    def total_flops(self) -> float:
-        return sum(self.flops.values())
-
-    def gpu_seconds(self) -> float:
+    def device_seconds(self) -> float:
         """The estimated GPU time of the counted work (module docstring)."""
-        return self.gpu_s + self.ops * DISPATCH_S + self.syncs * SYNC_S
+        return self.kernels_s + self.syncs * SYNC_S
+
+    def host_seconds(self) -> float:
+        """The host's time to dispatch it (module docstring)."""
+        return self.ops * DISPATCH_S
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -65,7 +71,7 @@ class _Counter(TorchDispatchMode):
         result = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS:
-            self.c.syncs += 1
+            self.c.syncs += not any("one_hot(" in (f.line or "") for f in traceback.extract_stack(limit=12))
             return result
         if name in _FREE_OPS:
             return result
@@ -74,17 +80,37 @@ class _Counter(TorchDispatchMode):
         dtypes = {t.dtype for t in ts}
         kind = "fp64" if torch.float64 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
         formula = flop_registry.get(func.overloadpacket)
-        flops = float(formula(*args, **kwargs, out_val=result)) if formula is not None else 0.0
+        if formula is not None:
+            flops = float(formula(*args, **kwargs, out_val=result))
+        elif name in ("mv", "dot"):  # matrix-vector products: 2 per multiply-add, as the registry counts mm
+            flops = 2.0 * args[0].numel()
+        else:
+            flops = 0.0
         self.c.ops += 1
         self.c.bytes += nbytes
         self.c.flops[kind] += flops
-        self.c.gpu_s += max(flops / GPU[kind], nbytes / GPU["bytes"])
+        self.c.kernels_s += max(flops / GPU[kind], nbytes / GPU["bytes"], KERNEL_MIN_S)
         return result
 
 
 def census(fn: Callable[[], object]) -> Census:
     """Run fn once and count what it asks of a device (module docstring)."""
     out = Census()
-    with _Counter(out):
-        fn()
+    # On a CPU, .tolist() and .numpy() read memory without dispatching an op; on a GPU each is a sync.
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def counted(real):
+        def read(t, *args, **kwargs):
+            out.syncs += 1
+            return real(t, *args, **kwargs)
+        return read
+
+    try:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, counted(real))
+        with _Counter(out):
+            fn()
+    finally:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
     return out

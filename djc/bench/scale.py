@@ -104,8 +104,8 @@ def run_cell(name: str, k: int, args, info: DataInfo, views: ViewPair, batch_ima
     km = cfg.method.kmeans
     row["kmeans_features"] = _no_centers(C.kmeans_cost(z, k, km.iters, km.restarts))
     row["end"] = C.measure_end(c.numpy(), labels, class_counts, k, conf.numpy())
-    if k == args.gpu_k:
-        row["gpu"] = C.gpu_census(cfg, info, IMAGENET_BATCH)
+    if k == args.gpu_k:  # the per-GPU batch (local terms right) and the global one (gathered terms right)
+        row["gpu"] = {b: C.gpu_census(cfg, info, b) for b in (IMAGENET_BATCH // IMAGENET_GPUS, IMAGENET_BATCH)}
     row["peak_rss"] = C.peak_rss()
     return row
 
