@@ -44,7 +44,9 @@ class DataConfig(Node):
     # skip = drop undecodable images and count them; each step then trains on the smallest local batch of the
     # step over workers (one small all-reduce per step), and evaluation leaves them out of the outputs
     on_corrupt: Literal["error", "skip"] = "error"
-    cache_dir: str = ""  # local disk cache of remote shards for later epochs ("" = off)
+    # Local disk cache of remote shards for later epochs ("" = off). Per node: each worker expands ~ and
+    # environment variables itself ($TMPDIR/djc-cache, $SLURM_TMPDIR/djc), so every node caches on its own disk.
+    cache_dir: str = ""
     # Bound of cache_dir: least recently used shards are deleted past it (it may be exceeded by one shard
     # per process downloading at that moment). Shared by every worker on a node that uses the same dir.
     cache_max_gb: float = Field(20.0, gt=0.0)
@@ -65,6 +67,9 @@ class StorageConfig(Node):
     endpoint_url: str = ""  # S3-compatible endpoint (http://127.0.0.1:9000); "" = AWS_ENDPOINT_URL or AWS itself
     region: str = ""  # "" = AWS_REGION / AWS_DEFAULT_REGION / the profile's region
     profile: str = ""  # a named profile of ~/.aws/{config,credentials}; "" = AWS_PROFILE or the default chain
+    # Local paths (--out, data.*) name a filesystem that every Ray node mounts at the same path (NFS, Lustre, a
+    # cloud file share). Off: a run whose local paths would be used by workers on other nodes is refused.
+    shared_filesystem: bool = False
 
 
 class AugmentConfig(Node):

@@ -75,7 +75,8 @@ def _train(loop_config: dict[str, Any]) -> None:
     info = data_info(manifest)
     stream = ShardStream(manifest, batch_size=cfg.data.batch_size // world, rank=rank, world_size=world,
                          seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
-                         cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
+                         cache_dir=os.path.expandvars(os.path.expanduser(cfg.data.cache_dir)) or None,
+                         cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
                          retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches)
     loader = StreamLoader(stream, loader_workers=cfg.data.loader_workers)
     steps_per_epoch = loader.steps_per_epoch
