@@ -29,6 +29,7 @@ well separated but disagrees with the classes; that is what the labelled choices
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -96,14 +97,18 @@ def predict_split(url: str, method: ClusteringMethod, views, device, on_corrupt:
 def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, device) -> dict[str, Any] | None:
     """Called by every worker at the end of training; rank 0 writes the outputs and returns metrics.json."""
     k, km = cfg.method.num_clusters, cfg.method.kmeans
+    clock = _Phases()
     local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt)
              for name, url in cfg.data.splits().items()}
+    clock("predict")
     # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.
     extra_cols: dict[str, str] = {"kmeans_features": "features"}
     if cfg.eval.baseline:
         extra_cols["kmeans_pixels"] = "pixels"
-    centers = {col: kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
-               for col, src in extra_cols.items()}
+    centers = {}
+    for col, src in extra_cols.items():
+        centers[col] = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
+        clock(col)
     parts: dict[str, list[np.ndarray]] = {}
     for name, cols in local.items():
         row = {c: cols[c] for c in ("index", "label", "clusters", "confidence") + (("ood",) if "ood" in cols else ())}
@@ -112,6 +117,7 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
         for c, v in row.items():
             parts.setdefault(c, []).append(dist.all_gather_cat(v).numpy())
         parts.setdefault("split", []).append(np.full(len(parts["index"][-1]), name))
+    clock("gather")
     if not dist.is_main():
         return None
     flat = {c: np.concatenate(v) for c, v in parts.items()}
@@ -123,7 +129,26 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
     # The table as assignments.parquet holds it, without reading it back.
     table = {"index": flat["index"], "split": flat["split"], "label": flat["label"], "cluster": flat["clusters"][:, 0],
              **{c: flat[c] for c in extra_cols}}
-    return write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
+    clock("export")
+    result = write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary)
+    clock("metrics and plots")
+    print(f"[djc] evaluation: {clock}", flush=True)
+    return result
+
+
+class _Phases:
+    """Wall seconds of the evaluation's phases, each call closing one: what an end of run at scale spends on."""
+
+    def __init__(self) -> None:
+        self.t, self.parts = time.perf_counter(), []
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts.append(f"{name} {now - self.t:.1f} s")
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.parts)
 
 
 def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int, class_counts,
