@@ -64,14 +64,15 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 class _Counter(TorchDispatchMode):
     def __init__(self, out: Census):
         super().__init__()
-        self.c = out
+        self.c, self.reading = out, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS:
-            self.c.syncs += not any("one_hot(" in (f.line or "") for f in traceback.extract_stack(limit=12))
+            self.c.syncs += not self.reading and not any("one_hot(" in (f.line or "")
+                                                         for f in traceback.extract_stack(limit=12))
             return result
         if name in _FREE_OPS:
             return result
@@ -96,19 +97,24 @@ class _Counter(TorchDispatchMode):
 def census(fn: Callable[[], object]) -> Census:
     """Run fn once and count what it asks of a device (module docstring)."""
     out = Census()
-    # On a CPU, .tolist() and .numpy() read memory without dispatching an op; on a GPU each is a sync.
-    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    mode = _Counter(out)
+    # On a CPU, .item(), .tolist() and .numpy() read memory without dispatching an op; on a GPU each is a sync.
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "numpy")}
 
     def counted(real):
         def read(t, *args, **kwargs):
             out.syncs += 1
-            return real(t, *args, **kwargs)
+            mode.reading += 1  # an .item() that also dispatches _local_scalar_dense counts once
+            try:
+                return real(t, *args, **kwargs)
+            finally:
+                mode.reading -= 1
         return read
 
     try:
         for name, real in saved.items():
             setattr(torch.Tensor, name, counted(real))
-        with _Counter(out):
+        with mode:
             fn()
     finally:
         for name, real in saved.items():
