@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from djc.bench import scale_cells as C
+from djc.bench import scale_work as W
 from djc.bench.timing import device_name
 from djc.config import ConfigError
 from djc.data.augment import ViewPair
@@ -96,14 +97,14 @@ def run_cell(name: str, k: int, args, info: DataInfo, views: ViewPair, batch_ima
         enc, row["encode_n_s"] = encode_all(lambda x: method.encoder(x.flatten(1)), pixels, views)
     else:
         enc, row["encode_n_s"] = feats, math.nan  # the shared backbone pass, reported once
-    heads_s, z, c, conf = C.predict_all(method, enc)
+    heads_s, z, c, conf = W.predict_all(method, enc)
     row["heads_n_s"] = heads_s
-    row["epoch"] = C.measure_epoch(cfg, method, enc, z, c)
+    row["epoch"] = W.measure_epoch(cfg, method, enc, z, c)
     if name == "statdec":
-        row["epoch"].update(C.statdec_init(cfg, method, z))
+        row["epoch"].update(W.statdec_init(cfg, method, z))
     km = cfg.method.kmeans
-    row["kmeans_features"] = _no_centers(C.kmeans_cost(z, k, km.iters, km.restarts))
-    row["end"] = C.measure_end(c.numpy(), labels, class_counts, k, conf.numpy())
+    row["kmeans_features"] = _no_centers(W.kmeans_cost(z, k, km.iters, km.restarts))
+    row["end"] = W.measure_end(c.numpy(), labels, class_counts, k, conf.numpy())
     if k == args.gpu_k:  # the per-GPU batch (local terms right) and the global one (gathered terms right)
         row["gpu"] = {b: C.gpu_census(cfg, info, b) for b in (IMAGENET_BATCH // IMAGENET_GPUS, IMAGENET_BATCH)}
     row["peak_rss"] = C.peak_rss()
@@ -159,7 +160,7 @@ def _run(args: argparse.Namespace, url: str) -> int:
     batch_images = images[: args.batch_size]
     for k in ks:
         km = cfg0.method.kmeans
-        rows.append({"method": "kmeans", "k": k, **_no_centers(C.kmeans_cost(views.eval(images).flatten(1), k,
+        rows.append({"method": "kmeans", "k": k, **_no_centers(W.kmeans_cost(views.eval(images).flatten(1), k,
                                                                               km.iters, km.restarts))})
         for name in methods:
             t0 = time.time()
