@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Every test starts with torch's default thread count: the equivalence and AE-CM tests set 1 (as a gloo worker
+    runs), and the summation order of CPU kernels, so the last float bits, depends on it
+    (tests/test_device.py compares two kernels' steps to 1e-4 and is measured at the default)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """The private local instance `djc train` starts (djc.ray_setup.ensure_ray), shared by the session."""

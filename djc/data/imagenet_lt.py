@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from djc.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, decode_array, fs_path
+from djc.data.shards import MANIFEST, DatasetError, Manifest, ShardInfo, decode_array, fs_path, square
 from djc.data.writer import PixelStats, shard_bytes, write_manifest
 from djc.runfiles import write_bytes
 
@@ -81,13 +81,7 @@ def square_jpeg(data: bytes, size: int, quality: int) -> bytes:
     """Short side -> `size` (antialiased), centre crop size x size, RGB JPEG at `quality`."""
     with Image.open(io.BytesIO(data)) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when still >= size (4x faster)
-        im = im.convert("RGB")  # grayscale, CMYK and palette images of ImageNet become RGB
-        w, h = im.size
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        im = square(im.convert("RGB"), size)  # grayscale, CMYK and palette images of ImageNet become RGB
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

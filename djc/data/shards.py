@@ -76,6 +76,17 @@ def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
     return torch.from_numpy(decode_array(data, where)).permute(2, 0, 1).contiguous()
 
 
+def square(im: Image.Image, size: int) -> Image.Image:
+    """Short side resized to `size` (bicubic, antialiased), then the centre size x size crop: ImageNet's customary
+    resize, and how `djc prepare` gives a folder of photos one image shape."""
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def image_encoding(data: bytes) -> str | None:
     """"png" / "jpeg" from the magic bytes, None for anything else."""
     return "png" if data[:8] == _PNG_SIG else "jpeg" if data[:3] == _JPEG_SIG else None

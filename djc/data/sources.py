@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from djc.data.shards import as_png_or_jpeg
+from djc.data.shards import as_png_or_jpeg, square
 
 IMAGE_EXTS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 
@@ -176,12 +176,7 @@ def _convert(data: bytes, size: int | None, channels: int | None) -> bytes:
         ch = channels or (1 if im.mode == "L" else 3)
         im = im.convert("L" if ch == 1 else "RGB")
         if size is not None:
-            w, h = im.size
-            s = size / min(w, h)
-            nw, nh = max(size, round(w * s)), max(size, round(h * s))
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            im = square(im, size)
         buf = io.BytesIO()
         if fmt == "JPEG":
             im.save(buf, format="JPEG", quality=95)
