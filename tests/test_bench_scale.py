@@ -78,3 +78,27 @@ def test_cli_writes_the_tables(tmp_path, capsys):
         assert line in table, line
     assert "| K | k-means++ seeding s |" in capsys.readouterr().out
     assert cli.main(["bench", "scale", "--dataset", str(tmp_path / "nothing")]) == 2
+
+
+def test_the_gpu_table_has_a_row_per_census_batch():
+    """run_cell stores the census keyed by batch (the per-GPU 64 and the global 1024): one row each, the share of
+    a ResNet-50 step computed from that batch's estimate."""
+    from djc.bench.scale_table import tables
+
+    def census_row(ms: float) -> dict:
+        return {"ops": 100, "syncs": 1, "flops": {"fp32": 1e9, "fp64": 0.0}, "bytes": 1e6, "device_s": ms / 1e3,
+                "host_s": 0.6e-3}
+
+    row = {"method": "secu", "k": 1000, "encoder_s": 1.0, "cluster_s": 0.1, "step_s": 1.1, "peak_rss": 2**20,
+           "state": {"parameters": 0, "per_instance": 0, "other_buffers": 0, "optimizer": 0}, "collective_bytes": 0,
+           "epoch": {"epoch_start_s": 0.0, "select_stats_s": 0.0, "checkpoint_bytes": 0, "checkpoint_s": 0.0},
+           "heads_n_s": 0.0, "kmeans_features": {"total_s": 0.0},
+           "end": {"metrics_s": 0.0, "plots_s": 0.0, "export_s": 0.0},
+           "gpu": {1024: census_row(3.9), 64: census_row(0.2)}}
+    shared = {"device": "cpu", "n": 1000, "classes": 10, "batch": 256, "read_decode_n_s": 0.0, "encode_n_s": 0.0,
+              "resnet50_flops_per_image": 24.3e9, "gpu_k": 1000}
+    lines = tables(shared, [row]).splitlines()
+    step_ms = 24.3e9 * 2 * 64 / 790e12 * 1e3  # 3.9 ms
+    rows = [ln for ln in lines if ln.startswith("| secu | 64 |") or ln.startswith("| secu | 1024 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["64", "1024"], lines[-4:]
+    assert f"| {0.2 / step_ms:.1%} |" in rows[0] and f"| {3.9 / step_ms:.1%} (> 10%) |" in rows[1], rows
