@@ -24,6 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = launch.absolute(launch.out_url(args.out or f"runs/{cfg.name}"))
     storage.configure(cfg.storage)
     storage.require_bucket(run_dir)
+    launch.check_shared_storage(cfg, run_dir)  # before any data is prepared
     launch.ensure_datasets(cfg)
     launch.check_against_data(cfg)
     result = launch.run(cfg, run_dir)
@@ -66,10 +67,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.source in ("folder", "cifar10", "cifar100", "imagenet-lt") and not args.root:
         raise ConfigError(f"djc prepare {args.source} needs --root DIR")
-    if (args.size is not None and args.source not in ("folder", "imagenet-lt")) or (
+    if (args.size is not None and args.source not in ("folder", "imagenet-lt", "imagenet-lt-synthetic")) or (
             args.mode != "auto" and args.source != "folder"):
-        raise ConfigError(f"--size and --mode apply to folder sources (and --size to imagenet-lt); {args.source} "
-                          f"images have one shape already")
+        raise ConfigError(f"--size and --mode apply to folder sources (and --size to imagenet-lt and "
+                          f"imagenet-lt-synthetic); {args.source} images have one shape already")
     if args.source == "imagenet-lt":
         try:
             return _prepare_imagenet_lt(args)
@@ -81,8 +82,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, size=args.size, mode=args.mode)
     except ValueError as err:  # the source's and the writer's checks: the user's to fix
         raise DatasetError(str(err)) from None
-    print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; "
-          f"class counts {m.class_counts}")
+    counts = (f"class counts {m.class_counts}" if m.num_classes <= 20 else
+              f"{m.num_classes} classes, {max(m.class_counts)} -> {min(m.class_counts)} images")
+    print(f"[djc] wrote {m.num_samples} samples in {len(m.shards)} shards to {args.out}; {counts}")
     return 0
 
 
@@ -122,6 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from djc.bench import selection
 
         return selection.main(args)
+    if args.which == "scale":
+        from djc.bench import scale
+
+        return scale.main(args)
     from djc.bench import quality
 
     return quality.main(args)
@@ -132,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="write a dataset (manifest + Parquet shards) at any fsspec URL")
-    pr.add_argument("source", choices=["digits", "shapes", "cifar10", "cifar100", "folder", "imagenet-lt"])
+    pr.add_argument("source", choices=["digits", "shapes", "cifar10", "cifar100", "folder", "imagenet-lt",
+                                       "imagenet-lt-synthetic"])
     pr.add_argument("--out", required=True, help="dataset URL: a path, file://, s3://bucket/prefix, memory://")
     pr.add_argument("--root", help="source folder (cifar pickle release, image folder)")
     pr.add_argument("--split", default="train", choices=["train", "test"])
@@ -144,7 +151,8 @@ def parser() -> argparse.ArgumentParser:
     il.add_argument("--split-file", help="ImageNet_LT_{train,val,test}.txt: 'relative/path label' per line")
     pr.add_argument("--size", type=int, default=None,
                     help="folder, imagenet-lt: short side resized to this, then centre-cropped square (imagenet-lt: "
-                         "256 by default; folder: needed when image sizes differ)")
+                         "256 by default; folder: needed when image sizes differ); imagenet-lt-synthetic: the "
+                         "generated images' side (16 by default)")
     pr.add_argument("--mode", default="auto", choices=["auto", "rgb", "gray"],
                     help="folder: channels of every image (auto: the majority of the folder's images)")
     il.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
@@ -193,8 +201,9 @@ def parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "
                                       "seeds), throughput (the training step against a plain PyTorch loop), data "
                                       "(local disk vs S3 vs cache, read and training step rates), selection (the "
-                                      "label-free selection score against balanced ACC over finished runs)")
-    be.add_argument("which", choices=["quality", "throughput", "data", "selection"])
+                                      "label-free selection score against balanced ACC over finished runs), scale (every "
+                                      "method at ImageNet-LT's N and K up to 10,000)")
+    be.add_argument("which", choices=["quality", "throughput", "data", "selection", "scale"])
     be.add_argument("--config", nargs="+", help="quality: run configs to compare (default: each registered "
                                                         "method's digits_lt job)")
     be.add_argument("--data", action="append", default=[],
@@ -208,10 +217,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     # Shared by throughput and data; 0 = the benchmark's own default (throughput: the device's).
     be.add_argument("--batch-size", type=int, default=0, help="throughput: per model (0: device default); "
-                                                              "data: reads and steps (0: 128)")
+                                                              "data: reads and steps (0: 128); scale: global (0: 256)")
     be.add_argument("--steps", type=int, default=0, help="timed steps per round and source (0: default; data: 10)")
     be.add_argument("--rounds", type=int, default=0, help="interleaved rounds of every measurement (0: default; "
-                                                          "data: 3, best kept)")
+                                                          "data: 3, best kept; scale: 3, medians)")
     tp = be.add_argument_group("throughput", "defaults depend on the device (CPU: small, a few minutes)")
     tp.add_argument("--models", default="resnet18_cifar,resnet50", help="resnet18_cifar (32 px), resnet50 (224 px)")
     tp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -221,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--profile", default="auto", choices=["auto", "always", "never"],
                     help="torch.profiler summaries in --out: auto = when SeCu's djc / reference < 0.97 or a "
                          "method's cluster side > 10%% of its step")
+    sc = be.add_argument_group("scale", "ImageNet-LT's N, K from 10 to 10,000 (docs/scale.md)")
+    sc.add_argument("--ks", default="10,100,1000,10000", help="scale: the numbers of clusters")
+    sc.add_argument("--gpu-k", type=int, default=1000, help="scale: the K whose cluster side is extrapolated to "
+                                                            "an H100 / H200 step")
+    sc.add_argument("--dataset", default=None, help="scale: the data set (default: runs/data/imagenet_lt_synthetic/"
+                                                    "train, which `djc prepare imagenet-lt-synthetic` writes)")
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")
     da.add_argument("--samples", type=int, default=4096, help="images in the benchmark dataset")
     da.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes (data.loader_workers)")

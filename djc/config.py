@@ -34,8 +34,8 @@ class DataConfig(Node):
     train: str = "runs/data/digits_lt10/train"  # dataset URL (path, file://, s3://, memory://) trained on
     eval: dict[str, str] = Field(default_factory=dict)  # extra splits evaluated at the end: name -> URL
     # If `train` (or an eval URL) holds no dataset yet, make it from this source on first use ("" = never).
-    source: Literal["", "digits", "shapes", "cifar10", "cifar100", "folder"] = ""
-    source_root: str = ""  # where cifar/folder sources live (ignored for digits and shapes, which djc makes)
+    source: Literal["", "digits", "shapes", "cifar10", "cifar100", "folder", "imagenet-lt-synthetic"] = ""
+    source_root: str = ""  # where cifar/folder sources live (ignored for the sources djc makes: digits, shapes, ..)
     imbalance_ratio: float = Field(1.0, ge=1.0)  # long-tail ratio for the prepared train split (1 = balanced)
     profile: Literal["exp", "step"] = "exp"  # long-tail profile (docs/data.md)
     prepare_seed: int = 0  # seed of the train/test split and of the long-tail subset (and of shapes' images)
@@ -45,7 +45,9 @@ class DataConfig(Node):
     # skip = drop undecodable images and count them; each step then trains on the smallest local batch of the
     # step over workers (one small all-reduce per step), and evaluation leaves them out of the outputs
     on_corrupt: Literal["error", "skip"] = "error"
-    cache_dir: str = ""  # local disk cache of remote shards for later epochs ("" = off)
+    # Local disk cache of remote shards for later epochs ("" = off). Per node: each worker expands ~ and
+    # environment variables itself ($TMPDIR/djc-cache, $SLURM_TMPDIR/djc), so every node caches on its own disk.
+    cache_dir: str = ""
     # Bound of cache_dir: least recently used shards are deleted past it (it may be exceeded by one shard
     # per process downloading at that moment). Shared by every worker on a node that uses the same dir.
     cache_max_gb: float = Field(20.0, gt=0.0)
@@ -66,6 +68,9 @@ class StorageConfig(Node):
     endpoint_url: str = ""  # S3-compatible endpoint (http://127.0.0.1:9000); "" = AWS_ENDPOINT_URL or AWS itself
     region: str = ""  # "" = AWS_REGION / AWS_DEFAULT_REGION / the profile's region
     profile: str = ""  # a named profile of ~/.aws/{config,credentials}; "" = AWS_PROFILE or the default chain
+    # Local paths (--out, data.*) name a filesystem that every Ray node mounts at the same path (NFS, Lustre, a
+    # cloud file share). Off: a run whose local paths would be used by workers on other nodes is refused.
+    shared_filesystem: bool = False
 
 
 class AugmentConfig(Node):

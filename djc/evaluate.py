@@ -11,6 +11,7 @@ assignments.parquet with `write_outputs`; `djc predict` (djc/predict.py) predict
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -122,31 +123,40 @@ def write_predictions(out: str, flat: dict[str, np.ndarray], extra: tuple[str, .
 def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, device) -> dict[str, Any] | None:
     """Called by every worker at the end of training; rank 0 writes the outputs and returns metrics.json."""
     k, km = cfg.method.num_clusters, cfg.method.kmeans
+    clock = _Phases()
     encoder = bool(cfg.model.weights)
     splits = cfg.data.splits()
     local = {name: predict_split(url, method, views, device, cfg.data.on_corrupt, pixels=cfg.eval.baseline,
                                  encoder=encoder)
              for name, url in splits.items()}
+    clock("predict")
     # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.
     extra_cols: dict[str, str] = {"kmeans_features": "features"}
     if cfg.eval.baseline and not isinstance(views, FeatureViews):
         extra_cols["kmeans_pixels"] = "pixels"
     if encoder:
         extra_cols["kmeans_encoder"] = "encoder"
-    centers = {col: kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
-               for col, src in extra_cols.items()}
+    centers = {}
+    for col, src in extra_cols.items():
+        centers[col] = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
+        clock(col)
     rows = [gather_rows(cols, name, {col: assign(cols[src], centers[col])[0] for col, src in extra_cols.items()})
             for name, cols in local.items()]
+    clock("gather")
     samples = ({name: map_sample(cols, read_manifest(splits[name]).num_samples, cfg.eval.map_samples, cfg.seed)
                 for name, cols in local.items()} if cfg.eval.map != "none" else {})
     if not dist.is_main():
         return None
     table = write_predictions(run_dir, concat_rows(rows), tuple(extra_cols))
+    clock("export")
     coords = embedmap.project_splits(samples, cfg.eval.map, cfg.seed)
     if coords is not None:
         runfiles.write_map(f"{run_dir}/{MAP_FILE}", coords)
-    return write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary,
-                         Pictures(splits, cfg.eval, coords))
+    result = write_outputs(run_dir, table, k, read_manifest(cfg.data.train).class_counts, cfg.eval.primary,
+                           Pictures(splits, cfg.eval, coords))
+    clock("metrics, plots, galleries and maps")
+    print(f"[djc] evaluation: {clock}", flush=True)
+    return result
 
 
 class Pictures(NamedTuple):
@@ -155,6 +165,21 @@ class Pictures(NamedTuple):
     datasets: dict[str, str]  # split -> dataset URL, for the galleries' images
     settings: Any  # djc.config.EvalConfig: gallery pages and images, the map's projection
     coords: dict[str, np.ndarray] | None  # map.parquet's columns (index, split, x, y); None = no map
+
+
+class _Phases:
+    """Wall seconds of the evaluation's phases, each call closing one: what an end of run at scale spends on."""
+
+    def __init__(self) -> None:
+        self.t, self.parts = time.perf_counter(), []
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts.append(f"{name} {now - self.t:.1f} s")
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.parts)
 
 
 def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int, class_counts,
@@ -176,7 +201,10 @@ def write_outputs(run_dir: str, table: dict[str, np.ndarray], num_clusters: int,
                                  class_counts=class_counts if name == "train" else None,
                                  title=f"{name}: cluster sizes against class sizes")
         if (y >= 0).any():
-            plots.plot_confusion(f"{run_dir}/plots/confusion_{name}.png", y, c, title=f"{name}: confusion")
+            plots.plot_class_recall(f"{run_dir}/plots/recall_{name}.png", y, c, class_counts,
+                                    title=f"{name}: per-class recall against training class size")
+            if len(np.unique(y[y >= 0])) <= plots.MAX_CONFUSION_CLASSES:  # unreadable beyond
+                plots.plot_confusion(f"{run_dir}/plots/confusion_{name}.png", y, c, title=f"{name}: confusion")
         if pictures is not None:
             _draw_pictures(run_dir, name, {k: v[sel] for k, v in table.items()}, pictures)
     return result

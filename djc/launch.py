@@ -80,6 +80,29 @@ def ensure_datasets(cfg: Config) -> None:
                 raise DatasetError(f"cannot prepare {url} from data.source={cfg.data.source}: {err}") from None
 
 
+def check_shared_storage(cfg: Config, run_dir: str) -> None:
+    """On a joined cluster of more than one node (or one its autoscaler may grow), refuse local paths: workers
+    on other nodes would write checkpoints and outputs to their own disks, or find no data there. Joins the
+    cluster (seconds); a local Ray instance is one node and is never checked."""
+    if not ray_setup.cluster_address(cfg)[0] or cfg.storage.shared_filesystem:
+        return
+    local = [(k, u) for k, u in (("--out", run_dir), *(("data.train" if s == "train" else f"data.eval.{s}", u)
+                                                       for s, u in cfg.data.splits().items())) if is_local(u)]
+    if not local:
+        return
+    ray_setup.ensure_ray(cfg)
+    nodes, grows = ray_setup.node_span()
+    if nodes <= 1 and not grows:
+        return
+    key, url = local[0]
+    span = f"has {nodes} nodes" + (" and an autoscaler that may add more" if grows else "")
+    what = ("workers on other nodes cannot write this machine's disk: checkpoints, metrics and outputs would be "
+            "scattered over the nodes" if key == "--out" else "workers on other nodes cannot read this machine's disk")
+    fix = ("--out s3://bucket/prefix" if key == "--out" else f"{key}=s3://bucket/prefix (djc prepare ... --out s3://...)")
+    raise ConfigError(f"{key} {url} is a local path, but the Ray cluster {span}: {what}; use {fix}, or set "
+                      f"storage.shared_filesystem=true if {url} is on a filesystem every node mounts at that path")
+
+
 def check_against_data(cfg: Config) -> None:
     """Checks that need the manifests (one small read each), still before any worker starts."""
     from djc.data.shards import read_manifest
@@ -198,6 +221,7 @@ def run(cfg: Config, run_dir: str, *, echo_config: bool = True) -> dict[str, Any
     (djc/rundir.py), and only then is config.yaml rewritten."""
     storage.configure(cfg.storage)
     storage.require_bucket(run_dir)
+    check_shared_storage(cfg, run_dir)
     with rundir.owned(run_dir):
         cfg = rundir.check_resume(cfg, run_dir)
         if dropped := rundir.drop_orphan_checkpoints(run_dir):

@@ -73,6 +73,24 @@ def _mapped(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return np.where(ids[pos] == y_pred, cls[pos], -1)
 
 
+def _per_class(t: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(classes present, support, true positives (float), predicted count), each (C,), from labelled classes t and
+    their matched predictions m (-1 for an unmatched cluster)."""
+    classes, ti, support = np.unique(t, return_inverse=True, return_counts=True)
+    tp = np.bincount(ti[m == t], minlength=classes.size).astype(np.float64)  # (C,)
+    # Matched clusters map to present classes only, so every m >= 0 is found by searchsorted.
+    predicted = np.bincount(np.searchsorted(classes, m[m >= 0]), minlength=classes.size)  # (C,)
+    return classes, support, tp, predicted
+
+
+def class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes present among the labelled samples, the recall of each after the Hungarian match), each (C,):
+    what balanced ACC averages, class by class (djc/plots.py draws it against class size)."""
+    t, p = _as_labels(y_true, y_pred)
+    classes, support, tp, _ = _per_class(t, _mapped(t, p))
+    return classes, tp / np.maximum(support, 1)
+
+
 def cluster_acc(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Fraction of labelled samples whose matched cluster is their class (NaN with no labelled sample)."""
     y_true, y_pred = _as_labels(y_true, y_pred)
@@ -165,11 +183,8 @@ def evaluate(
         raise ValueError(f"label {t.max()} has no entry in class_counts (length {np.asarray(class_counts).size})")
 
     m = _mapped(t, p)
-    classes, ti, support = np.unique(t, return_inverse=True, return_counts=True)
+    classes, support, tp, predicted = _per_class(t, m)
     hits = m == t
-    tp = np.bincount(ti[hits], minlength=classes.size).astype(np.float64)  # (C,)
-    # Matched clusters map to present classes only, so every m >= 0 is found by searchsorted.
-    predicted = np.bincount(np.searchsorted(classes, m[m >= 0]), minlength=classes.size)  # (C,)
     recall = tp / support
     # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (|predicted c| + |true c|); 0 when the class is never hit.
     f1 = 2.0 * tp / (predicted + support)

@@ -99,6 +99,17 @@ def ensure_ray(cfg: Config) -> None:
              dashboard_port=port)
 
 
+def node_span() -> tuple[int, bool]:
+    """(alive nodes of the joined cluster, whether its autoscaler may add more: its maximum of some resource
+    exceeds what the alive nodes hold)."""
+    import ray
+
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    ceiling, total = _autoscaler_ceiling(), ray.cluster_resources()
+    grows = ceiling is not None and any(v > total.get(k, 0.0) + 1e-9 for k, v in ceiling.items())
+    return alive, grows
+
+
 def worker_bundle(cfg: Config) -> dict[str, float]:
     """What one training worker reserves on one node."""
     return {"CPU": cfg.trainer.cpus_per_worker} | ({"GPU": 1.0} if cfg.trainer.use_gpu else {})

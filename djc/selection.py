@@ -56,6 +56,16 @@ def variance_ratio(stats: torch.Tensor) -> tuple[float, float, int]:
     return r, ch, k_used
 
 
+def cluster_stats(features: torch.Tensor, clusters: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """(K, D + 2) float64 sufficient statistics [count, sum |z|^2, sum z] of features (n, D) per cluster (n,)."""
+    z, c = features.float().flatten(1), clusters
+    out = torch.zeros(num_clusters, z.shape[1] + 2, dtype=torch.float64, device=z.device)
+    out[:, 0].index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
+    out[:, 1].index_add_(0, c, z.square().sum(1).double())
+    out[:, 2:].index_add_(0, c, z.double())
+    return out
+
+
 def silhouette(z: torch.Tensor, c: torch.Tensor) -> float:
     """Mean silhouette of the clusters `c` (n,) of the rows of `z` (n, D) under cosine distance; samples alone in
     their cluster count 0 (scikit-learn's convention); 0 when fewer than 2 clusters are used."""
@@ -129,10 +139,7 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
         images = batch["image"].to(device)
         p = method.predict(views.eval(images))
         z, c = p.features.float().flatten(1), p.clusters[:, 0]
-        part = torch.zeros(K, z.shape[1] + 2, dtype=torch.float64, device=z.device)  # (K, D + 2)
-        part[:, 0].index_add_(0, c, torch.ones_like(c, dtype=torch.float64))
-        part[:, 1].index_add_(0, c, z.square().sum(1).double())
-        part[:, 2:].index_add_(0, c, z.double())
+        part = cluster_stats(z, c, K)
         stats = part if stats is None else stats + part
         view = views.by_index(images, batch["index"], num_samples)
         for key, v in (("label", batch["label"]), ("cluster", c), ("view_cluster", method.predict(view).clusters[:, 0]),

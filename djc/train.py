@@ -49,7 +49,8 @@ def make_inputs(cfg: Config, method, manifest: Manifest, device: torch.device, r
         method.features_in, order = True, views.order()
     stream = ShardStream(manifest, batch_size=cfg.data.batch_size // world, rank=rank, world_size=world,
                          seed=cfg.seed, window=cfg.data.window, on_corrupt=cfg.data.on_corrupt,
-                         cache_dir=cfg.data.cache_dir or None, cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
+                         cache_dir=os.path.expandvars(os.path.expanduser(cfg.data.cache_dir)) or None,
+                         cache_max_bytes=int(cfg.data.cache_max_gb * 2**30),
                          retries=cfg.data.retries, prefetch_batches=cfg.data.prefetch_batches, order=order)
     return views, StreamLoader(stream, loader_workers=cfg.data.loader_workers if order is None else 0)
 

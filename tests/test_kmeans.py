@@ -80,9 +80,9 @@ def test_k1000_runs_in_blocks_bounded_by_max_elems(monkeypatch):
     seen: list[int] = []
     real = km._sq_dists
 
-    def spy(a, b):
+    def spy(a, b, xx=None):
         seen.append(a.shape[0] * b.shape[0])
-        return real(a, b)
+        return real(a, b, xx)
 
     monkeypatch.setattr(km, "MAX_ELEMS", 5000)
     monkeypatch.setattr(km, "_sq_dists", spy)

@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from PIL import Image
 
 from djc import plots, runfiles
-from djc.evaluate import evaluate_table
+from djc.evaluate import evaluate_table, write_outputs
 from djc.plots import plot_cluster_sizes, plot_confusion
 from djc.runfiles import append_jsonl, read_assignments, read_jsonl, write_assignments, write_json
 from djc.metrics import evaluate
@@ -128,6 +128,29 @@ def test_plots(root):
     plot_confusion(f"{root}/confusion.png", y_true, y_pred, title="confusion")
     _check_png(f"{root}/confusion.png", (w, h))
     assert not [n for n in _listing(root) if ".tmp-" in n]
+
+
+def test_plots_stay_readable_at_1000_classes(tmp_path):
+    """At K = C = 1000: sizes as rank-size lines on log axes, per-class recall against class size, and no
+    confusion image (1000 x 1000 cells in 600 px); the recall plot's points are the classes' recalls."""
+    from djc.data.longtail import imagenet_lt_counts
+    from djc.metrics import class_recall
+
+    rng = np.random.default_rng(0)
+    counts = np.array(imagenet_lt_counts())
+    y = np.repeat(np.arange(1000), counts)
+    c = np.where(rng.random(y.size) < 0.6, y, rng.integers(0, 1000, y.size))  # 60% right
+    c[c == 7] = 8  # an empty cluster: counted in the legend, not drawn on the log axis
+    table = {"index": np.arange(y.size), "split": np.full(y.size, "train", dtype=object), "label": y,
+             "cluster": c}
+    result = write_outputs(str(tmp_path), table, 1000, counts)
+    assert result["empty_clusters"] == 1
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["cluster_sizes_train.png", "recall_train.png"]
+    for name, size in (("cluster_sizes_train.png", plots.SIZES_FIGSIZE), ("recall_train.png", plots.RECALL_FIGSIZE)):
+        _check_png(str(tmp_path / "plots" / name), tuple(int(v * runfiles.PLOT_DPI) for v in size))
+    classes, recall = class_recall(y, c)
+    assert classes.size == 1000 and recall.mean() == pytest.approx(result["balanced_acc"])
 
 
 def test_evaluate_assignments_per_split_with_baseline(root):

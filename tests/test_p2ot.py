@@ -82,13 +82,14 @@ def _per_iteration(logits, rho, eps=0.1, lam=1.0, iters=1000, tol=1e-6, warm_sta
     q = torch.cat([torch.exp(logp / eps), logp.new_ones(n, 1)], dim=1)
     col = torch.cat([logp.new_full((k,), rho / k), logp.new_full((1,), 1.0 - rho)])
     b = warm_start.clone() if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))
+    row = logp.new_full((1,), 1.0 / n)
+    exponent = torch.cat([logp.new_full((k,), lam / (lam + eps)), logp.new_ones(1)])
     for done in range(1, iters + 1):
-        new = col / (q.T @ ((1.0 / n) / (q @ b))).clamp_min(TINY)
-        new[:k] = new[:k].pow(lam / (lam + eps))
-        change, b = float((new - b).norm() / new.norm()), new
+        new = torch.pow(col / (q.T @ (row / (q @ b))).clamp_min(TINY), exponent)
+        change, b = float(torch.linalg.vector_norm(new - b) / torch.linalg.vector_norm(new)), new
         if change < tol:
             break
-    a = (1.0 / n) / (q @ b)
+    a = row / (q @ b)
     return a.unsqueeze(1) * q * b.unsqueeze(0), b, done
 
 

@@ -244,10 +244,11 @@ def main(args: argparse.Namespace) -> int:
     space = spaces.load(args.space)(cfg)
     check_space(args.space, space, tree, cfg)
     cfg = launch.resolve(cfg)
+    out = launch.absolute(launch.out_url(args.out or f"runs/tune/{cfg.name}"))
+    launch.check_shared_storage(cfg, out)  # trials' run dirs under --out, written by workers on any node
     launch.ensure_datasets(cfg)
     launch.check_against_data(cfg)
     _check_metric(cfg, args.metric)
-    out = launch.absolute(launch.out_url(args.out or f"runs/tune/{cfg.name}"))
     print(f"[djc tune] {args.samples} trials of space {args.space!r} ({', '.join(space)}), ranked by "
           f"{METRICS[args.metric]} on split {cfg.eval.select_split!r}, search {args.search}, scheduler "
           f"{args.scheduler}; out: {out}",

@@ -76,3 +76,47 @@ def longtail_indices(labels: np.ndarray, counts: Sequence[int], seed: int) -> np
             raise ValueError(f"class {c} has {len(idx)} samples, fewer than the {n} the profile asks for")
         keep.append(np.random.default_rng([seed, c]).permutation(idx)[:n])
     return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet-LT's shape, generated (djc prepare imagenet-lt-synthetic; docs/data.md)
+
+IMAGENET_LT_SAMPLES, IMAGENET_LT_CLASSES = 115_846, 1000  # Liu et al. 2019's train list
+IMAGENET_LT_LARGEST, IMAGENET_LT_SMALLEST = 1280, 5
+# Classes with more than 100 images ("many-shot") and with fewer than 20 ("few-shot") in the train list, as
+# every ImageNet-LT paper splits its results; the 479 in between are "medium-shot".
+IMAGENET_LT_MANY, IMAGENET_LT_FEW = 385, 136
+PROFILE_SEED = 1000  # fixed: which label gets which size is part of the profile, not of a prepare's seed
+
+
+def _imagenet_lt_sorted(v50: float) -> np.ndarray:
+    """(1000,) float sizes, largest first: a monotone cubic (PCHIP) in log size through 1280 at rank 0, the
+    many / medium and medium / few boundaries (100.5 between ranks 384 and 385, 19.5 between 863 and 864) and
+    5 at rank 999, plus `v50` at rank 50, which sets how fast the head falls (and so the total)."""
+    from scipy.interpolate import PchipInterpolator
+
+    many, few = IMAGENET_LT_MANY, IMAGENET_LT_FEW
+    last = IMAGENET_LT_CLASSES - 1
+    knots = [(0, IMAGENET_LT_LARGEST), (50, v50), (many - 0.5, 100.5), (last - few + 0.5, 19.5),
+             (last, IMAGENET_LT_SMALLEST)]
+    r, v = zip(*knots)
+    return np.exp(PchipInterpolator(r, np.log(v))(np.arange(IMAGENET_LT_CLASSES)))
+
+
+def imagenet_lt_counts() -> list[int]:
+    """ImageNet-LT's train profile, GENERATED (the list itself is not bundled): 1000 classes, 115,846 images,
+    1280 -> 5, 385 classes above 100 images and 136 below 20, as the list has. Sizes fall smoothly through
+    those boundaries (_imagenet_lt_sorted), the head's fall set by a bisection so that the total is exact,
+    rounding repaired by one image on as many head classes; then assigned to labels by a fixed permutation
+    (the list's labels follow WordNet ids, not sizes). The per-class values are this rule's, not the list's."""
+    lo, hi = 101.0, float(IMAGENET_LT_LARGEST)
+    for _ in range(60):  # the total grows with the size at rank 50
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if _imagenet_lt_sorted(mid).sum() > IMAGENET_LT_SAMPLES else (mid, hi)
+    sizes = np.round(_imagenet_lt_sorted(0.5 * (lo + hi))).astype(np.int64)
+    diff = IMAGENET_LT_SAMPLES - int(sizes.sum())  # a few images of rounding
+    sizes[1 : 1 + abs(diff)] += np.sign(diff)  # head classes (never the 1280 or a boundary class)
+    order = np.random.default_rng(PROFILE_SEED).permutation(IMAGENET_LT_CLASSES)
+    counts = np.empty_like(sizes)
+    counts[order] = sizes
+    return counts.tolist()

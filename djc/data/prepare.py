@@ -15,9 +15,11 @@ from djc.data.longtail import class_counts, longtail_indices
 from djc.data.shards import MANIFEST, Manifest, fs_path
 from djc.data.writer import write_dataset
 
-SOURCES = ("digits", "shapes", "cifar10", "cifar100", "folder")
+SOURCES = ("digits", "shapes", "cifar10", "cifar100", "folder", "imagenet-lt-synthetic")
+SIZED = ("folder", "imagenet-lt-synthetic")  # the sources that take a size
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # fixed, not `seed`: train and test prepared with different seeds must never overlap
+SYNTHETIC_SEED = 0  # fixed, not `seed`: the train and test splits must share their class patterns
 
 
 def dataset_exists(url: str) -> bool:
@@ -32,6 +34,10 @@ def load_source(source: str, root: str | None = None, split: str = "train", size
         return sources.digits(split, seed=DIGITS_SPLIT_SEED, test_fraction=DIGITS_TEST_FRACTION)
     if source == "shapes":
         return sources.shapes(split, seed=seed)
+    if source == "imagenet-lt-synthetic":  # generated: its images depend on (seed, split) only
+        from djc.data.synthetic import imagenet_lt_synthetic
+
+        return sources.Source(*imagenet_lt_synthetic(split, size or 16, SYNTHETIC_SEED))
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     if not root:
@@ -77,13 +83,18 @@ def prepare(source: str, out_url: str, *, root: str | None = None, split: str = 
     SMALLEST class count of the split: the largest size every class can supply, so the profile is realised
     exactly (CIFAR's classes are equal, 5000 / 500 each; digits' train classes hold 139-146, n_max = 139).
     `seed` draws the subset and the shard order. A test split is normally prepared with ratio 1. `size` and
-    `mode` make one image shape out of a folder of photos (sources.folder); other sources have one already.
+    `mode` make one image shape out of a folder of photos (sources.folder); `size` is also the side of
+    imagenet-lt-synthetic's generated images (16 by default); other sources have one shape already.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     class_counts(1 << 30, 2, imbalance_ratio, profile)  # validate ratio and profile before reading anything
-    if (size is not None or mode != "auto") and source != "folder":
-        raise ValueError(f"--size and --mode apply to folder sources; {source} images have one shape already")
+    if (size is not None and source not in SIZED) or (mode != "auto" and source != "folder"):
+        raise ValueError(f"--size applies to folder and imagenet-lt-synthetic sources and --mode to folder "
+                         f"sources; {source} images have one shape already")
+    if source == "imagenet-lt-synthetic" and imbalance_ratio > 1:
+        raise ValueError(f"--imbalance-ratio {imbalance_ratio:g}: imagenet-lt-synthetic's train split has "
+                         f"ImageNet-LT's profile already (1280 -> 5) and its test split is balanced, as ImageNet-LT's")
     src = load_source(source, root, split, size=size, mode=mode, seed=seed)
     images, labels, C = src.images, np.asarray(src.labels, dtype=np.int64), len(src.class_names)
     n_source = len(labels)
@@ -101,6 +112,10 @@ def prepare(source: str, out_url: str, *, root: str | None = None, split: str = 
         provenance.update(test_fraction=DIGITS_TEST_FRACTION, split_seed=DIGITS_SPLIT_SEED)
     elif source == "shapes":
         provenance["render_seed"] = seed
+    elif source == "imagenet-lt-synthetic":
+        counts = np.bincount(labels)
+        provenance.update(profile="imagenet-lt (generated)" if split == "train" else "balanced", size=size or 16,
+                          image_seed=SYNTHETIC_SEED, imbalance_ratio=float(counts.max() / counts.min()))
     else:
         provenance["root"] = os.path.abspath(os.path.expanduser(root or ""))
     base = os.path.basename(os.path.normpath(root or "")) if source == "folder" else source

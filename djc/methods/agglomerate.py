@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 Merge = Literal["bhattacharyya", "ward", "average"]
+BLOCK_ELEMS = 2**23  # entries of one (rows, K', D) float64 temporary of the distances: 64 MB
 
 
 def _moments(sums: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,7 +63,10 @@ def merge_clusters(sums: Tensor, k: int, criterion: Merge = "bhattacharyya",
         return d
 
     idx = torch.arange(s.shape[0], device=s.device)
-    dm = torch.cat([dist_to(r) for r in idx.split(256)])  # (K', K'), rows in chunks: (256, K', D) at a time
+    # (K', K'), rows in chunks whose (rows, K', D) temporaries stay at BLOCK_ELEMS: a fixed 256 rows took
+    # 256 x 3000 x 128 x 8 B = 786 MB per temporary at StatDEC's init of K = 1000 (3000 pieces), ~4 GB at peak.
+    rows = max(1, BLOCK_ELEMS // max(1, s.shape[0] * mean.shape[1]))
+    dm = torch.cat([dist_to(r) for r in idx.split(rows)])
     dm[~alive] = torch.inf
     best, arg = dm.min(dim=1)  # per-row nearest piece, so each merge costs O(K' D) instead of O(K'^2 D)
     label = idx.clone()

@@ -41,9 +41,10 @@ def cm_terms(x: Tensor, gamma: Tensor, u: Tensor) -> CMTerms:
 
 
 def soft_distortion(x: Tensor, gamma: Tensor, u: Tensor) -> Tensor:
-    """(n,) sum_k gamma_ik |x_i - u_k|^2: what E1 + E2 + E3 sum to."""
-    d2 = (x.unsqueeze(1) - u.unsqueeze(0)).pow(2).sum(-1)  # (n, K)
-    return (gamma * d2).sum(1)
+    """(n,) sum_k gamma_ik |x_i - u_k|^2: what E1 + E2 + E3 sum to. Expanded as |x|^2 - 2 x.u + |u|^2 (gamma's
+    rows sum to 1), so no (n, K, d) difference tensor is made: at n = 512, K = 1000, d = 10 it was 20 MB per
+    batch, and predicting ImageNet-LT's 115,846 images in such batches grew a worker to 9 GB (djc bench scale)."""
+    return (x * x).sum(1) * gamma.sum(1) - 2 * ((gamma @ u) * x).sum(1) + gamma @ (u * u).sum(1)
 
 
 def dirichlet_prior(mean_gamma: Tensor, alpha: Tensor, sort: bool = True) -> Tensor:
@@ -58,7 +59,9 @@ def dirichlet_prior(mean_gamma: Tensor, alpha: Tensor, sort: bool = True) -> Ten
 
 def orthonormality(u: Tensor) -> Tensor:
     """sum_kl |(U U^T - I)_kl|: AE-CM's penalty, which lets E2 drop |u_k|^2 and E3 vanish."""
-    return (u @ u.T - torch.eye(u.shape[0], dtype=u.dtype, device=u.device)).abs().sum()
+    g = u @ u.T  # (K, K); |G - I| summed without materialising I or G - I (two more K x K tensors)
+    d = g.diagonal()
+    return g.abs().sum() - d.abs().sum() + (d - 1.0).abs().sum()
 
 
 def profile_shares(k: int, imbalance: float) -> list[float]:
