@@ -5,6 +5,7 @@ probes share 2 cores (--threads 1 each). What docs/results.md's RGB section repo
 
 usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--eval-every S] [--threads T]
        [--pixels]  k-means and 20-NN on the pixels instead of training
+       [--time-steps N]  seconds per training step (views + train_step, mean of N after one warm-up) instead
        [--spec field=value]  override a field of both views' ViewSpec (e.g. hue=0.5)
        [--variant flat,clut2,lownoise,light,noclut,soft]  render the train split with milder nuisances
        [--gray-all]  turn the data grey before anything (colour removed from the data, not by the views)
@@ -32,6 +33,7 @@ ap.add_argument("--minutes", type=float, default=10)
 ap.add_argument("--ratio", type=float, default=10)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--pixels", action="store_true")
+ap.add_argument("--time-steps", type=int, default=0)
 ap.add_argument("--tag", default="")
 ap.add_argument("--remap", type=float, default=0.0)
 ap.add_argument("--variant", default="")
@@ -94,6 +96,16 @@ opt = make_optimizer(cfg, method)
 B = cfg.data.batch_size
 spe = N // B
 g = torch.Generator().manual_seed(cfg.seed)
+
+if a.time_steps:
+    for s_ in range(a.time_steps + 1):
+        if s_ == 1:
+            t_ = time.time()
+        idx = torch.randperm(N, generator=g)[:B]
+        train_step(method, method, opt, idx, *views.for_method(method, X[idx], s_, 0))
+    print(json.dumps({"seconds_per_step": round((time.time() - t_) / a.time_steps, 3), "threads": a.threads,
+                      "overrides": a.overrides}))
+    sys.exit()
 
 def map_train(fn):
     method.eval(); outs = []
