@@ -82,7 +82,7 @@ class AugmentConfig(Node):
     gray_p: float = Field(0.2, ge=0.0, le=1.0)
     degrees: float = Field(0.0, ge=0.0, le=180.0)  # random rotation ~ U(-d, d), both views; 0 = none (SeCu)
     # Side of the views; 0 = the dataset's image side, or with model.weights the side the backbone was trained at
-    # (224; a ViT's is fixed by its position embeddings), the images resized on the device (djc/models/inputs.py)
+    # (224; a ViT's is fixed by its position embeddings), the images resized on the device (djc/data/inputs.py)
     out_size: int = Field(0, ge=0)
     # The training views: secu = SeCu's asymmetric pair (crop, flip, colour jitter, grey, blur, solarize; the keys
     # above shape it); crop_flip = random resized crop and flip only (P2OT's release on DINO ViT-B/16); none = the

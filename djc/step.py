@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from djc.config import Config
 from djc.methods import REGISTRY
 from djc.methods.base import ClusteringMethod, DataInfo, Setup, StepOut
-from djc.models.inputs import run_input
+from djc.data.inputs import run_input
 from djc.models.zoo import InputSpec
 
 
 def views_input(cfg: Config, info: DataInfo) -> InputSpec:
     """The normalisation and side of what the views hand the method: the dataset's, or with model.weights the
-    backbone's (djc/models/inputs.py); augment.out_size sets the side."""
+    backbone's (djc/data/inputs.py); augment.out_size sets the side."""
     return run_input(cfg.model, cfg.augment.out_size, info.mean, info.std, info.image_shape)
 
 

@@ -38,7 +38,7 @@ def data_info(m: Manifest) -> DataInfo:
 
 def make_inputs(cfg: Config, method, manifest: Manifest, device: torch.device, run_dir: str):
     """(views, loader) of this worker: the training stream and the views that turn its batches into the method's
-    two inputs. Views of the images, normalised and sized for the backbone (djc/models/inputs.py); or, with a
+    two inputs. Views of the images, normalised and sized for the backbone (djc/data/inputs.py); or, with a
     frozen backbone on plain views, its features computed once (djc/features.py) and a stream of indices only."""
     rank, world = dist.rank(), dist.world_size()
     spec = views_input(cfg, data_info(manifest))  # the dataset's normalisation and side, or the pretrained backbone's

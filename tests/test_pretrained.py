@@ -248,7 +248,7 @@ def test_a_frozen_backbone_is_fixed_in_training_and_runs_without_grad():
 
 
 def test_inputs_come_from_the_weights_when_they_are_loaded():
-    from djc.models.inputs import run_input
+    from djc.data.inputs import run_input
 
     data = ((0.3,) * 3, (0.2,) * 3, (32, 32, 3))
     assert run_input(ModelConfig(backbone="torchvision:resnet50"), 0, *data) == ((0.3,) * 3, (0.2,) * 3, 32)

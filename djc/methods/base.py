@@ -74,7 +74,7 @@ class DataInfo:
     image_shape: tuple[int, int, int]  # (H, W, C)
     num_classes: int  # from the manifest; 0 when unlabelled
     mean: tuple[float, ...] = ()  # per-channel statistics of the images in [0, 1] (the views normalise with them
-    std: tuple[float, ...] = ()  # unless the backbone's weights bring their own: djc/models/inputs.py)
+    std: tuple[float, ...] = ()  # unless the backbone's weights bring their own: djc/data/inputs.py)
 
 
 @dataclass(frozen=True)

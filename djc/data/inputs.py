@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from djc.data.shards import read_manifest
 from djc.models import zoo
 from djc.models.settings import ModelConfig
 from djc.models.zoo import InputSpec
@@ -45,7 +46,6 @@ def _their_input(url: str, depth: int) -> InputSpec:
     import fsspec
     import yaml
 
-    from djc.data.shards import read_manifest
     from djc.models.weights import WeightsError
 
     try:
