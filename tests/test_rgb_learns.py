@@ -17,7 +17,6 @@ from djc import metrics
 from djc.config import load_config
 from djc.data import shapes
 from djc.data.augment import ViewPair
-from djc.data.longtail import class_counts, longtail_indices
 from djc.methods.base import DataInfo
 from djc.methods.kmeans import assign, kmeans
 from djc.optim import apply_lr, lr_factor, make_optimizer
@@ -28,9 +27,8 @@ STEPS = 150  # ~60 s on 2 cores
 
 
 def _data(per_class: int = 600, ratio: float = 10) -> tuple[torch.Tensor, np.ndarray]:
-    x, y = shapes.generate("train", seed=0, per_class=per_class)
-    keep = longtail_indices(y, class_counts(per_class, 10, ratio), seed=0)
-    return torch.from_numpy(x[keep]).permute(0, 3, 1, 2).contiguous(), y[keep]
+    x, y = shapes.longtail(ratio, per_class=per_class)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y
 
 
 def _knn_balanced_acc(z: torch.Tensor, y: np.ndarray, k: int = 20) -> float:

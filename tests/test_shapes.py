@@ -9,6 +9,7 @@ import torch
 
 from djc import metrics
 from djc.data import shapes
+from djc.data.images import read_images
 from djc.data.longtail import class_counts
 from djc.data.prepare import prepare
 from djc.data.shards import read_manifest
@@ -67,6 +68,11 @@ def test_prepare_realises_the_long_tail_and_a_balanced_test_split(tmp_path):
     train = prepare("shapes", str(tmp_path / "train"), imbalance_ratio=10, progress=False)
     assert list(train.class_counts) == class_counts(2000, 10, 10) and train.num_samples == 8169
     assert list(train.class_names) == list(shapes.CLASSES) and tuple(train.image_shape) == (32, 32, 3)
+    # The in-memory split the probes and tests use holds the same images as the prepared one (in another order).
+    written = read_images(train, np.arange(train.num_samples))
+    images, labels = shapes.longtail(10)
+    assert np.bincount(labels).tolist() == list(train.class_counts)
+    assert sorted(im.tobytes() for im in written.values()) == sorted(im.tobytes() for im in images)
     test = prepare("shapes", str(tmp_path / "test"), split="test", progress=False)
     assert list(test.class_counts) == [200] * 10
     assert read_manifest(str(tmp_path / "test")).provenance["render_seed"] == 0

@@ -236,3 +236,14 @@ def generate(split: str, seed: int = 0, per_class: int | None = None) -> tuple[n
         noise_rng = np.random.default_rng([seed, _SPLIT_CODE[split], 1, i])
         images[sl] = render(labels[sl], {k: v[sl] for k, v in params.items()}, noise_rng)
     return images, labels
+
+
+def longtail(ratio: float = 10, seed: int = 0, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The long-tailed train split in memory, (images uint8 (n, 32, 32, 3), labels (n,)): the images `djc prepare
+    shapes --imbalance-ratio RATIO --seed SEED` keeps (before its shard shuffle), for probes and tests that
+    skip the files."""
+    from djc.data.longtail import class_counts, longtail_indices
+
+    images, labels = generate("train", seed=seed, per_class=per_class)
+    keep = longtail_indices(labels, class_counts(int(np.bincount(labels).min()), len(CLASSES), ratio), seed)
+    return images[keep], labels[keep]

@@ -114,11 +114,12 @@ def cs_divergence(a: Tensor, g: Tensor, eps: float = 1e-9) -> Tensor:
     """d_cs(A, G) = 2 / (K (K - 1)) sum_{p<q} a_p^T G a_q / sqrt(a_p^T G a_p a_q^T G a_q), columns a_p of
     A (B, K). 0 when the clusters' kernel densities do not overlap, 1 when every column is the same."""
     k = a.shape[1]
-    nom = a.T @ g @ a  # (K, K)
+    nom = a.T @ g @ a  # (K, K), symmetric: G is
     d = nom.diagonal()
     ratio = nom.clamp_min(eps) / (d[:, None] * d[None, :]).clamp_min(eps * eps).sqrt()
-    iu = torch.triu_indices(k, k, offset=1, device=a.device)
-    return 2.0 / (k * (k - 1)) * ratio[iu[0], iu[1]].sum()
+    # The release sums the upper triangle; the matrix is symmetric, so that is half of all but the diagonal,
+    # without its K (K - 1) / 2 pairs of int64 indices and their gather (djc bench scale: K = 1000 -> 10,000).
+    return (ratio.sum() - ratio.diagonal().sum()) / (k * (k - 1))
 
 
 class DDC(NamedTuple):
