@@ -18,7 +18,7 @@ import argparse, json, sys, time
 import numpy as np, torch, torch.nn.functional as F
 from djc.config import load_config
 from djc.data import shapes
-from djc.data.longtail import class_counts, longtail_indices
+from djc.data.longtail import longtail_subset
 from djc.data.augment import ViewPair
 from djc.step import build_method, train_step
 from djc.optim import make_optimizer, apply_lr, lr_factor
@@ -58,8 +58,8 @@ def gen(variant):
     x = np.concatenate([shapes.render(labels[i:i+1000], {k: v[i:i+1000] for k, v in p.items()}, np.random.default_rng(i)) for i in range(0, n, 1000)])
     return x, labels
 X0, Y0 = gen(a.variant) if a.variant else shapes.generate("train", seed=0)
-counts = class_counts(2000, 10, a.ratio)
-keep = longtail_indices(Y0, counts, seed=0)
+keep = longtail_subset(Y0, 10, a.ratio, seed=0)
+counts = np.bincount(Y0[keep], minlength=10)
 X, Y = torch.from_numpy(X0[keep]).permute(0, 3, 1, 2).contiguous(), Y0[keep]
 if a.gray_all:
     g_ = (X.float() * torch.tensor([0.2989, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)

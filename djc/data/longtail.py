@@ -120,3 +120,12 @@ def imagenet_lt_counts() -> list[int]:
     counts = np.empty_like(sizes)
     counts[order] = sizes
     return counts.tolist()
+
+
+def longtail_subset(labels: np.ndarray, num_classes: int, imbalance_ratio: float, seed: int,
+                    profile: str = "exp") -> np.ndarray:
+    """Sorted indices of the long-tailed subset that `djc prepare --imbalance-ratio` keeps: class_counts(n_max,
+    C, ratio, profile) per class, where n_max is the SMALLEST class count, the largest size every class can
+    supply, so the profile is realised exactly."""
+    n_max = int(np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).min())
+    return longtail_indices(labels, class_counts(n_max, num_classes, imbalance_ratio, profile), seed)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from djc.data import sources
-from djc.data.longtail import class_counts, longtail_indices
+from djc.data.longtail import class_counts, longtail_subset
 from djc.data.shards import MANIFEST, Manifest, fs_path
 from djc.data.writer import write_dataset
 
@@ -101,8 +101,7 @@ def prepare(source: str, out_url: str, *, root: str | None = None, split: str = 
     if imbalance_ratio > 1:
         if C == 0 or (labels < 0).any():
             raise ValueError(f"imbalance_ratio={imbalance_ratio} needs labelled data; {source} at {root} is unlabelled")
-        n_max = int(np.bincount(labels, minlength=C).min())
-        keep = longtail_indices(labels, class_counts(n_max, C, imbalance_ratio, profile), seed)
+        keep = longtail_subset(labels, C, imbalance_ratio, seed, profile)
         images = images[keep] if isinstance(images, np.ndarray) else _Take(images, keep)
         labels = labels[keep]
     provenance: dict[str, Any] = {"source": source, "split": split, "profile": profile,

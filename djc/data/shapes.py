@@ -242,8 +242,8 @@ def longtail(ratio: float = 10, seed: int = 0, per_class: int | None = None) -> 
     """The long-tailed train split in memory, (images uint8 (n, 32, 32, 3), labels (n,)): the images `djc prepare
     shapes --imbalance-ratio RATIO --seed SEED` keeps (before its shard shuffle), for probes and tests that
     skip the files."""
-    from djc.data.longtail import class_counts, longtail_indices
+    from djc.data.longtail import longtail_subset
 
     images, labels = generate("train", seed=seed, per_class=per_class)
-    keep = longtail_indices(labels, class_counts(int(np.bincount(labels).min()), len(CLASSES), ratio), seed)
+    keep = longtail_subset(labels, len(CLASSES), ratio, seed)
     return images[keep], labels[keep]

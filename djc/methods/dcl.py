@@ -114,7 +114,7 @@ def cs_divergence(a: Tensor, g: Tensor, eps: float = 1e-9) -> Tensor:
     """d_cs(A, G) = 2 / (K (K - 1)) sum_{p<q} a_p^T G a_q / sqrt(a_p^T G a_p a_q^T G a_q), columns a_p of
     A (B, K). 0 when the clusters' kernel densities do not overlap, 1 when every column is the same."""
     k = a.shape[1]
-    nom = a.T @ g @ a  # (K, K), symmetric: G is
+    nom = a.T @ g @ a  # (K, K), symmetric since G is
     d = nom.diagonal()
     ratio = nom.clamp_min(eps) / (d[:, None] * d[None, :]).clamp_min(eps * eps).sqrt()
     # The release sums the upper triangle; the matrix is symmetric, so that is half of all but the diagonal,
