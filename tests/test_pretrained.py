@@ -218,6 +218,40 @@ def test_a_run_dir_gives_its_latest_checkpoints_encoder(tmp_path, bucket):
         build_encoder(ModelConfig(backbone="mlp", width=8, weights=url), (8, 8, 1))
 
 
+def test_weights_head_puts_the_run_dirs_projection_head_on_its_encoder(tmp_path):
+    """model.weights_head: the features are the pretext run's normalised projection outputs, exactly; a run dir
+    without a head, a head of the wrong width and an empty model.weights are clear errors."""
+    from djc.models.backbones import projection_head
+
+    torch.manual_seed(6)
+    model = {"backbone": "smallconv", "width": 8}
+    pretext = build_encoder(ModelConfig(**model), (8, 8, 1))
+    proj = projection_head(pretext.feat_dim, 12, 5)
+    proj.train()(torch.randn(32, pretext.feat_dim))  # running statistics that are not the initial ones
+    state = {**{f"backbone.{k}": v for k, v in pretext.net.state_dict().items()},
+             **{f"proj.{k}": v for k, v in proj.state_dict().items()}}
+    url = _run_dir(str(tmp_path / "pretext"), model, state)
+    bb = build_encoder(ModelConfig(**model, weights=url, weights_head=True, freeze="all"), (8, 8, 1))
+    assert bb.feat_dim == 5 and freeze.is_frozen(bb.net)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(proj.eval()(pretext.net.eval()(x)), dim=1)
+    torch.testing.assert_close(bb.net.eval()(x), want, rtol=0.0, atol=0.0)
+    assert "with its projection head (16 -> 12 -> 5, normalised)" in bb.notes[-1]
+
+    bare = _run_dir(str(tmp_path / "bare"), model, {k: v for k, v in state.items() if k.startswith("backbone.")})
+    with pytest.raises(weights.WeightsError, match="holds no projection head"):
+        build_encoder(ModelConfig(**model, weights=bare, weights_head=True), (8, 8, 1))
+    with pytest.raises(ValueError, match="model.weights is empty"):
+        ModelConfig(**model, weights_head=True)
+    with pytest.raises(ValueError, match="model.freeze is all or none"):
+        ModelConfig(**model, weights=url, weights_head=True, freeze=1)
+    # A run that clustered on the head is not itself a source: its backbone.* holds backbone and head.
+    onhead = _run_dir(str(tmp_path / "onhead"), {**model, "weights": url, "weights_head": True}, state)
+    with pytest.raises(weights.WeightsError, match="name that pretext run"):
+        build_encoder(ModelConfig(**model, weights=onhead), (8, 8, 1))
+
+
 def test_freeze_n_trains_only_the_last_blocks_and_holds_the_rest_in_eval():
     from djc.methods.base import ClusteringMethod
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from djc.models import freeze, weights, zoo
 from djc.models.norm import globalize_batchnorm
@@ -97,8 +98,30 @@ def build_encoder(model, image_shape: tuple[int, int, int]) -> Backbone:
     `image_shape` (H, W, C), its weights loaded from model.weights, frozen as model.freeze says."""
     bb = build_backbone(model.backbone, image_shape, model.width)
     notes = weights.load_into(bb.net, model.weights, model.backbone, model.weights_key) if model.weights else []
+    if model.weights_head:
+        state, (dim_in, hidden, dim_out) = weights.run_dir_head(model.weights)
+        if dim_in != bb.feat_dim:
+            raise weights.WeightsError(f"model.weights_head: the projection head of {model.weights} takes {dim_in} "
+                                       f"features, model.backbone={model.backbone} gives {bb.feat_dim}")
+        head = projection_head(dim_in, hidden, dim_out)
+        head.load_state_dict(state)
+        bb = Backbone(PretextEncoder(bb.net, head), dim_out)
+        notes.append(f"with its projection head ({dim_in} -> {hidden} -> {dim_out}, normalised): the features")
     freeze.apply(bb.net, model.freeze, model.backbone)
     return Backbone(bb.net, bb.feat_dim, tuple(notes))
+
+
+class PretextEncoder(nn.Module):
+    """A pretext run's backbone followed by its projection head, L2-normalised (model.weights_head): the space its
+    contrastive loss shaped, which holds the classes better than the backbone's own features do (k-means on the
+    shapes benchmark: 0.279 on these against 0.194 on the backbone's; docs/pretrained.md)."""
+
+    def __init__(self, net: nn.Module, head: nn.Module):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head(self.net(x)), dim=1)
 
 
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from djc.confignode import Node
 from djc.models import zoo
@@ -31,6 +31,9 @@ class ModelConfig(Node):
     # The network to take from a checkpoint that holds several (DINO's teacher / student); DINO evaluates the
     # teacher. Also the key of a state dict nested in a dict, when it is not 'state_dict' or 'model'.
     weights_key: str = "teacher"
+    # With model.weights a djc run dir: also take that run's projection head (proj.*), so the features are its
+    # normalised outputs, the space the pretext's contrastive loss shaped, not the backbone's (docs/pretrained.md)
+    weights_head: bool = False
     # What of the backbone trains: none = all of it; all = none of it (with an unaugmented input, its features are
     # then computed once: model.cache_features); N = only its last N blocks (P2OT's release on DINO ViT-B/16: 1)
     freeze: Literal["all", "none"] | int = "none"
@@ -47,6 +50,16 @@ class ModelConfig(Node):
                                  f"torchvision:<name> or timm:<name>")
             zoo.check_name(name)
         return name
+
+    @model_validator(mode="after")
+    def _head_needs_run(self) -> ModelConfig:
+        if self.weights_head and not self.weights:
+            raise ValueError("model.weights_head=true takes the projection head of model.weights, a djc run dir; "
+                             "model.weights is empty")
+        if self.weights_head and self.freeze not in ("all", "none"):
+            raise ValueError(f"model.weights_head=true: model.freeze is all or none (got {self.freeze}): the "
+                             f"blocks of a backbone with a head on top are not counted")
+        return self
 
     @field_validator("freeze")
     @classmethod

@@ -7,7 +7,8 @@ What a URL may hold:
   (a bag of attribute values: rebuilding it calls no code of the file's choosing).
 - a checkpoint around state dicts: DINO's {student, teacher, ...} (model.weights_key picks one: the teacher, as
   DINO evaluates), DINOv2's or timm's {model: ...} / {state_dict: ...}.
-- a djc run dir: the encoder (`backbone.*`) of its latest checkpoint, which must be of the same model.backbone.
+- a djc run dir: the encoder (`backbone.*`) of its latest checkpoint, which must be of the same model.backbone;
+  with model.weights_head also its projection head (`proj.*`, `run_dir_head`).
 Keys are then unwrapped: `module.` (DDP) is dropped; when some keys are under `backbone.` (DINO's multi-crop
 wrapper) those are the backbone and the rest is its projection head; a networks' prefix (DINOv2's `teacher.`) is
 picked by model.weights_key. Then converted to the backbone's layout: timm's own converter for the model's family
@@ -90,8 +91,8 @@ def read_file(url: str) -> Any:
                            f"{type(err).__name__}: {str(err)[:200]}") from None
 
 
-def run_dir_encoder(url: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
-    """(the encoder's tensors, the run's config as plain data, the checkpoint's URL) of a djc run dir."""
+def _run_dir_method(url: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    """(the method's tensors of its latest checkpoint, the run's config as plain data, the checkpoint's URL)."""
     import yaml
 
     fs, path = fsspec.core.url_to_fs(url)
@@ -104,14 +105,40 @@ def run_dir_encoder(url: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         raise WeightsError(f"model.weights {url} is a directory but not a djc run dir with a checkpoint "
                            f"({checkpoint.RAY_RECORD} and config.yaml)") from None
+    if (config.get("model") or {}).get("weights_head"):
+        # Its backbone.* holds the backbone and the head it was handed: name the run that trained them instead.
+        raise WeightsError(f"model.weights {url} clustered on a pretext run's encoder and head "
+                           f"(model.weights_head); name that pretext run, {config['model'].get('weights')}")
     ckpt = f"{url.rstrip('/')}/train/{name}/{checkpoint.CKPT_FILE}"
     with fsspec.open(ckpt, "rb") as f:
         state = checkpoint.load(io.BytesIO(f.read()), name=ckpt)
-    enc = {k.removeprefix("backbone."): v for k, v in state["method"].items() if k.startswith("backbone.")}
+    return state["method"], config, ckpt
+
+
+def _part(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def run_dir_encoder(url: str) -> tuple[dict[str, Tensor], dict[str, Any], str]:
+    """(the encoder's tensors, the run's config as plain data, the checkpoint's URL) of a djc run dir."""
+    state, config, ckpt = _run_dir_method(url)
+    enc = _part(state, "backbone.")
     if not enc:
         raise WeightsError(f"model.weights {url}: its checkpoint {ckpt} holds no encoder (no backbone.* tensors: "
                            f"method {config.get('method', {}).get('name')} has none)")
     return enc, config, ckpt
+
+
+def run_dir_head(url: str) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
+    """The projection head (`proj.*`: Linear-BN-ReLU-Linear) of a djc run dir's latest checkpoint, and its sizes
+    (in, hidden, out): what model.weights_head puts on top of the loaded backbone."""
+    state, config, ckpt = _run_dir_method(url)
+    head = _part(state, "proj.")
+    if "0.weight" not in head or "3.weight" not in head:
+        raise WeightsError(f"model.weights_head: the checkpoint {ckpt} holds no projection head (proj.*): method "
+                           f"{config.get('method', {}).get('name')} has none; DCL, SeCu and StatDEC runs have one")
+    (hidden, dim_in), dim_out = head["0.weight"].shape, head["3.weight"].shape[0]
+    return head, (int(dim_in), int(hidden), int(dim_out))
 
 
 def _tensors(obj: Any) -> bool:
