@@ -234,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--ks", default="10,100,1000,10000", help="scale: the numbers of clusters")
     sc.add_argument("--gpu-k", type=int, default=1000, help="scale: the K whose cluster side is extrapolated to "
                                                             "an H100 / H200 step")
+    sc.add_argument("--gpu-only", action="store_true", help="scale: only the GPU census at --gpu-k (about a minute)")
     sc.add_argument("--dataset", default=None, help="scale: the data set (default: runs/data/imagenet_lt_synthetic/"
                                                     "train, which `djc prepare imagenet-lt-synthetic` writes)")
     da = be.add_argument_group("data", "local disk vs loopback S3 vs cache")

@@ -78,6 +78,13 @@ def test_cli_writes_the_tables(tmp_path, capsys):
         assert line in table, line
     assert "| K | k-means++ seeding s |" in capsys.readouterr().out
     assert cli.main(["bench", "scale", "--dataset", str(tmp_path / "nothing")]) == 2
+    # --gpu-only: the census table alone, one row per method and batch
+    assert cli.main(["bench", "scale", "--dataset", str(data), "--gpu-k", "10", "--methods", "p2ot", "--gpu-only",
+                     "--out", str(tmp_path / "g")]) == 0
+    table = (tmp_path / "g" / "scale.md").read_text()
+    assert table.startswith("one H100 / H200 at K = 10") and "cluster side against K" not in table
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| p2ot")] == \
+        [["| p2ot", "64"], ["| p2ot", "1024"]]
 
 
 def test_the_gpu_table_has_a_row_per_census_batch():

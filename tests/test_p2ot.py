@@ -14,7 +14,8 @@ from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
 from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
-from djc.methods.p2ot import CHECK_EVERY, TINY, CosineHead, partial_ot, rho_schedule, soft_cross_entropy
+from djc.methods.p2ot import (CHECK_EVERY, TINY, CosineHead, partial_ot, partial_ot_batch, rho_schedule,
+                              soft_cross_entropy)
 from tests.gloo import assert_two_workers_equal_one
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
@@ -173,12 +174,31 @@ def test_cosine_head_is_the_releases_cos_classifier():
     assert torch.allclose(head.weight.grad, ref.embedding.parametrizations.weight.original1.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("iters,warm", [(1000, False), (1000, True), (CHECK_EVERY + 3, False)])
+def test_a_batched_solve_gives_each_problem_its_own_solution_exactly(iters, warm):
+    """Two problems in one batched loop (a step's two views): each ends at its own first converged iterate,
+    with its own count, although the loop runs until the slower one has converged. To rounding, not to the bit:
+    a batched product sums in another order than a single one (one problem alone is bitwise: the test above)."""
+    logits, _ = _imbalanced_logits(3.0)
+    duals = partial_ot(logits, rho=0.5).duals if warm else None
+    pair = torch.stack([logits + 0.01, logits.flip(0) * 1.5])  # different problems, different iteration counts
+    got = partial_ot_batch(pair, rho=0.5, iters=iters, warm_start=duals)
+    for j in range(2):
+        plan, b, done = _per_iteration(pair[j], rho=0.5, iters=iters, warm_start=duals)
+        assert got.iters[j] == done
+        torch.testing.assert_close(got.duals[j], b, rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(got.plan[j], plan, rtol=1e-12, atol=1e-300)
+    if iters == 1000:
+        assert got.iters[0] != got.iters[1]
+
+
 def test_batch_only_epoch_solves_each_view_on_the_batch_as_the_release():
     """batch_only_epochs=1: in epoch 0 each view's plan is the release's on the batch alone (no bank), view 2
     warm-started from view 1's column scalings; from epoch 1 the bank, written during epoch 0, is used."""
     cfg = from_dict({"model": {"backbone": "mlp", "width": 16}, "data": {"batch_size": 24},
                      "method": {"name": "p2ot", "num_clusters": 4,
-                                "p2ot": {"head": "cosine", "batch_only_epochs": 1, "bank_batches": 2}}})
+                                "p2ot": {"head": "cosine", "batch_only_epochs": 1, "bank_batches": 2,
+                                         "view_solves": "chained"}}})
     method = build_method(cfg, DataInfo(96, (8, 8, 1), 4)).train()
     g = torch.Generator().manual_seed(1)
     b_rel = None
@@ -209,7 +229,7 @@ N, B, STEPS = 64, 16, 4
 
 
 def _cfg(world: int, release: bool = False):
-    p2ot = {"bank_batches": 2} | ({"head": "cosine", "batch_only_epochs": 1} if release else {})
+    p2ot = {"bank_batches": 2} | ({"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"} if release else {})
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32},
         "method": {"name": "p2ot", "num_clusters": 4, "p2ot": p2ot},

@@ -14,7 +14,8 @@ and an upper bound for its local ones). Per cell (djc/bench/scale_cells.py):
   end of run  the method's heads over N (the encoder's pass over N is shared and reported once), k-means on
               its features, metrics (Hungarian at K x 1000), plots, the export of assignments.parquet
   GPU         at K = --gpu-k: what the cluster side asks of a device at the ImageNet job's global batch (1024),
-              counted op by op (djc/bench/census.py), against a ResNet-50 step on one H100 / H200
+              counted op by op (djc/bench/census.py), against a ResNet-50 step on one H100 / H200; --gpu-only: this
+              table alone
 k-means on pixels (the baseline) has a row of its own per K.
 """
 
@@ -145,6 +146,18 @@ def _run(args: argparse.Namespace, url: str) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     m = read_manifest(url)
     info = DataInfo(m.num_samples, tuple(m.image_shape), m.num_classes)
+    if args.gpu_only:  # the op-by-op census at --gpu-k only: no CPU cell, no image read, about a minute
+        shared = {"device": device_name(torch.device("cpu")), "n": m.num_samples, "classes": m.num_classes,
+                  "batch": args.batch_size, "resnet50_flops_per_image": resnet50_step_flops(), "gpu_k": args.gpu_k}
+        rows: list[dict[str, Any]] = []
+        for name in methods:
+            cfg = C.cell_config(name, args.gpu_k, args.batch_size, args.overrides)
+            rows.append({"method": name, "k": args.gpu_k,
+                         "gpu": {b: C.gpu_census(cfg, info, b) for b in (IMAGENET_BATCH // IMAGENET_GPUS,
+                                                                         IMAGENET_BATCH)}})
+            print(f"[djc bench] {name} K={args.gpu_k}: census", flush=True)
+        print("\n" + _write(out_dir, shared, rows))
+        return 0
     images, labels, index, read_s = load_all(url)
     cfg0 = C.cell_config("secu", 10, args.batch_size, args.overrides)
     views = ViewPair(cfg0, m.mean, m.std, info.image_shape[0])
@@ -156,7 +169,7 @@ def _run(args: argparse.Namespace, url: str) -> int:
               "resnet50_flops_per_image": resnet50_step_flops(), "gpu_k": args.gpu_k}
     print(f"[djc bench] read + decode {m.num_samples} images {read_s:.1f} s, encoder over them {encode_s:.1f} s",
           flush=True)
-    rows: list[dict[str, Any]] = []
+    rows = []
     batch_images = images[: args.batch_size]
     for k in ks:
         km = cfg0.method.kmeans

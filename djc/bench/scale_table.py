@@ -103,9 +103,25 @@ def gpu_table(shared: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+def gpu_note(shared: dict[str, Any]) -> str:
+    img = shared["resnet50_flops_per_image"]
+    return (f"one H100 / H200 at K = {shared['gpu_k']}: the cluster side of the ImageNet job (16 GPUs x "
+            f"64) in one process, counted op by op at the per-GPU batch (64: its local terms right, its gathered "
+            f"ones too small) and at the global one (1024: the gathered terms right, the local ones an upper "
+            f"bound). GPU time = sum of max(FLOPs / rate, bytes / {GPU['bytes'] / 1e12:.1f} TB/s, "
+            f"{KERNEL_MIN_S * 1e6:.0f} us) + syncs x {SYNC_S * 1e6:.0f} us (fp32 {GPU['fp32'] / 1e12:.0f}, "
+            f"fp64 {GPU['fp64'] / 1e12:.0f} TFLOP/s); host dispatch = kernels x {DISPATCH_S * 1e6:.0f} us, which "
+            f"overlaps with the GPU's work unless a sync makes the host wait. ResNet-50 forward + backward at "
+            f"224 px: {img / 1e9:.1f} GFLOP per image (FlopCounterMode), x 2 views (1 for AE-CM) x 64 images "
+            f"per GPU / {GPU['bf16'] / 1e12:.0f} TFLOP/s = {_ms(img * 2 * 64 / GPU['bf16'])} ms (the fastest "
+            f"a step can be: any slower step makes the shares smaller)")
+
+
 def tables(shared: dict[str, Any], rows: list[dict]) -> str:
     ks = sorted({r["k"] for r in rows})
     img = shared["resnet50_flops_per_image"]
+    if rows and all(set(r) == {"method", "k", "gpu"} for r in rows):  # --gpu-only
+        return "\n".join([gpu_note(shared), "", *gpu_table(shared, rows)])
     lines = [f"device: {shared['device']}; N = {shared['n']:,}, {shared['classes']} classes; global batch "
              f"{shared['batch']} in one process; encoder smallconv (32 -> 64 channels) at 16 px", "",
              f"shared by every method: read + decode N images {_s(shared['read_decode_n_s'])} s, the encoder over "
@@ -122,14 +138,5 @@ def tables(shared: dict[str, Any], rows: list[dict]) -> str:
              "", "k-means on pixels (the baseline), N rows of 768 values; timed on 16,384 rows and scaled", "",
              *kmeans_table(rows)]
     if any("gpu" in r for r in rows):
-        lines += ["", f"one H100 / H200 at K = {shared['gpu_k']}: the cluster side of the ImageNet job (16 GPUs x "
-                  f"64) in one process, counted op by op at the per-GPU batch (64: its local terms right, its gathered "
-                  f"ones too small) and at the global one (1024: the gathered terms right, the local ones an upper "
-                  f"bound). GPU time = sum of max(FLOPs / rate, bytes / {GPU['bytes'] / 1e12:.1f} TB/s, "
-                  f"{KERNEL_MIN_S * 1e6:.0f} us) + syncs x {SYNC_S * 1e6:.0f} us (fp32 {GPU['fp32'] / 1e12:.0f}, "
-                  f"fp64 {GPU['fp64'] / 1e12:.0f} TFLOP/s); host dispatch = kernels x {DISPATCH_S * 1e6:.0f} us, which "
-                  f"overlaps with the GPU's work unless a sync makes the host wait. ResNet-50 forward + backward at "
-                  f"224 px: {img / 1e9:.1f} GFLOP per image (FlopCounterMode), x 2 views (1 for AE-CM) x 64 images "
-                  f"per GPU / {GPU['bf16'] / 1e12:.0f} TFLOP/s = {_ms(img * 2 * 64 / GPU['bf16'])} ms (the fastest "
-                  f"a step can be: any slower step makes the shares smaller)", "", *gpu_table(shared, rows)]
+        lines += ["", gpu_note(shared), "", *gpu_table(shared, rows)]
     return "\n".join(lines)

@@ -12,6 +12,8 @@ Loss: soft cross-entropy of each view's logits against the other view's targets 
 the sample's confidence), mean over this worker's samples and the two directions.
 Head: djc's Linear-BN-ReLU-Linear (unbounded logits) or the release's cosine classifier (head=cosine, |logit| <=
 10). The first batch_only_epochs epochs solve on the global batch alone (the release: epoch 0).
+Both views' plans are one batched solve (two problems in one loop), both warm-started from the last step's
+column scalings; view_solves=chained solves them one after the other as the release does.
 Distribution: the bank is replicated and filled from all-gathered logits (equal local batches, as the training
 loop makes them: one gather, no size exchange), so every worker solves the same global problem (no collective
 inside the Sinkhorn loop) and keeps its own rows' targets.
@@ -19,6 +21,7 @@ inside the Sinkhorn loop) and keeps its own rows' targets.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar, Literal, NamedTuple
 
@@ -55,6 +58,10 @@ class P2OTConfig(MethodSettings):
     # Epochs whose plan is solved on the current global batch alone, without the bank (the release: 1, its bank
     # starts at epoch 1); the bank is still written, so it is full when it starts
     batch_only_epochs: int = Field(0, ge=0)
+    # The two views' plans: "batched" = one batched solve, both warm-started from the last step's scalings (djc:
+    # half the launches and host reads); "chained" = one after the other, the second warm-started from the first's
+    # (the release). Both converge to the same plans within sinkhorn_tol; only the starting points differ.
+    view_solves: Literal["batched", "chained"] = "batched"
 
     @model_validator(mode="after")
     def _rho_grows(self) -> P2OTConfig:
@@ -64,50 +71,74 @@ class P2OTConfig(MethodSettings):
 
 
 class OTResult(NamedTuple):
-    plan: Tensor  # (n, K + 1) float64; column K is the virtual cluster; rows sum to 1/n
-    duals: Tensor  # (K + 1,) column scalings b: the warm start of the next solve
-    iters: int
+    plan: Tensor  # (n, K + 1) float64 (a batch: (P, n, K + 1)); column K is the virtual cluster; rows sum to 1/n
+    duals: Tensor  # (K + 1,) column scalings b (a batch: (P, K + 1)): the warm start of the next solve
+    iters: int | list[int]  # scaling iterations until converged (a batch: per problem)
 
 
 def partial_ot(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
                tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
     """Scaling iterations of P2OT's partial OT on (n, K) logits, in float64, until the column scalings change by
-    less than `tol` (relative) or `iters` run out.
+    less than `tol` (relative) or `iters` run out. (P, n, K) logits are P independent problems solved together
+    (partial_ot_batch); (n, K) is one."""
+    if logits.dim() == 2:
+        res = partial_ot_batch(logits.unsqueeze(0), rho, eps, lam, iters, tol, warm_start)
+        return OTResult(res.plan[0], res.duals[0], res.iters[0])
+    return partial_ot_batch(logits, rho, eps, lam, iters, tol, warm_start)
 
-    Convergence is read on the host once per CHECK_EVERY iterations, not once per iteration (a solve takes about 160
-    on average on long-tailed digits; each read waits for the device). The block's scalings are kept, so the
+
+def partial_ot_batch(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
+                     tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
+    """P problems of (n, K) logits, each with its own scalings, in one loop: a step's two views are one batched
+    solve, so each iteration's kernels serve both problems (half the launches and host reads of two solves, for a
+    loop whose cost on a GPU is launches: djc bench scale). Each problem's result is its own first converged
+    iterate, exactly what solving it alone gives; the loop runs until the slowest has converged.
+
+    Convergence is read on the host once per CHECK_EVERY iterations, not once per iteration (a solve takes about
+    160 on average on long-tailed digits; each read waits for the device). The block's scalings are kept, so the
     result is the first converged iterate, exactly as a per-iteration check gives; at most CHECK_EVERY - 1
-    iterations are wasted."""
-    logp = F.log_softmax(logits.double(), dim=1)
-    n, k = logp.shape
-    q = torch.cat([torch.exp(logp / eps), logp.new_ones(n, 1)], dim=1)  # (n, K + 1); exp(-0 / eps) = 1 virtual
+    iterations are wasted. `warm_start`: (K + 1,) for every problem, or (P, K + 1)."""
+    logp = F.log_softmax(logits.double(), dim=2)
+    p, n, k = logp.shape
+    q = torch.cat([torch.exp(logp / eps), logp.new_ones(p, n, 1)], dim=2)  # (P, n, K + 1); exp(-0 / eps) = 1 virtual
+    qt = q.transpose(1, 2)
     row = logp.new_full((1,), 1.0 / n)
     col = torch.cat([logp.new_full((k,), rho / k), logp.new_full((1,), 1.0 - rho)])
     power = lam / (lam + eps)  # 1 / 1.1 = 0.909 at the defaults; -> 1 (balanced) as lam -> inf
     exponent = torch.cat([logp.new_full((k,), power), logp.new_ones(1)])  # the virtual column is not relaxed
-    b = warm_start.to(logp) if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))
+    b = (warm_start.to(logp) if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))).expand(p, k + 1)
     # Iterates of a block, row 0 the one before it: each iteration writes its b into its row (no copy), and the
-    # block's changes are computed together after it: 6 kernels per iteration (two matrix-vector products and
-    # four element-wise ops) instead of 12, for a loop whose cost on a GPU is launches (djc bench scale).
-    its = logp.new_empty(CHECK_EVERY + 1, k + 1)
+    # block's changes are computed together after it: 6 kernels per iteration (two batched matrix-vector products
+    # and four element-wise ops) instead of 12, for a loop whose cost on a GPU is launches (djc bench scale).
+    its = logp.new_empty(CHECK_EVERY + 1, p, k + 1, 1)
+    result: list[Tensor | None] = [None] * p
+    counts = [0] * p
     done = 0
+    b = b.unsqueeze(2)  # (P, K + 1, 1): column vectors for the batched products
     while done < iters:
         m = min(CHECK_EVERY, iters - done)
         its[0] = b
         for i in range(1, m + 1):
-            t = q.T @ torch.div(row, q @ b)
-            torch.pow(torch.div(col, t.clamp_min_(TINY), out=t), exponent, out=its[i])
+            t = qt @ torch.div(row, q @ b)
+            torch.pow(torch.div(col[:, None], t.clamp_min_(TINY), out=t), exponent[:, None], out=its[i])
             b = its[i]
-        new, old = its[1 : m + 1], its[:m]
-        changes = torch.linalg.vector_norm(new - old, dim=1) / torch.linalg.vector_norm(new, dim=1)
-        converged = (changes < tol).tolist()  # the block's one host read
-        if True in converged:
-            first = converged.index(True)
-            b, done = its[1 + first].clone(), done + first + 1
+        new, old = its[1 : m + 1, ..., 0], its[:m, ..., 0]
+        changes = torch.linalg.vector_norm(new - old, dim=2) / torch.linalg.vector_norm(new, dim=2)  # (m, P)
+        converged = (changes < tol).T.tolist()  # the block's one host read
+        for j in range(p):
+            if result[j] is None and True in converged[j]:
+                first = converged[j].index(True)
+                result[j], counts[j] = its[1 + first, j].clone(), done + first + 1
+        done += m
+        if all(r is not None for r in result):
             break
-        b, done = its[m].clone(), done + m
+        b = its[m].clone()
+    for j in range(p):  # not converged within `iters`: the last iterate
+        if result[j] is None:
+            result[j], counts[j] = its[m, j].clone(), done
+    b = torch.stack(result)  # (P, K + 1, 1)
     a = torch.div(row, q @ b)  # last row scaling: every row holds exactly 1/n
-    return OTResult(a.unsqueeze(1) * q * b.unsqueeze(0), b, done)
+    return OTResult(a * q * b.transpose(1, 2), b[..., 0], counts)
 
 
 def rho_schedule(step: int, total: int, rho0: float, rho1: float = 1.0) -> float:
@@ -181,19 +212,29 @@ class P2OT(ClusteringMethod):
             step, written, total = self._counters()
             m, bg = self.bank.shape[0], glob.shape[0]
             rho = rho_schedule(step, total, c.rho0, c.rho1)
-            duals, targets, iters = self.duals, [], 0
+            # Both views' plans in one batched solve (partial_ot_batch), each on the bank with the current global
+            # batch's rows taken from its view, both warm-started from the last step's scalings.
+            views = glob[:, : 2 * k].view(bg, 2, k).transpose(0, 1)  # (2, B_global, K)
             if self._batch_only:  # the release's epoch 0: the plan on this global batch alone, no bank
                 slots, n = torch.arange(bg, device=z.device), bg
-                mem = glob.new_empty(bg, k)
+                mem = views.contiguous()
             else:
                 slots = (written + torch.arange(bg, device=z.device)) % m  # the oldest rows, overwritten in turn
                 n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
-                mem = self.bank.to(torch.float64, copy=True)  # one float64 copy; each view overwrites the same slots
+                mem = self.bank[:n].to(torch.float64).repeat(2, 1, 1)  # (2, n, K): one float64 copy per view
+                mem[:, slots] = views
+            solve = functools.partial(partial_ot_batch, rho=rho, eps=c.eps, lam=c.lam, iters=c.sinkhorn_iters,
+                                      tol=c.sinkhorn_tol)
+            if c.view_solves == "batched":
+                res = solve(mem, warm_start=self.duals)
+                plans, duals, iters = res.plan, res.duals[1], res.iters
+            else:  # the release: view 2's solve starts from view 1's scalings
+                first = solve(mem[:1], warm_start=self.duals)
+                second = solve(mem[1:], warm_start=first.duals[0])
+                plans, duals, iters = torch.cat([first.plan, second.plan]), second.duals[0], first.iters + second.iters
+            targets = []  # the second view's scalings warm-start the next step
             for v in range(2):
-                mem[slots] = glob[:, v * k : (v + 1) * k]
-                res = partial_ot(mem[:n], rho, c.eps, c.lam, c.sinkhorn_iters, c.sinkhorn_tol, warm_start=duals)
-                duals, iters = res.duals, iters + res.iters
-                t = res.plan[slots[offset : offset + b], :k] * n  # (b, K), row mass = confidence in [0, 1]
+                t = plans[v, slots[offset : offset + b], :k] * n  # (b, K), row mass = confidence in [0, 1]
                 if not c.weight_by_mass:
                     t = t / t.sum(1, keepdim=True).clamp_min(1e-12)
                 targets.append(t.to(z.dtype))
@@ -201,7 +242,8 @@ class P2OT(ClusteringMethod):
         loss = 0.5 * (soft_cross_entropy(z1, targets[1]) + soft_cross_entropy(z2, targets[0]))
         # new_full fills on the device; new_tensor would copy a host number in, a stream sync on a GPU
         logs = {"rho": z.new_full((), rho), "mass": 0.5 * (targets[0].sum(1).mean() + targets[1].sum(1).mean()),
-                "sinkhorn_iters": z.new_full((), iters / 2)}
+                "sinkhorn_iters": z.new_full((), sum(iters) / 2),
+                "sinkhorn_loop": z.new_full((), max(iters) if c.view_solves == "batched" else sum(iters))}
         return StepOut(loss, logs, P2OTUpdate(glob[:, k : 2 * k].float(), duals, counts))
 
     @torch.no_grad()
