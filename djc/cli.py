@@ -212,6 +212,15 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--pretext", default=None,
                     help="quality: a pretext job (contrastive, no clustering term); each config also runs on its "
                          "frozen encoder, per data set and seed, as '<method> (pretext)' with k-means on it")
+    be.add_argument("--pretext-head", action="store_true",
+                    help="quality: the configs cluster on the pretext run's normalised projection outputs "
+                         "(model.weights_head), not on its backbone's features")
+    be.add_argument("--stages", default="scratch,pairs",
+                    help="quality: which runs, a comma list of scratch (each config from scratch) and pairs (with "
+                         "--pretext: the pretext run and each config on it)")
+    be.add_argument("--reuse", action="store_true",
+                    help="quality: read a run whose run dir already holds its results from the same config (the "
+                         "bench writes bench.json beside metrics.json) instead of running it again")
     be.add_argument("--seeds", type=int, default=3)
     be.add_argument("--out", default="runs/bench")
     be.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")

@@ -111,3 +111,21 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     cfg = (run / "config.yaml").read_text()
     assert str(out / "tiny" / "digits_lt_pretext-seed0") in cfg and "freeze: all" in cfg
     assert list((run / "features").glob("train-*.pt")) and list((run / "features").glob("test-*.pt"))
+
+    # --reuse --stages pairs --pretext-head: the pretext run (same config, finished) is read back, not rerun; the
+    # pair's config changed (model.weights_head) so it runs; no from-scratch run. Then everything is reused.
+    capsys.readouterr()
+    again = ["bench", "quality", "--config", str(jobs / "digits_lt_p2ot.yaml"), "--pretext",
+             str(jobs / "digits_lt_pretext.yaml"), "--data", f"tiny:data.train={tmp_path}/data/train", "--seeds", "1",
+             "--out", str(out), f"data.eval={{test: {tmp_path}/data/test}}", "optim.epochs=1", "optim.warmup_epochs=0",
+             "model.width=8", "method.kmeans.restarts=1", "--reuse", "--stages", "pairs", "--pretext-head"]
+    pretext_ckpt = sorted((out / "tiny" / "digits_lt_pretext-seed0" / "train").glob("checkpoint_*"))
+    assert cli.main(again) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 1 and "2 runs in" in printed
+    assert sorted((out / "tiny" / "digits_lt_pretext-seed0" / "train").glob("checkpoint_*")) == pretext_ckpt
+    assert "weights_head: true" in (out / "tiny" / "digits_lt_p2ot-on-pretext-head-seed0" / "config.yaml").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in (out / "quality.md").read_text().splitlines()[2:]}
+    assert ("tiny", "train", "p2ot (pretext)") in rows and ("tiny", "train", "p2ot") not in rows
+    assert cli.main(again) == 0
+    assert capsys.readouterr().out.count("reused") == 2

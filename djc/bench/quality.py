@@ -12,21 +12,27 @@ first (a contrastive job with no clustering term, e.g. jobs/digits_lt_pretext.ya
 its frozen encoder (model.weights=<pretext run dir>, model.freeze=all, augment.policy=none: features computed once)
 as "<method> (pretext)", with k-means on the same pretext features ("kmeans-encoder") as the bar it must reach.
 Every row carries its wall time in minutes (a pretext pair: pretext + clustering run), so a from-scratch run can
-be compared with the pair for the same total time.
+be compared with the pair for the same total time. --pretext-head: the configs cluster on the pretext's projection
+outputs (model.weights_head). --stages: only the from-scratch runs or only the pairs. --reuse: a run that finished
+in its run dir from the same config (bench.json: the config's digest and the wall time) is read, not rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import time
 from pathlib import Path
 
+from djc import runfiles
 from djc.config import ConfigError, load_config
 from djc.methods import REGISTRY
 
 KEYS = ("balanced_acc", "acc", "nmi", "tail_acc", "size_entropy")
 TIME = "minutes"  # the wall time column: one run's (a pretext pair: both runs')
+BENCH_FILE = "bench.json"  # beside a run's metrics.json: the digest of its config and its wall time (--reuse)
 # Every registered method's job (djc/methods/__init__.py); each trains on the same long-tailed train split.
 DEFAULT_CONFIGS = [e.job for e in REGISTRY.values() if e.job]
 # name:overrides. lt10 = the configs' own data (ratio 10, 562 images); balanced = all 1,438 train images.
@@ -78,11 +84,18 @@ def main(args: argparse.Namespace) -> int:
     pretext = getattr(args, "pretext", None)
     # (config, data, seed, stage): stage "" = from scratch, "pretext" = the pretext run, "on-pretext" = the config
     # on the pretext run's frozen encoder (after the pretext run of the same data set and seed).
+    stages = set(_list(getattr(args, "stages", "scratch,pairs")))
+    if not stages or stages - {"scratch", "pairs"}:
+        raise ConfigError(f"--stages {getattr(args, 'stages', '')!r}: a comma list of scratch and pairs")
+    if stages == {"pairs"} and not pretext:
+        raise ConfigError("--stages pairs needs --pretext CONFIG")
+    head = ["model.weights_head=true"] if getattr(args, "pretext_head", False) else []
     runs = []
     for d in datasets:
         for s in range(args.seeds):
-            runs += [(c, d, s, "") for c in configs]
-            if pretext:
+            if "scratch" in stages:
+                runs += [(c, d, s, "") for c in configs]
+            if pretext and "pairs" in stages:
                 runs += [(pretext, d, s, "pretext"), *[(c, d, s, "on-pretext") for c in configs]]
     t_start = time.time()
     labels = row_labels(configs)
@@ -92,8 +105,9 @@ def main(args: argparse.Namespace) -> int:
         if stage == "on-pretext":
             pcfg = load_config(pretext, [*args.overrides, *datasets[data]])
             extra = [f"model.weights={_pretext_dir(args.out, data, pretext, seed)}", "model.freeze=all",
-                     "augment.policy=none", f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}"]
-            tag = "-on-pretext"
+                     "augment.policy=none", f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}",
+                     *head]
+            tag = "-on-pretext-head" if head else "-on-pretext"
         cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
@@ -102,9 +116,15 @@ def main(args: argparse.Namespace) -> int:
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
         print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name}{' ' + stage if stage else ''} on {data}, "
               f"seed {seed} -> {run_dir}{eta}", flush=True)
-        t_run = time.time()
-        result = launch.run(cfg, run_dir, echo_config=False)
-        minutes = (time.time() - t_run) / 60
+        done = _done(run_dir, cfg) if getattr(args, "reuse", False) else None
+        if done is not None:  # --reuse: the same config ran to the end in this run dir before
+            result, minutes = done
+            print(f"[djc bench]   reused ({minutes:.1f} min when it ran)", flush=True)
+        else:
+            t_run = time.time()
+            result = launch.run(cfg, run_dir, echo_config=False)
+            minutes = (time.time() - t_run) / 60
+            runfiles.write_json(f"{run_dir}/{BENCH_FILE}", {"config": _digest(cfg), "minutes": minutes})
         if stage == "pretext":
             pretext_minutes[data, seed] = minutes
             continue
@@ -132,6 +152,25 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text(table + "\n")
     return 0
+
+
+def _list(arg: str) -> list[str]:
+    return [a for a in arg.split(",") if a]
+
+
+def _digest(cfg) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _done(run_dir: str, cfg) -> tuple[dict, float] | None:
+    """(metrics.json, minutes) of a run of this very config that finished in run_dir; None otherwise."""
+    try:
+        info = runfiles.read_json(f"{run_dir}/{BENCH_FILE}")
+        if info.get("config") != _digest(cfg):
+            return None
+        return runfiles.read_json(f"{run_dir}/metrics.json"), float(info["minutes"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _pretext_dir(out: str, data: str, pretext: str, seed: int) -> str:
