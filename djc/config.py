@@ -88,6 +88,11 @@ class AugmentConfig(Node):
     # above shape it); crop_flip = random resized crop and flip only (P2OT's release on DINO ViT-B/16); none = the
     # plain view twice: nothing augments the backbone's input, so with model.freeze=all its features are computed once
     policy: Literal["secu", "crop_flip", "none"] = "secu"
+    # With features computed once (model.freeze=all, policy none): the second view of a sample is one of its
+    # `neighbors` nearest neighbours in the frozen feature space (cosine), drawn anew each step, instead of the sample
+    # itself. SCAN's mined neighbours: cached features have no augmentation, and a neighbour is the view that
+    # teaches invariance (docs/pretrained.md). 0 = the sample itself.
+    neighbors: int = Field(0, ge=0)
 
 
 class KMeansConfig(Node):

@@ -22,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from djc import dist, runfiles
@@ -147,7 +149,33 @@ def prepare(cfg: Config, method: ClusteringMethod, views, device: torch.device, 
             log(f"[djc] features of {name} read from {path}")
         tables[url] = table
     dist.barrier()
-    return FeatureViews(tables, cfg.data.train)
+    return FeatureViews(tables, cfg.data.train, cfg.augment.neighbors, cfg.seed)
+
+
+NEIGHBOR_BLOCK = 4096  # rows per block of the N x N similarities (4096 x N x 4 B: 1.9 GB at ImageNet-LT's N)
+
+
+@torch.no_grad()
+def nearest_neighbors(features: Tensor, k: int) -> Tensor:
+    """(N, k) the k nearest other rows of each row by cosine similarity, most similar first, in blocks of rows
+    (no N x N matrix). Every worker computes the same table from the same features."""
+    f = F.normalize(features.float(), dim=1)
+    out = []
+    for s in range(0, f.shape[0], NEIGHBOR_BLOCK):
+        sim = f[s : s + NEIGHBOR_BLOCK] @ f.T  # (b, N)
+        rows = torch.arange(s, min(s + NEIGHBOR_BLOCK, f.shape[0]), device=f.device)
+        sim[rows - s, rows] = -math.inf  # not itself
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def pick(index: Tensor, step: int, seed: int, k: int) -> Tensor:
+    """Which of its k neighbours each sample's second view is at `step`: a hash of (seed, step, index), so it is
+    the same whatever worker or batch position the sample has (the equivalence of 1 and 2 workers)."""
+    prime = 4294967291  # the largest below 2^32: every product below stays inside int64
+    salt = ((step * 40503 + seed * 9973 + 1) * 2246822519) % prime
+    h = (index.long() * 2654435761 + salt) % prime
+    return (h ^ (h >> 13)) % k
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,8 +186,10 @@ class FeatureViews:
     """Stands where djc/data/augment.py's ViewPair stands when features are cached: a step's two inputs are the
     table's rows of its batch, and a split's evaluation batches come from its table (`local_slice`)."""
 
-    def __init__(self, tables: dict[str, Table], train_url: str):
-        self.tables, self.train = tables, tables[train_url]
+    def __init__(self, tables: dict[str, Table], train_url: str, neighbors: int = 0, seed: int = 0):
+        self.tables, self.train, self.seed = tables, tables[train_url], seed
+        # augment.neighbors: each sample's nearest neighbours among the training rows, by dataset index
+        self.neighbors = nearest_neighbors(self.train.features, neighbors) if neighbors else None
 
     def order(self) -> np.ndarray:
         """The training set's dataset index of each row, in the shards' order: what the stream maps rows with."""
@@ -167,8 +197,12 @@ class FeatureViews:
 
     def for_batch(self, method: ClusteringMethod, batch: dict[str, Any], device: torch.device, step: int,
                   rank: int) -> tuple[Tensor, Tensor]:
-        x = self.train.features[batch["index"].to(device, non_blocking=True)].float()  # (B, D)
-        return x, x
+        index = batch["index"].to(device, non_blocking=True)
+        x = self.train.features[index].float()  # (B, D)
+        if self.neighbors is None:
+            return x, x
+        nbr = self.neighbors[index, pick(index, step, self.seed, self.neighbors.shape[1])]
+        return x, self.train.features[nbr].float()
 
     def eval(self, x: Tensor) -> Tensor:
         return x  # batches from `local_slice` already hold the features

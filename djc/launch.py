@@ -145,6 +145,13 @@ def check_model(cfg: Config, m) -> None:
     if features.applies(cfg, REGISTRY[cfg.method.name].cls.takes_augmented(cfg.method.selected())) and cfg.data.on_corrupt == "skip":
         raise ConfigError("data.on_corrupt=skip: a frozen backbone's features are computed once for every image "
                           "(model.freeze=all); set model.cache_features=false to skip undecodable images instead")
+    if cfg.augment.neighbors and not features.applies(cfg, REGISTRY[cfg.method.name].cls.takes_augmented(
+            cfg.method.selected())):
+        raise ConfigError(f"augment.neighbors={cfg.augment.neighbors} draws a sample's second view among its neighbours "
+                          f"in features computed once: it needs model.freeze=all, augment.policy=none and "
+                          f"model.cache_features=true")
+    if cfg.augment.neighbors >= m.num_samples:
+        raise ConfigError(f"augment.neighbors={cfg.augment.neighbors}: the training set has {m.num_samples} samples")
     if not (model.weights or zoo.library(model.backbone) or model.freeze not in ("all", "none")):
         return
     if cfg.method.name == "aecm" and not model.weights:

@@ -177,6 +177,12 @@ def test_checks_that_need_the_data_happen_before_ray(tmp_path, capsys):
     assert "method.num_clusters=200 x method.statdec.init_over=3 = 600 initial centers is more than the " \
            "dataset's 562 samples" in _error_line(err)
     assert not (tmp_path / "r").exists()  # refused before the run dir was touched
+    # neighbour views need features computed once; augmented views recompute them each step
+    code, _, err = _djc(capsys, "train", JOB, "--out", str(tmp_path / "r"), f"data.train={tmp_path}/ds",
+                        "data.eval={}", "data.source=", "augment.neighbors=5")
+    assert code == 2 and "augment.neighbors=5 draws a sample's second view among its neighbours in features " \
+                          "computed once: it needs model.freeze=all, augment.policy=none" in _error_line(err)
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,3 +132,37 @@ def test_a_run_on_cached_features_ends_where_the_run_recomputing_them_does(metho
     for k, v in recomputed.items():  # every parameter and buffer, to the bit
         if not k.startswith("forwards"):
             np.testing.assert_array_equal(cached[k], v, err_msg=k)
+
+
+def test_neighbor_views_are_mined_once_and_drawn_per_sample_and_step(digits, encoder_weights, tmp_path,
+                                                                     monkeypatch):
+    """augment.neighbors: the k nearest rows of the cached table (computed in blocks: the same as one N x N
+    ranking), and a sample's second view one of them, picked from (seed, step, index) alone: the same whether the
+    sample's batch is whole or split over workers. A run with them trains on other pairs than one without."""
+    f = torch.randn(50, 6)
+    sim = torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(f, dim=1).T
+    want = sim.fill_diagonal_(-2.0).topk(4, dim=1).indices
+    monkeypatch.setattr(features, "NEIGHBOR_BLOCK", 7)  # blocks of 7 rows, the last one short
+    assert torch.equal(features.nearest_neighbors(f, 4), want)
+
+    tree = _tree(digits, encoder_weights, "secu")
+    tree["augment"]["neighbors"] = 5
+    cfg = from_dict(tree)
+    manifest = read_manifest(cfg.data.train)
+    method = to_device(build_method(cfg, data_info(manifest)), cfg, CPU)
+    views, _ = make_inputs(cfg, method, manifest, CPU, str(tmp_path / "n"))
+    table, nbr = views.train.features, views.neighbors
+    assert nbr.shape == (562, 5) and not (nbr == torch.arange(562)[:, None]).any()
+    index = torch.randperm(562)[:64]
+    x1, x2 = views.for_batch(method, {"index": index}, CPU, 3, 0)
+    assert torch.equal(x1, table[index].float())
+    picked = features.pick(index, 3, cfg.seed, 5)
+    assert torch.equal(x2, table[nbr[index, picked]].float())
+    halves = [views.for_batch(method, {"index": part}, CPU, 3, r)[1] for r, part in enumerate(index.chunk(2))]
+    assert torch.equal(torch.cat(halves), x2)  # per sample, not per batch position or worker
+    assert not torch.equal(features.pick(index, 4, cfg.seed, 5), picked)  # a new draw each step
+
+    with_nbr = train_run(0, 1, tree, str(tmp_path / "a"))
+    without = train_run(0, 1, _tree(digits, encoder_weights, "secu"), str(tmp_path / "b"))
+    assert with_nbr["forwards"] == 2  # still computed once
+    assert not np.array_equal(with_nbr["heads.0.weight"], without["heads.0.weight"])
