@@ -129,3 +129,15 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     assert ("tiny", "train", "p2ot (pretext)") in rows and ("tiny", "train", "p2ot") not in rows
     assert cli.main(again) == 0
     assert capsys.readouterr().out.count("reused") == 2
+
+
+def test_reuse_compares_what_a_config_changes_from_the_defaults():
+    """bench quality --reuse: a config's digest is over what differs from djc's defaults, so a run from before a
+    key was added (at its default) is still the same run, and any change of a value is not."""
+    from djc.bench.quality import _changed, _digest
+    from djc.config import load_config
+
+    assert _changed({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 2, "d": 4}, "e": 5}) == {"b": {"d": 3}}
+    cfg = load_config(JOB, [])
+    assert _digest(cfg) == _digest(load_config(JOB, [f"augment.neighbors={cfg.augment.neighbors}"]))
+    assert _digest(cfg) != _digest(load_config(JOB, ["augment.neighbors=3"]))

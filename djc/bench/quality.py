@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from djc import runfiles
 from djc.config import ConfigError, load_config
@@ -158,8 +159,20 @@ def _list(arg: str) -> list[str]:
     return [a for a in arg.split(",") if a]
 
 
+def _changed(value: Any, default: Any) -> Any:
+    """The parts of a config dump that differ from the defaults' (a key added to djc later, at its default, is not
+    a change: a run from before it is still the same run)."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _changed(v, default.get(k)) for k, v in value.items() if k not in default or v != default[k]}
+        return {k: v for k, v in out.items() if v != {}}
+    return value
+
+
 def _digest(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    from djc.config import Config
+
+    changed = _changed(cfg.model_dump(mode="json"), Config().model_dump(mode="json"))
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()
 
 
 def _done(run_dir: str, cfg) -> tuple[dict, float] | None:
