@@ -1,18 +1,21 @@
 """The label-free model-selection score that `djc tune` ranks trials by, computed every epoch on
 `eval.select_split` (ideally a held-out `val` entry of data.eval) and reduced over workers.
 
-    select_score = S x A x K_used / K
+    select_score = S x K_used / K
 
 - S, stability: NMI between the clusters of the split's plain view and of one augmented view of it (the
   training views' first, each sample's drawn from the run's seed and its index, so the same every epoch and
   whatever the number of workers). Clusters that follow what the augmentations leave alone, not pixels.
-- A, agreement: NMI between the clusters and k-means (K_used clusters) on the same features, on a fixed sample
-  of at most SAMPLE rows. Clusters that are the natural groups of the method's own representation. When the
-  sample is too small for K_used clusters (K_used > SAMPLE / 5, e.g. K = 1000) A is left out (taken as 1).
 - K_used / K: clusters left empty on the split are a share of the clustering lost; collapse to one cluster
-  scores 0 (both NMIs of a one-cluster labelling are 0 here).
+  scores 0 (the NMI of a one-cluster labelling is 0 here).
+- A, agreement (logged, no longer a factor): NMI between the clusters and k-means (K_used clusters) on the same
+  features, on a fixed sample of at most SAMPLE rows; left out when the sample is too small for K_used
+  clusters (K_used > SAMPLE / 5, e.g. K = 1000). It was a factor until 2026-12: it rewards clusters that k-means
+  would find, and penalises what imbalance-aware methods do on purpose (SeCu's merge keeps tail classes by
+  departing from k-means on its features), so it ranked the SeCu trial a search should keep below a worse one
+  (docs/cluster.md, "The acceptance measurement").
 
-Both NMIs are invariant to the scale of the features, which temperatures and loss weights change from trial to
+NMIs are invariant to the scale of the features, which temperatures and loss weights change from trial to
 trial: the variance ratio R = between / total scatter that was the score before (`select_r_used` = R x K_used /
 K, logged with the Calinski-Harabasz CH) ranked SeCu's trials at rho 0.72 and P2OT's negatively
 (`djc bench selection`, docs/cluster.md). Also logged: the silhouette on the sample (cosine), the stability's
@@ -118,7 +121,7 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "r_used x stability_ari": lambda m: m["select_r_used"] * max(m["select_stability_ari"], 0.0),
     "silhouette x stability_ari": lambda m: max(m["select_silhouette"], 0.0) * max(m["select_stability_ari"], 0.0),
 }
-SCORE = "stability_nmi x kmeans_nmi x used"
+SCORE = "stability_nmi x used"
 
 
 def score(m: dict[str, float]) -> float:
