@@ -20,7 +20,8 @@ from djc.step import train_step
 k = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 info = DataInfo(115846, (16, 16, 3), 1000)
 batch = 64
-print("| views | view_solves | kernels / step | host reads | sinkhorn loop iterations | device ms (est.) | host dispatch ms |")
+print("| views | view_solves | kernels / step | host reads | sinkhorn loop iterations | device ms (est.) | "
+      "host dispatch ms |")
 print("|---|---|---|---|---|---|---|")
 for same in (False, True):
     for solves in ("chained", "batched"):
@@ -44,4 +45,5 @@ for same in (False, True):
             cluster()
         cen = census(cluster)
         print(f"| {'one batch twice' if same else 'two batches'} | {solves} | {cen.ops:,} | {cen.syncs} | "
-              f"{float(logs['sinkhorn_loop']):.0f} | {cen.device_seconds() * 1e3:.1f} | {cen.host_seconds() * 1e3:.1f} |")
+              f"{float(logs['sinkhorn_loop']):.0f} | {cen.device_seconds() * 1e3:.1f} | "
+              f"{cen.host_seconds() * 1e3:.1f} |")

@@ -74,8 +74,8 @@ def _weights_id(cfg: Config) -> Any:
 def cache_key(cfg: Config, manifest_json: str, side: int, mean, std, dtype: torch.dtype) -> str:
     m = cfg.model
     spec = {"data": hashlib.sha256(manifest_json.encode()).hexdigest(), "backbone": m.backbone, "width": m.width,
-            "weights": _weights_id(cfg), "key": m.weights_key, "head": m.weights_head, "side": side, "mean": [round(float(v), 6) for v in mean],
-            "std": [round(float(v), 6) for v in std], "dtype": str(dtype)}
+            "weights": _weights_id(cfg), "key": m.weights_key, "head": m.weights_head, "side": side,
+            "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std], "dtype": str(dtype)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

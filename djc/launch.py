@@ -147,8 +147,8 @@ def check_model(cfg: Config, m) -> None:
                           "(model.freeze=all); set model.cache_features=false to skip undecodable images instead")
     if cfg.augment.neighbors and not features.applies(cfg, REGISTRY[cfg.method.name].cls.takes_augmented(
             cfg.method.selected())):
-        raise ConfigError(f"augment.neighbors={cfg.augment.neighbors} draws a sample's second view among its neighbours "
-                          f"in features computed once: it needs model.freeze=all, augment.policy=none and "
+        raise ConfigError(f"augment.neighbors={cfg.augment.neighbors} draws a sample's second view among its "
+                          f"neighbours in features computed once: it needs model.freeze=all, augment.policy=none and "
                           f"model.cache_features=true")
     if cfg.augment.neighbors >= m.num_samples:
         raise ConfigError(f"augment.neighbors={cfg.augment.neighbors}: the training set has {m.num_samples} samples")

@@ -229,7 +229,8 @@ N, B, STEPS = 64, 16, 4
 
 
 def _cfg(world: int, release: bool = False):
-    p2ot = {"bank_batches": 2} | ({"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"} if release else {})
+    release_p2ot = {"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"}
+    p2ot = {"bank_batches": 2} | (release_p2ot if release else {})
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32},
         "method": {"name": "p2ot", "num_clusters": 4, "p2ot": p2ot},

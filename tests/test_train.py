@@ -125,7 +125,8 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     assert printed.count("reused") == 1 and "2 runs in" in printed
     assert sorted((out / "tiny" / "digits_lt_pretext-seed0" / "train").glob("checkpoint_*")) == pretext_ckpt
     assert "weights_head: true" in (out / "tiny" / "digits_lt_p2ot-on-pretext-head-seed0" / "config.yaml").read_text()
-    rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in (out / "quality.md").read_text().splitlines()[2:]}
+    table = (out / "quality.md").read_text().splitlines()[2:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in table}
     assert ("tiny", "train", "p2ot (pretext)") in rows and ("tiny", "train", "p2ot") not in rows
     assert cli.main(again) == 0
     assert capsys.readouterr().out.count("reused") == 2

@@ -119,7 +119,6 @@ def gpu_note(shared: dict[str, Any]) -> str:
 
 def tables(shared: dict[str, Any], rows: list[dict]) -> str:
     ks = sorted({r["k"] for r in rows})
-    img = shared["resnet50_flops_per_image"]
     if rows and all(set(r) == {"method", "k", "gpu"} for r in rows):  # --gpu-only
         return "\n".join([gpu_note(shared), "", *gpu_table(shared, rows)])
     lines = [f"device: {shared['device']}; N = {shared['n']:,}, {shared['classes']} classes; global batch "
