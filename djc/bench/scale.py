@@ -148,7 +148,8 @@ def _run(args: argparse.Namespace, url: str) -> int:
     info = DataInfo(m.num_samples, tuple(m.image_shape), m.num_classes)
     if args.gpu_only:  # the op-by-op census at --gpu-k only: no CPU cell, no image read, about a minute
         shared = {"device": device_name(torch.device("cpu")), "n": m.num_samples, "classes": m.num_classes,
-                  "batch": args.batch_size, "resnet50_flops_per_image": resnet50_step_flops(), "gpu_k": args.gpu_k}
+                  "batch": args.batch_size, "resnet50_flops_per_image": resnet50_step_flops(), "gpu_k": args.gpu_k,
+                  "gpu_only": True}
         rows: list[dict[str, Any]] = []
         for name in methods:
             cfg = C.cell_config(name, args.gpu_k, args.batch_size, args.overrides)

@@ -119,7 +119,7 @@ def gpu_note(shared: dict[str, Any]) -> str:
 
 def tables(shared: dict[str, Any], rows: list[dict]) -> str:
     ks = sorted({r["k"] for r in rows})
-    if rows and all(set(r) == {"method", "k", "gpu"} for r in rows):  # --gpu-only
+    if shared.get("gpu_only"):  # djc bench scale --gpu-only: the census table alone
         return "\n".join([gpu_note(shared), "", *gpu_table(shared, rows)])
     lines = [f"device: {shared['device']}; N = {shared['n']:,}, {shared['classes']} classes; global batch "
              f"{shared['batch']} in one process; encoder smallconv (32 -> 64 channels) at 16 px", "",

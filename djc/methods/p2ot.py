@@ -79,12 +79,9 @@ class OTResult(NamedTuple):
 def partial_ot(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
                tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
     """Scaling iterations of P2OT's partial OT on (n, K) logits, in float64, until the column scalings change by
-    less than `tol` (relative) or `iters` run out. (P, n, K) logits are P independent problems solved together
-    (partial_ot_batch); (n, K) is one."""
-    if logits.dim() == 2:
-        res = partial_ot_batch(logits.unsqueeze(0), rho, eps, lam, iters, tol, warm_start)
-        return OTResult(res.plan[0], res.duals[0], res.iters[0])
-    return partial_ot_batch(logits, rho, eps, lam, iters, tol, warm_start)
+    less than `tol` (relative) or `iters` run out: partial_ot_batch on a batch of one."""
+    res = partial_ot_batch(logits.unsqueeze(0), rho, eps, lam, iters, tol, warm_start)
+    return OTResult(res.plan[0], res.duals[0], res.iters[0])
 
 
 def partial_ot_batch(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
