@@ -215,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--pretext-head", action="store_true",
                     help="quality: the configs cluster on the pretext run's normalised projection outputs "
                          "(model.weights_head), not on its backbone's features")
+    be.add_argument("--pair-views", default="cached", choices=["cached", "augmented"],
+                    help="quality: cached (default) = the pairs see the plain images, so the frozen encoder's "
+                         "features are computed once; augmented = each config's own views through the frozen "
+                         "encoder every step (P2OT's release recipe: an invariance signal for the head)")
     be.add_argument("--stages", default="scratch,pairs",
                     help="quality: which runs, a comma list of scratch (each config from scratch) and pairs (with "
                          "--pretext: the pretext run and each config on it)")

@@ -131,6 +131,14 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     assert cli.main(again) == 0
     assert capsys.readouterr().out.count("reused") == 2
 
+    # --pair-views augmented: the pair keeps the config's own views, so the frozen encoder runs on augmented
+    # images every step and nothing is cached; a run dir of its own, the pretext read back again.
+    assert cli.main([*again, "--pair-views", "augmented"]) == 0
+    assert capsys.readouterr().out.count("reused") == 1
+    run = out / "tiny" / "digits_lt_p2ot-on-pretext-head-aug-seed0"
+    assert "policy: none" not in (run / "config.yaml").read_text() and (run / "metrics.json").is_file()
+    assert not list(run.glob("features/train-*.pt"))
+
 
 def test_reuse_compares_what_a_config_changes_from_the_defaults():
     """bench quality --reuse: a config's digest is over what differs from djc's defaults, so a run from before a

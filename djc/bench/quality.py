@@ -13,8 +13,10 @@ its frozen encoder (model.weights=<pretext run dir>, model.freeze=all, augment.p
 as "<method> (pretext)", with k-means on the same pretext features ("kmeans-encoder") as the bar it must reach.
 Every row carries its wall time in minutes (a pretext pair: pretext + clustering run), so a from-scratch run can
 be compared with the pair for the same total time. --pretext-head: the configs cluster on the pretext's projection
-outputs (model.weights_head). --stages: only the from-scratch runs or only the pairs. --reuse: a run that finished
-in its run dir from the same config (bench.json: the config's digest and the wall time) is read, not rerun.
+outputs (model.weights_head). --pair-views augmented: the configs keep their own views, so the frozen encoder runs
+on augmented images every step (P2OT's release recipe) instead of once. --stages: only the from-scratch runs or
+only the pairs. --reuse: a run that finished in its run dir from the same config (bench.json: the config's digest
+and the wall time) is read, not rerun.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def main(args: argparse.Namespace) -> int:
     if stages == {"pairs"} and not pretext:
         raise ConfigError("--stages pairs needs --pretext CONFIG")
     head = ["model.weights_head=true"] if getattr(args, "pretext_head", False) else []
+    views = getattr(args, "pair_views", "cached")
+    if views not in ("cached", "augmented"):
+        raise ConfigError(f"--pair-views {views!r}: cached or augmented")
     runs = []
     for d in datasets:
         for s in range(args.seeds):
@@ -106,9 +111,10 @@ def main(args: argparse.Namespace) -> int:
         if stage == "on-pretext":
             pcfg = load_config(pretext, [*args.overrides, *datasets[data]])
             extra = [f"model.weights={_pretext_dir(args.out, data, pretext, seed)}", "model.freeze=all",
-                     "augment.policy=none", f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}",
-                     *head]
-            tag = "-on-pretext-head" if head else "-on-pretext"
+                     f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}", *head]
+            if views == "cached":  # no augmentation on the frozen encoder's input: its features computed once
+                extra.append("augment.policy=none")
+            tag = ("-on-pretext-head" if head else "-on-pretext") + ("-aug" if views == "augmented" else "")
         cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
