@@ -19,7 +19,8 @@ NMIs are invariant to the scale of the features, which temperatures and loss wei
 trial: the variance ratio R = between / total scatter that was the score before (`select_r_used` = R x K_used /
 K, logged with the Calinski-Harabasz CH) ranked SeCu's trials at rho 0.72 and P2OT's negatively
 (`djc bench selection`, docs/cluster.md). Also logged: the silhouette on the sample (cosine), the stability's
-ARI, the normalised entropy of the cluster sizes, K_used. `CANDIDATES` are the scores that were measured.
+ARI, its per-cluster Jaccard averaged over the K clusters (tail clusters count as much as head ones), the
+normalised entropy of the cluster sizes, K_used. `CANDIDATES` are the scores that were measured.
 
 z are `Prediction.features`, the clusters its evaluated head (column 0). When the split is labelled,
 `select_acc`, `select_balanced_acc` and `select_nmi` (Hungarian-matched) are logged too, for `--metric acc` and
@@ -96,6 +97,27 @@ def size_entropy(counts: np.ndarray, k: int) -> float:
     return float(-(p * np.log(p)).sum() / math.log(k)) if k > 1 else 0.0
 
 
+def stability_jaccard(c: np.ndarray, cv: np.ndarray, k: int) -> float:
+    """Mean over all K clusters of the Jaccard index between cluster k on the plain view and cluster k on the
+    augmented one: |A_k & B_k| / |A_k | B_k|, 0 for a cluster empty on both. A macro average, so a tail cluster
+    that keeps its members counts as much as a head cluster does (the NMI is dominated by the big clusters),
+    and unused clusters count 0 (the K_used / K factor of select_score comes with it)."""
+    both = np.bincount(c[c == cv], minlength=k).astype(float)
+    union = np.bincount(c, minlength=k) + np.bincount(cv, minlength=k) - both
+    return float(np.divide(both, union, out=np.zeros(k), where=union > 0).sum() / k) if k else 0.0
+
+
+def consensus(labelings: list[np.ndarray]) -> list[float]:
+    """Each clustering's mean NMI with the others of the same samples (rows in the same order): agreement with
+    the ensemble of runs, a score of one run that needs the other runs of a search. NaN with fewer than 2."""
+    n = len(labelings)
+    pair = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            pair[i, j] = pair[j, i] = normalized_mutual_info_score(labelings[i], labelings[j])
+    return [float((pair[i].sum() - 1.0) / (n - 1)) if n > 1 else math.nan for i in range(n)]
+
+
 def _or_one(x: float) -> float:
     """A factor that could not be computed (k-means on a sample too small for K_used) leaves the product as is."""
     return 1.0 if math.isnan(x) else x
@@ -120,6 +142,12 @@ CANDIDATES: dict[str, Callable[[dict[str, float]], float]] = {
     "r_used x stability_nmi": lambda m: m["select_r_used"] * m["select_stability_nmi"],
     "r_used x stability_ari": lambda m: m["select_r_used"] * max(m["select_stability_ari"], 0.0),
     "silhouette x stability_ari": lambda m: max(m["select_silhouette"], 0.0) * max(m["select_stability_ari"], 0.0),
+    "stability_jaccard": lambda m: m.get("select_stability_jaccard", math.nan),
+    # consensus: set by `djc bench selection` from the runs it compares (not known to a run on its own)
+    "consensus_nmi": lambda m: m.get("select_consensus_nmi", math.nan),
+    "consensus_nmi x stability_nmi x used": lambda m: (m.get("select_consensus_nmi", math.nan)
+                                                       * m["select_stability_nmi"]
+                                                       * m["select_clusters_used"] / m["select_k"]),
 }
 SCORE = "stability_nmi x used"
 
@@ -183,6 +211,7 @@ def selection_metrics(method: ClusteringMethod, url: str, views, device, num_clu
            # scikit-learn scores two one-cluster labelings 1 ("identical"); collapse is no agreement here
            "select_stability_ari": float(adjusted_rand_score(c, cv)) if k_used > 1 else 0.0,
            "select_stability_nmi": float(normalized_mutual_info_score(c, cv)) if k_used > 1 else 0.0,
+           "select_stability_jaccard": stability_jaccard(c, cv, K) if k_used > 1 else 0.0,
            "select_size_entropy": size_entropy(np.bincount(c, minlength=K), K) if n else 0.0,
            "select_kmeans_nmi": kmeans_nmi}
     out["select_score"] = score(out)

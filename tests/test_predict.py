@@ -106,3 +106,26 @@ def test_predict_refuses_bad_input_in_one_line(run_dir, tmp_path, capsys):
     assert cli.main(["prepare", "folder", "--root", str(rgb), "--out", str(tmp_path / "rgb_ds")]) == 0
     assert cli.main(["predict", str(run_dir), "--data", str(tmp_path / "rgb_ds"), "--out", str(tmp_path / "o")]) == 2
     assert "has 3-channel images, the run was trained on 1-channel ones" in capsys.readouterr().err
+
+
+def test_bench_selection_measures_each_run_once_and_counts_a_rerun_once(run_dir, tmp_path, capsys):
+    """`djc bench selection` over the run and a copy of it (the same config and seed trained twice): both are
+    measured and kept in the cache, the copy is left out of the correlation, and --cached measures nothing."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "a")
+    shutil.copytree(run_dir, runs / "b")
+    out = tmp_path / "sel"
+    assert cli.main(["bench", "selection", "--runs", str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": balanced ACC test") == 2
+    assert f"left out, the same clusters as an earlier run: {runs / 'b'}" in printed
+    rows = [json.loads(ln) for ln in (out / "selection_runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["role"] for r in rows} == {"select", "train"}  # 2 runs x (test, train)
+    assert all(0.0 < r["select_stability_jaccard"] <= 1.0 for r in rows)
+    a = next(r for r in rows if r["run"] == str(runs / "a") and r["role"] == "train")
+    assert a["select_balanced_acc"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["balanced_acc"])
+    assert "| secu | 1 |" in (out / "selection.md").read_text()
+    assert cli.main(["bench", "selection", "--runs", str(runs), "--out", str(out), "--cached"]) == 0
+    assert ": balanced ACC test" not in capsys.readouterr().out  # read back, not measured again

@@ -126,4 +126,35 @@ def test_a_collapsed_clustering_scores_zero_and_a_clean_one_near_one(tmp_path):
     assert clean["select_balanced_acc"] == 1.0 and clean["select_stability_nmi"] == pytest.approx(1.0)
     assert clean["select_kmeans_nmi"] == pytest.approx(1.0) and clean["select_score"] > 0.95
     assert collapsed["select_score"] == 0.0 and collapsed["select_stability_nmi"] == 0.0
+    assert clean["select_stability_jaccard"] == pytest.approx(1.0) and collapsed["select_stability_jaccard"] == 0.0
     assert clean["select_score"] == CANDIDATES[SCORE](clean)
+
+
+def test_stability_jaccard_weighs_a_tail_cluster_as_much_as_a_head_one():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from djc.selection import stability_jaccard
+
+    head, tail = np.zeros(900, int), np.ones(20, int)
+    plain = np.r_[head, tail, np.full(80, 2)]
+    lost_tail = plain.copy()
+    lost_tail[900:920] = 0  # the augmented view puts the 20-sample tail cluster into the head
+    assert stability_jaccard(plain, plain, 4) == pytest.approx(3 / 4)  # cluster 3 unused: it counts 0
+    # Losing the tail costs the macro average a third of its value, the NMI much less (by mass, it is 2%)
+    assert stability_jaccard(plain, lost_tail, 3) == pytest.approx((900 / 920 + 0 + 1) / 3)
+    assert normalized_mutual_info_score(plain, lost_tail) > 0.8
+
+
+def test_consensus_is_the_mean_nmi_with_the_other_runs():
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    from djc.selection import consensus
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, 500)
+    noisy = np.where(rng.random(500) < 0.3, rng.integers(0, 5, 500), truth)
+    runs = [truth, truth.copy(), noisy, rng.integers(0, 5, 500)]
+    c = consensus(runs)
+    assert c[0] == pytest.approx((1.0 + nmi(truth, noisy) + nmi(truth, runs[3])) / 3)
+    assert c[0] == c[1] > c[2] > c[3]  # agreeing with the ensemble ranks first, the random labelling last
+    assert np.isnan(consensus([truth])[0])

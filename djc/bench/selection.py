@@ -6,6 +6,8 @@ djc/selection.py's `selection_metrics` is computed in this process on the run's 
 data.eval split when it names none), with that split's labels giving balanced ACC. Then, per method, the
 Spearman rank correlation of every candidate score in selection.CANDIDATES with balanced ACC on the same split,
 over the method's runs, for the selection split and for the (long-tailed) train split. A tuner needs rho near 1 among the runs it compares.
+One candidate needs the other runs: consensus, each run's mean NMI with the other runs of its method on the same
+split (read from their assignments.parquet), the agreement with the ensemble a search's trials form.
 
 The measurements are kept in OUT/selection_runs.jsonl (one line per run dir), so adding a candidate that is a
 formula of the logged quantities costs no new measurement (`--cached`).
@@ -53,9 +55,59 @@ def measure(run_dir: Path) -> list[dict[str, Any]]:
     cfg = run.cfg
     select = cfg.eval.select_split or next(iter(cfg.data.eval), "train")
     return [{"run": str(run_dir), "method": cfg.method.name, "split": split, "role": role,
+             "data": cfg.data.splits()[split],
              **selection.selection_metrics(run.method, cfg.data.splits()[split], run.views, torch.device("cpu"),
                                            cfg.method.num_clusters, cfg.data.on_corrupt)}
             for split, role in dict.fromkeys([(select, "select"), ("train", "train")])]
+
+
+def _labelings(rows: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Each row's clusters on its split, in sample-index order, from its run's assignments.parquet."""
+    from djc.runfiles import read_assignments
+
+    tables: dict[str, dict] = {}
+    out = []
+    for r in rows:
+        t = tables.setdefault(r["run"], read_assignments(str(Path(r["run"]) / "assignments.parquet")))
+        on = t["split"] == r["split"]
+        out.append(t["cluster"][on][np.argsort(t["index"][on])])
+    return out
+
+
+def distinct(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of runs whose clusters differ from every earlier run's of the same method (on each split), and
+    the runs left out: training is deterministic, so one config and seed trained twice (a benchmark and a sweep
+    that both ran it) is one data point, which would count twice in a rank correlation."""
+    seen: dict[tuple, str] = {}
+    dropped = []
+    for run in sorted({r["run"] for r in rows}):
+        mine = sorted((r for r in rows if r["run"] == run), key=lambda r: r["role"])
+        key = (mine[0]["method"], *(x.tobytes() for x in _labelings(mine)))
+        if key in seen:
+            dropped.append(f"{run} (= {seen[key]})")
+        else:
+            seen[key] = run
+    gone = {d.split(" ")[0] for d in dropped}
+    return [r for r in rows if r["run"] not in gone], dropped
+
+
+def with_consensus(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with `select_consensus_nmi`: each run's mean NMI with the other runs of its method on the same
+    split, from the assignments.parquet that every finished run writes (rows aligned by sample index)."""
+    from djc.selection import consensus
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["role"], r.get("data", r["split"])), []).append(r)
+    out = []
+    for group in groups.values():
+        labelings = _labelings(group)
+        sizes = {len(x) for x in labelings}
+        if len(sizes) > 1:
+            raise ConfigError(f"djc bench selection: the {group[0]['method']} runs' {group[0]['split']} splits "
+                              f"differ in size ({sorted(sizes)}); compare runs of one data set at a time")
+        out += [{**r, "select_consensus_nmi": c} for r, c in zip(group, consensus(labelings))]
+    return out
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -106,8 +158,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"[djc bench] {i + 1}/{len(runs)} {run}: balanced ACC {accs}", flush=True)
         rows += done[str(run)]
     cache.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for rs in done.values() for r in rs))
-    text = table(rows)
-    print(f"\nSpearman rho of each label-free score with balanced ACC over {len(runs)} finished runs "
-          f"({time.time() - t0:.0f} s)\n{text}")
+    rows, dropped = distinct(rows)
+    for d in dropped:
+        print(f"[djc bench] left out, the same clusters as an earlier run: {d}")
+    text = table(with_consensus(rows))
+    print(f"\nSpearman rho of each label-free score with balanced ACC over {len(runs) - len(dropped)} distinct "
+          f"finished runs ({time.time() - t0:.0f} s)\n{text}")
     (out / "selection.md").write_text(text + "\n")
     return 0
