@@ -5,7 +5,8 @@ quality`'s out dir). Every finished run (a checkpoint and metrics.json) is loade
 djc/selection.py's `selection_metrics` is computed in this process on the run's `eval.select_split` (the first
 data.eval split when it names none), with that split's labels giving balanced ACC. Then, per method, the
 Spearman rank correlation of every candidate score in selection.CANDIDATES with balanced ACC on the same split,
-over the method's runs, for the selection split and for the (long-tailed) train split. A tuner needs rho near 1 among the runs it compares.
+over the method's runs, for the selection split and for the (long-tailed) train split. A tuner needs rho near 1
+among the runs it compares, and the run a score ranks first (printed beside it) is the one a search returns.
 One candidate needs the other runs: consensus, each run's mean NMI with the other runs of its method on the same
 split (read from their assignments.parquet), the agreement with the ensemble a search's trials form.
 
@@ -120,21 +121,31 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a_[ok], b_[ok]).statistic)
 
 
+def top_pick(scores: list[float], accs: list[float]) -> float:
+    """The balanced ACC of the run a score ranks first (NaN scores last): what a tuner would hand back."""
+    order = [i for i in range(len(scores)) if math.isfinite(scores[i])]
+    return accs[max(order, key=lambda i: scores[i])] if order else math.nan
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per method, the rho of every candidate with balanced ACC, each computed on the same split:
-    the selection split (digits: the balanced test split) and the long-tailed train split."""
+    the selection split (digits: the balanced test split) and the long-tailed train split; and the balanced ACC
+    of the run each candidate ranks first, beside the best and the median run's (a tuner returns one run)."""
     from djc.selection import CANDIDATES, SCORE
 
-    lines = ["| method | runs | balanced ACC (select / train) | candidate | rho, select split | rho, train split |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | runs | balanced ACC (select / train): range, median | candidate | rho, select split | "
+             "rho, train split | its first run's balanced ACC (select / train) |",
+             "|---|---|---|---|---|---|---|"]
     for method in sorted({r["method"] for r in rows}):
         by = {role: [r for r in rows if r["method"] == method and r["role"] == role] for role in ("select", "train")}
         acc = {role: [r["select_balanced_acc"] for r in rs] for role, rs in by.items()}
-        span = " / ".join(f"{min(a):.2f}-{max(a):.2f}" for a in acc.values())
+        span = " / ".join(f"{min(a):.2f}-{max(a):.2f}, {float(np.median(a)):.2f}" for a in acc.values())
         for name, fn in CANDIDATES.items():
             mark = " (select_score)" if name == SCORE else ""
             rho = [spearman([fn(r) for r in by[role]], acc[role]) for role in ("select", "train")]
-            lines.append(f"| {method} | {len(by['select'])} | {span} | {name}{mark} | {rho[0]:+.3f} | {rho[1]:+.3f} |")
+            pick = [top_pick([fn(r) for r in by[role]], acc[role]) for role in ("select", "train")]
+            lines.append(f"| {method} | {len(by['select'])} | {span} | {name}{mark} | {rho[0]:+.3f} | {rho[1]:+.3f} | "
+                         f"{pick[0]:.3f} / {pick[1]:.3f} |")
     return "\n".join(lines)
 
 
