@@ -133,8 +133,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     of the run each candidate ranks first, beside the best and the median run's (a tuner returns one run)."""
     from djc.selection import CANDIDATES, SCORE
 
-    lines = ["| method | runs | balanced ACC (select / train): range, median | candidate | rho, select split | "
-             "rho, train split | its first run's balanced ACC (select / train) |",
+    lines = [("| method | runs | balanced ACC (select / train): range, median | candidate | rho, select split | "
+              "rho, train split | its first run's balanced ACC (select / train) |"),
              "|---|---|---|---|---|---|---|"]
     for method in sorted({r["method"] for r in rows}):
         by = {role: [r for r in rows if r["method"] == method and r["role"] == role] for role in ("select", "train")}
