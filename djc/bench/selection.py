@@ -62,11 +62,14 @@ def measure(run_dir: Path) -> list[dict[str, Any]]:
             for split, role in dict.fromkeys([(select, "select"), ("train", "train")])]
 
 
+_TABLES: dict[str, dict] = {}  # run dir -> its assignments.parquet, read once for both distinct and consensus
+
+
 def _labelings(rows: list[dict[str, Any]]) -> list[np.ndarray]:
     """Each row's clusters on its split, in sample-index order, from its run's assignments.parquet."""
     from djc.runfiles import read_assignments
 
-    tables: dict[str, dict] = {}
+    tables = _TABLES
     out = []
     for r in rows:
         t = tables.setdefault(r["run"], read_assignments(str(Path(r["run"]) / "assignments.parquet")))
@@ -80,16 +83,15 @@ def distinct(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str
     the runs left out: training is deterministic, so one config and seed trained twice (a benchmark and a sweep
     that both ran it) is one data point, which would count twice in a rank correlation."""
     seen: dict[tuple, str] = {}
-    dropped = []
+    gone: dict[str, str] = {}  # run left out -> the earlier run with its clusters
     for run in sorted({r["run"] for r in rows}):
         mine = sorted((r for r in rows if r["run"] == run), key=lambda r: r["role"])
         key = (mine[0]["method"], *(x.tobytes() for x in _labelings(mine)))
         if key in seen:
-            dropped.append(f"{run} (= {seen[key]})")
+            gone[run] = seen[key]
         else:
             seen[key] = run
-    gone = {d.split(" ")[0] for d in dropped}
-    return [r for r in rows if r["run"] not in gone], dropped
+    return [r for r in rows if r["run"] not in gone], [f"{run} (= {same})" for run, same in gone.items()]
 
 
 def with_consensus(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,6 +156,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("djc bench selection needs --runs DIR ... (run dirs, or dirs that hold them)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _TABLES.clear()  # a run dir trained again since an earlier call in this process is read afresh
     cache = out / RUNS_FILE
     done: dict[str, list[dict[str, Any]]] = {}
     if args.cached and cache.is_file():
