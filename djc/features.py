@@ -80,15 +80,20 @@ def cache_key(cfg: Config, manifest_json: str, side: int, mean, std, dtype: torc
 
 
 @torch.no_grad()
-def encode_split(url: str, method: ClusteringMethod, views, device: torch.device) -> Table:
-    """Every image of a split through the frozen encoder, each worker its slice, gathered on every worker."""
+def encode_split(url: str, method: ClusteringMethod, views, device: torch.device, fixed_view: bool = False) -> Table:
+    """Every image of a split through the frozen encoder, each worker its slice, gathered on every worker: its
+    plain view, or with `fixed_view` the augmented view the selection score compares it with (ViewPair.by_index:
+    drawn from the seed and the sample's index alone, so the same on any worker)."""
     stream = ShardStream(url, batch_size=BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False)
+    num_samples = read_manifest(url).num_samples
     stream.set_epoch(0)
     was_training = method.training
     method.eval()
     feats, index, labels = [], [], []
     for batch in stream:
-        feats.append(method.encode(views.eval(batch["image"].to(device))))
+        images = batch["image"].to(device)
+        x = views.by_index(images, batch["index"], num_samples) if fixed_view else views.eval(images)
+        feats.append(method.encode(x))
         index.append(batch["index"])
         labels.append(batch["label"])
     method.train(was_training)
@@ -124,32 +129,47 @@ def _write(url: str, key: str, t: Table) -> None:
     runfiles.write_bytes(url, buf.getvalue())
 
 
+def _table(path: str, key: str, compute, device: torch.device, what: str, log) -> Table:
+    """The table stored at `path` under `key`, read back, or computed by `compute()` and stored by rank 0."""
+    table = _read(path, key, device)
+    # Every worker must agree whether to compute: a file written between two workers' reads would not be read by
+    # all of them. Rank 0's answer decides.
+    found = int(dist.all_reduce_max(torch.tensor([int(table is not None) if dist.is_main() else 0]))[0])
+    if found and table is None:
+        table = _read(path, key, device)
+    if not found:
+        table = compute()
+        if dist.is_main():
+            _write(path, key, table)
+            log(f"[djc] {what} ({tuple(table.features.shape)}, {table.features.dtype}) computed once and stored "
+                f"at {path}")
+    elif dist.is_main():
+        log(f"[djc] {what} read from {path}")
+    return table
+
+
 def prepare(cfg: Config, method: ClusteringMethod, views, device: torch.device, run_dir: str,
             log=print) -> FeatureViews:
-    """The feature tables of every split of the run, read back or computed, on every worker."""
+    """The feature tables of every split of the run, read back or computed, on every worker; and, when the run
+    computes the selection score (eval.select_split), the features of that split's fixed augmented views."""
     where = f"{cfg.data.cache_dir.rstrip('/')}/features" if cfg.data.cache_dir else f"{run_dir}/features"
     dtype = method.amp_dtype or torch.float32
-    tables = {}
+    tables, select_view = {}, None
+    select_url = cfg.data.splits().get(cfg.eval.select_split)
     for name, url in cfg.data.splits().items():
         key = cache_key(cfg, read_manifest(url).to_json(), views.out, views.mean, views.std, dtype)
-        path = f"{where}/{name}-{key}.pt"
-        table = _read(path, key, device)
-        # Every worker must agree whether to compute: a file written between two workers' reads would not be
-        # read by all of them. Rank 0's answer decides.
-        found = int(dist.all_reduce_max(torch.tensor([int(table is not None) if dist.is_main() else 0]))[0])
-        if found and table is None:
-            table = _read(path, key, device)
-        if not found:
-            table = encode_split(url, method, views, device)
-            if dist.is_main():
-                _write(path, key, table)
-                log(f"[djc] features of {name} ({tuple(table.features.shape)}, {table.features.dtype}) computed "
-                    f"once and stored at {path}")
-        elif dist.is_main():
-            log(f"[djc] features of {name} read from {path}")
-        tables[url] = table
+        tables[url] = _table(f"{where}/{name}-{key}.pt", key,
+                             lambda: encode_split(url, method, views, device), device, f"features of {name}", log)
+        if url == select_url:
+            # The selection score's stability compares a sample's clusters on its plain view and on one augmented
+            # view: without that view's own features the cached sample would be compared with itself (stability
+            # 1, so select_score read K_used / K alone). One more encoder pass over the split, once per run.
+            vkey = hashlib.sha256(json.dumps([key, cfg.seed, repr(views.specs[0])]).encode()).hexdigest()[:16]
+            select_view = _table(f"{where}/{name}-view-{vkey}.pt", vkey,
+                                 lambda: encode_split(url, method, views, device, fixed_view=True), device,
+                                 f"features of {name}'s fixed augmented views (the selection score's)", log).features
     dist.barrier()
-    return FeatureViews(tables, cfg.data.train, cfg.augment.neighbors, cfg.seed)
+    return FeatureViews(tables, cfg.data.train, cfg.augment.neighbors, cfg.seed, select_view)
 
 
 NEIGHBOR_BLOCK = 4096  # rows per block of the N x N similarities (4096 x N x 4 B: 1.9 GB at ImageNet-LT's N)
@@ -186,8 +206,10 @@ class FeatureViews:
     """Stands where djc/data/augment.py's ViewPair stands when features are cached: a step's two inputs are the
     table's rows of its batch, and a split's evaluation batches come from its table (`local_slice`)."""
 
-    def __init__(self, tables: dict[str, Table], train_url: str, neighbors: int = 0, seed: int = 0):
+    def __init__(self, tables: dict[str, Table], train_url: str, neighbors: int = 0, seed: int = 0,
+                 select_view: Tensor | None = None):
         self.tables, self.train, self.seed = tables, tables[train_url], seed
+        self.select_view = select_view  # (N, D) by dataset index: the select split's fixed augmented views
         # augment.neighbors: each sample's nearest neighbours among the training rows, by dataset index
         self.neighbors = nearest_neighbors(self.train.features, neighbors) if neighbors else None
 
@@ -208,9 +230,12 @@ class FeatureViews:
         return x  # batches from `local_slice` already hold the features
 
     def by_index(self, x: Tensor, index: Tensor, num_samples: int) -> Tensor:
-        """The selection score's per-sample view (djc/selection.py): cached features are never augmented, so a
-        sample's view is the sample itself (its view stability reads 1)."""
-        return x
+        """The selection score's per-sample view (djc/selection.py) of the select split's rows `x`: the features of
+        their fixed augmented views, encoded once by `prepare`."""
+        if self.select_view is None or self.select_view.shape[0] != num_samples:
+            raise RuntimeError("the selection score's views were not computed for this split: features.prepare "
+                               "computes them for eval.select_split only")
+        return self.select_view[index.to(self.select_view.device)].float()
 
     def local_slice(self, url: str) -> Iterator[dict[str, Tensor]]:
         """This worker's rows of a split in batches: {index, label, image: (b, D) features}."""

@@ -166,3 +166,37 @@ def test_neighbor_views_are_mined_once_and_drawn_per_sample_and_step(digits, enc
     without = train_run(0, 1, _tree(digits, encoder_weights, "secu"), str(tmp_path / "b"))
     assert with_nbr["forwards"] == 2  # still computed once
     assert not np.array_equal(with_nbr["heads.0.weight"], without["heads.0.weight"])
+
+
+def test_the_selection_score_on_cached_features_is_the_one_computed_from_images(digits, encoder_weights, tmp_path):
+    """The stability of select_score compares a sample's clusters on its plain view and on one augmented view. With
+    cached features that view's features are encoded once too (one more pass over eval.select_split); before, a
+    cached sample was compared with itself, stability read 1 and select_score K_used / K alone. The cached run's
+    selection metrics equal those of the same run recomputing features from the images, and stability is < 1."""
+    from djc import selection
+
+    def measure(cache: bool, run_dir: str) -> tuple[dict, int]:
+        torch.manual_seed(0)
+        tree = _tree(digits, encoder_weights, "statdec", cache=cache)  # its centres start from k-means
+        tree["eval"] = {"select_split": "train"}
+        cfg = from_dict(tree)
+        manifest = read_manifest(cfg.data.train)
+        method = to_device(build_method(cfg, data_info(manifest)), cfg, CPU)
+        calls = {"n": 0}
+        method.backbone.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        views, loader = make_inputs(cfg, method, manifest, CPU, run_dir)
+        method.eval()
+        method.on_epoch_start(EpochContext(0, 2, loader.steps_per_epoch,
+                                           lambda fn: evaluate.map_split(cfg.data.train, fn, views, CPU)))
+        n = calls["n"]
+        return selection.selection_metrics(method, cfg.data.train, views, CPU, 4), n
+
+    cached, passes = measure(True, str(tmp_path / "cached"))
+    assert passes == 4  # 562 images twice (512 + 50 each): the plain table and the fixed views' table
+    assert len(list((tmp_path / "cached" / "features").glob("train-view-*.pt"))) == 1
+    again, passes = measure(True, str(tmp_path / "cached"))
+    assert passes == 0 and again == cached  # both tables read back
+    recomputed, _ = measure(False, str(tmp_path / "recomputed"))
+    assert 0.0 < cached["select_stability_nmi"] < 1.0
+    for k, v in recomputed.items():
+        assert cached[k] == pytest.approx(v, abs=1e-6), k
