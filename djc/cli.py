@@ -196,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     tu.add_argument("--search", default="optuna", choices=["optuna", "hyperopt", "random"],
                     help="optuna: Optuna's TPE (default); hyperopt: HyperOpt's TPE; random: random sampling. "
                          "The job's own values are always the first trial")
+    tu.add_argument("--pick", default="score", choices=["score", "consensus"],
+                    help="which completed trial best.yaml takes: score = the best by --metric; consensus = the one "
+                         "whose clusters agree most with the other completed trials' (mean NMI; needs 3)")
     tu.set_defaults(func=cmd_tune)
 
     be = sub.add_parser("bench", help="benchmarks: quality (every method against k-means, over data sets and "

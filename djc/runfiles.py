@@ -128,6 +128,13 @@ def read_assignments(url: str) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
+def clusters_by_index(table: dict[str, np.ndarray], split: str) -> np.ndarray:
+    """A split's evaluated clusters (the ``cluster`` column of read_assignments' table) in sample-index order:
+    two runs of one data set line up row by row."""
+    on = table["split"] == split
+    return table["cluster"][on][np.argsort(table["index"][on])]
+
+
 # ---- the map's coordinates and the embeddings ----------------------------------------------------------
 
 def write_map(url: str, coords: dict[str, np.ndarray]) -> None:

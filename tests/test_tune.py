@@ -117,3 +117,34 @@ def test_a_tiny_search_prints_its_trials_and_writes_a_best_yaml_djc_train_accept
     # A completed trial is a whole run dir: ASHA lets it reach its final evaluation.
     assert (out / "trials" / rows[0][0] / "metrics.json").is_file()
     assert (out / "trials" / rows[0][0] / "assignments.parquet").is_file()
+
+
+def test_pick_consensus_takes_the_trial_the_others_agree_with(tmp_path, capsys):
+    """--pick consensus: best.yaml takes the completed trial whose clusters on the select split agree most (mean
+    NMI) with the other completed trials', read from their assignments.parquet (rows shuffled: aligned by index),
+    however the metric ranked them; with fewer than 3 completed trials it keeps the metric's pick."""
+    import numpy as np
+
+    from djc.runfiles import write_assignments
+    from tune.search import choose
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(5), 40)  # 200 samples of the select split
+    noisy = lambda p: np.where(rng.random(200) < p, rng.integers(0, 5, 200), truth)  # noqa: E731
+    trials = {"a": rng.integers(0, 5, 200), "b": noisy(0.1), "c": noisy(0.3), "d": noisy(0.5)}
+    for name, clusters in trials.items():
+        order = rng.permutation(200)
+        train = rng.integers(0, 5, 50)  # another split's rows, which must not count
+        write_assignments(f"{tmp_path}/trials/{name}/assignments.parquet",
+                          index=np.r_[order, np.arange(50)], clusters=np.r_[clusters[order], train],
+                          confidence=np.ones(250), split=np.array(["test"] * 200 + ["train"] * 50, dtype=object))
+    # ranked by select_score: the random trial first
+    done = [{"trial": t, "select_score": s} for t, s in zip("adcb", (0.9, 0.8, 0.7, 0.6))]
+    same, key = choose(done, "score", "select_score", str(tmp_path), "test")
+    assert same == done and key == "select_score"
+    picked, key = choose(done, "consensus", "select_score", str(tmp_path), "test")
+    assert key == "consensus" and [r["trial"] for r in picked] == ["b", "c", "d", "a"]
+    assert picked[0]["consensus"] > picked[-1]["consensus"] and picked[0]["select_score"] == 0.6
+    assert (tmp_path / "consensus.txt").read_text().splitlines()[0].startswith("b  consensus ")
+    few, key = choose(done[:2], "consensus", "select_score", str(tmp_path), "test")
+    assert key == "select_score" and few == done[:2] and "needs 3 completed trials" in capsys.readouterr().out

@@ -5,9 +5,12 @@ refuses 0) builds and fits the run's TorchTrainer through djc.launch.fit with Tu
 compares trials at epochs E/10, 3E/10, 9E/10 and stops those in the worse two thirds at each rung.
 
 Trials are ranked by a metric of the run config's `eval.select_split` (djc/selection.py): the label-free
-`select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it. The best
-trial that ran all its epochs is written as best.yaml: the run config plus its values, which `djc train` takes
-as is. Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
+`select_score` by default, or ACC / balanced ACC when that split is labelled and `--metric` asks for it; ASHA
+stops trials by it. The best trial that ran all its epochs is written as best.yaml: the run config plus its
+values, which `djc train` takes as is. `--pick consensus` picks it instead by each completed trial's mean NMI with
+the other completed trials on the select split (djc/selection.py `consensus`, read from their assignments):
+the clustering the search's runs agree on, which ranked digits-LT runs closer to balanced ACC than select_score
+did (docs/cluster.md). Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
 assignments, metrics.json).
 """
 
@@ -219,6 +222,40 @@ def format_rows(rows: list[dict[str, Any]], key: str) -> str:
     return "\n".join(lines + errors)
 
 
+CONSENSUS_MIN = 3  # completed trials --pick consensus needs: with two, both have the same consensus
+
+
+def by_consensus(done: list[dict[str, Any]], out: str, split: str) -> list[dict[str, Any]]:
+    """The completed trials with their `consensus` (mean NMI of their clusters on `split` with the others'), best
+    first; ties keep the metric's order."""
+    from djc.runfiles import clusters_by_index, read_assignments
+    from djc.selection import consensus
+
+    labelings = [clusters_by_index(read_assignments(f"{out}/trials/{r['trial']}/assignments.parquet"), split)
+                 for r in done]
+    scored = [{**r, "consensus": c} for r, c in zip(done, consensus(labelings))]
+    return sorted(scored, key=lambda r: -r["consensus"])  # stable: the metric's order among equals
+
+
+def choose(done: list[dict[str, Any]], pick: str, key: str, out: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    """The completed trials in the order best.yaml takes the first of, and the key they are ordered by: as ranked
+    by `key`, or by consensus (then also printed and written to OUT/consensus.txt)."""
+    if pick != "consensus":
+        return done, key
+    if len(done) < CONSENSUS_MIN:
+        print(f"[djc tune] --pick consensus needs {CONSENSUS_MIN} completed trials, {len(done)} completed: "
+              f"picking by {key}", flush=True)
+        return done, key
+    from djc.runfiles import write_text
+
+    done = by_consensus(done, out, split)
+    lines = [f"{r['trial']}  consensus {r['consensus']:.4f}  {key} {r[key]:.4f}" for r in done]
+    print(f"\n[djc tune] completed trials by consensus (mean NMI with the others on split {split!r}):\n"
+          + "\n".join(lines), flush=True)
+    write_text(f"{out}/consensus.txt", "\n".join(lines) + "\n")
+    return done, "consensus"
+
+
 def best_yaml(tree: dict[str, Any], best: dict[str, Any], key: str, command: str, n: int) -> str:
     """The run config as given (only what differs from the defaults) with the best trial's values set."""
     name = tree.get("name", Config().name)
@@ -273,8 +310,9 @@ def main(args: argparse.Namespace) -> int:
     if not done:
         print("djc tune: error: no trial ran all its epochs; see the errors above", flush=True)
         return 1
+    done, key = choose(done, args.pick, key, out, cfg.eval.select_split)
     command = " ".join(["djc tune", args.config, "--space", args.space, "--samples", str(args.samples),
-                        *args.overrides])
+                        *(["--pick", args.pick] if args.pick != "score" else []), *args.overrides])
     write_text(f"{out}/best.yaml", best_yaml(tree, done[0], key, command, len(rows)))
     print(f"[djc tune] best: {done[0]['trial']} {key} {done[0][key]:.4f}; wrote {out}/best.yaml "
           f"(djc train {out}/best.yaml)")

@@ -67,14 +67,13 @@ _TABLES: dict[str, dict] = {}  # run dir -> its assignments.parquet, read once f
 
 def _labelings(rows: list[dict[str, Any]]) -> list[np.ndarray]:
     """Each row's clusters on its split, in sample-index order, from its run's assignments.parquet."""
-    from djc.runfiles import read_assignments
+    from djc.runfiles import clusters_by_index, read_assignments
 
-    tables = _TABLES
     out = []
     for r in rows:
-        t = tables.setdefault(r["run"], read_assignments(str(Path(r["run"]) / "assignments.parquet")))
-        on = t["split"] == r["split"]
-        out.append(t["cluster"][on][np.argsort(t["index"][on])])
+        if r["run"] not in _TABLES:
+            _TABLES[r["run"]] = read_assignments(str(Path(r["run"]) / "assignments.parquet"))
+        out.append(clusters_by_index(_TABLES[r["run"]], r["split"]))
     return out
 
 
