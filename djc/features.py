@@ -85,7 +85,7 @@ def encode_split(url: str, method: ClusteringMethod, views, device: torch.device
     plain view, or with `fixed_view` the augmented view the selection score compares it with (ViewPair.by_index:
     drawn from the seed and the sample's index alone, so the same on any worker)."""
     stream = ShardStream(url, batch_size=BATCH, rank=dist.rank(), world_size=dist.world_size(), shuffle=False)
-    num_samples = read_manifest(url).num_samples
+    num_samples = read_manifest(url).num_samples if fixed_view else 0  # by_index draws every sample's view at once
     stream.set_epoch(0)
     was_training = method.training
     method.eval()

@@ -10,8 +10,8 @@ stops trials by it. The best trial that ran all its epochs is written as best.ya
 values, which `djc train` takes as is. `--pick consensus` picks it instead by each completed trial's mean NMI with
 the other completed trials on the select split (djc/selection.py `consensus`, read from their assignments):
 the clustering the search's runs agree on, which ranked digits-LT runs closer to balanced ACC than select_score
-did (docs/cluster.md). Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log, checkpoints,
-assignments, metrics.json).
+did (docs/cluster.md). Each trial's run dir is `OUT/trials/<trial name>`, a full djc run dir (config, metrics log,
+checkpoints, assignments, metrics.json).
 """
 
 from __future__ import annotations
