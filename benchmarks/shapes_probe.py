@@ -6,6 +6,7 @@ probes share 2 cores (--threads 1 each). What docs/results.md's RGB section repo
 usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--eval-every S] [--threads T]
        [--pixels]  k-means and 20-NN on the pixels instead of training
        [--time-steps N]  seconds per training step (views + train_step, mean of N after one warm-up) instead
+       [--save PATH]  write the final features, labels and the kept indices (torch.save) for shapes_nuisance.py
        [--spec field=value]  override a field of both views' ViewSpec (e.g. hue=0.5)
        [--variant flat,clut2,lownoise,light,noclut,soft]  render the train split with milder nuisances
        [--gray-all]  turn the data grey before anything (colour removed from the data, not by the views)
@@ -39,6 +40,7 @@ ap.add_argument("--remap", type=float, default=0.0)
 ap.add_argument("--variant", default="")
 ap.add_argument("--gray-all", action="store_true")
 ap.add_argument("--spec", action="append", default=[])
+ap.add_argument("--save", default="", help="write the final features, labels and kept indices to this .pt file")
 a = ap.parse_intermixed_args()
 torch.set_num_threads(a.threads)
 cfg = load_config(a.config, a.overrides)
@@ -116,6 +118,8 @@ def map_train(fn):
     method.train()
     return torch.cat(outs), torch.arange(N)
 
+saved = {}
+
 def evaluate():
     method.eval(); fs, cs, bbs = [], [], []
     with torch.no_grad():
@@ -125,6 +129,7 @@ def evaluate():
             bb = getattr(method, "backbone", None)
             if bb is not None: bbs.append(bb(x).float().flatten(1))
     method.train()
+    saved.update(features=torch.cat(fs), labels=torch.from_numpy(Y), keep=torch.from_numpy(keep))
     out = ev(torch.cat(fs), Y, torch.cat(cs).numpy())
     if bbs:
         out["bb_km"] = ev(torch.cat(bbs), Y)["km"]
@@ -162,3 +167,5 @@ while epoch < cfg.optim.epochs and time.time() - t0 < budget:
 method.on_train_end() if hasattr(method, "on_train_end") else None
 r = evaluate(); r.update(step=step, ep=epoch, t=round(time.time() - t0), final=True, tag=a.tag, ov=a.overrides)
 print(json.dumps(r), flush=True)
+if a.save:
+    torch.save(saved, a.save)

@@ -81,6 +81,12 @@ class AugmentConfig(Node):
     # (randomly coloured objects): a grey view can only be matched to its pair by shape.
     gray_p: float = Field(0.2, ge=0.0, le=1.0)
     degrees: float = Field(0.0, ge=0.0, le=180.0)  # random rotation ~ U(-d, d), both views; 0 = none (SeCu)
+    # Probability that a view is inverted (x -> 1 - x), both views; 0 = never (SeCu). For objects that come light on
+    # dark and dark on light alike: otherwise the shared polarity is an identity cue a contrastive loss learns.
+    invert_p: float = Field(0.0, ge=0.0, le=1.0)
+    # Gaussian pixel noise added to each view, std ~ U(0, noise) in [0, 1] units; 0 = none (SeCu). For data whose
+    # noise level varies per image: both views share it, so without this the features learn it as identity.
+    noise: float = Field(0.0, ge=0.0, le=1.0)
     # Side of the views; 0 = the dataset's image side, or with model.weights the side the backbone was trained at
     # (224; a ViT's is fixed by its position embeddings), the images resized on the device (djc/data/inputs.py)
     out_size: int = Field(0, ge=0)

@@ -233,12 +233,44 @@ def test_rotation_angles_are_uniform_and_leave_other_choices_unchanged() -> None
     turned = V.sample_params(n, 8, 8, 8, V.ViewSpec(degrees=15.0), torch.Generator().manual_seed(1))
     assert plain.angle is None  # no rotation, no draw: views without it are as before it existed
     for name in V.ViewParams._fields:
-        if name != "angle":
+        if name != "angle" and getattr(plain, name) is not None:
             assert torch.equal(getattr(plain, name), getattr(turned, name)), name
     assert turned.angle.abs().max() <= 15.0
     torch.manual_seed(0)
     ref = torch.tensor([T1.RandomRotation.get_params([-15.0, 15.0]) for _ in range(n)])
     assert _ks(turned.angle, ref) < 0.03
+
+
+def test_inversion_and_noise_leave_the_other_choices_unchanged_and_do_what_they_say() -> None:
+    n = 20_000
+    plain = V.sample_params(n, 8, 8, 8, V.ViewSpec(degrees=15.0), torch.Generator().manual_seed(1))
+    both = V.sample_params(n, 8, 8, 8, V.ViewSpec(degrees=15.0, invert_p=0.3, noise=0.1),
+                           torch.Generator().manual_seed(1))
+    assert plain.invert is None and plain.noise is None and plain.noise_key is None  # off: views as before
+    for name in V.ViewParams._fields:
+        if getattr(plain, name) is not None:
+            assert torch.equal(getattr(plain, name), getattr(both, name)), name
+    assert abs(both.invert.float().mean().item() - 0.3) < 0.015
+    assert both.noise.min() >= 0 and both.noise.max() <= 0.1 and _ks(both.noise, 0.1 * torch.rand(n)) < 0.03
+
+    u8 = _u8(6)
+    x = u8.float() / 255
+    inverted = V.augment(u8, _only(invert_p=1.0), (0, 0, 0), (1, 1, 1), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(inverted, 1 - x, atol=1e-6, rtol=0)
+
+    # Noise on mid-grey images (no clamping): each sample's residual has the std it drew, and a sample's noise
+    # is its own whatever batch it is applied in (the fixed views of ViewPair.by_index index the choices).
+    grey = torch.full((64, 3, 32, 32), 0.5)
+    p = V.sample_params(64, 32, 32, 32, _only(noise=0.2), torch.Generator().manual_seed(2))
+    resid = V.apply_params(grey, p, 32) - grey
+    torch.testing.assert_close(resid.flatten(1).std(dim=1), p.noise, atol=0.012, rtol=0.05)
+    assert abs(resid.mean().item()) < 2e-3
+    rows = torch.tensor([5, 40, 7])
+    alone = V.apply_params(grey[rows], V.ViewParams(*(None if t is None else t[rows] for t in p)), 32)
+    torch.testing.assert_close(alone, V.apply_params(grey, p, 32)[rows], atol=0, rtol=0)
+    z = V.hashed_normal(torch.arange(256), (3, 32, 32))
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert _ks(z.flatten()[:20_000], torch.randn(20_000, generator=torch.Generator().manual_seed(0))) < 0.02
 
 
 @pytest.mark.parametrize("view", [0, 1])

@@ -32,6 +32,7 @@ class ViewPair:
                 brightness=v.brightness * scale, contrast=v.contrast * scale,
                 saturation=v.saturation * scale, hue=min(0.5, v.hue * scale),
                 gray_p=a.gray_p, blur_p=v.blur_p, solarize_p=v.solarize_p, degrees=a.degrees,
+                invert_p=a.invert_p, noise=a.noise,
             )
 
         self.specs = (adapt(v1), adapt(v2))

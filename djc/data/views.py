@@ -16,6 +16,14 @@ match torchvision's samplers in distribution (tests/test_views.py checks both), 
 - Rotation (off in SeCu's views; on for digits) comes right after the flip, with torchvision's RandomRotation
   sampler (angle ~ U(-d, d)) and bilinear resampling about the centre, fill 0. It is drawn after every other
   choice and only when d > 0, so views without it are exactly what they were before it existed.
+- Inversion (x -> 1 - x, after grey, before blur) and additive Gaussian pixel noise (last, clamped to [0, 1])
+  are not in SeCu's views nor in torchvision's pipelines; both are off unless asked for (augment.invert_p,
+  augment.noise), and a view without them is exactly what it was before they existed. They exist for data
+  whose light-on-dark polarity or sensor noise varies per image independently of the class: both views of an
+  image share them, so a contrastive loss learns them as identity cues and k-means then splits on them
+  (benchmarks/shapes_nuisance.py measured it on the shapes benchmark; docs/results.md). The noise of a sample
+  comes from a counter-based hash of a per-sample key, so a view's noise is a function of its random choices
+  alone, like every other op (the fixed views of `ViewPair.by_index` keep it per sample).
 - Gaussian blur follows BYOL's 224-px recipe scaled to the image: kernel 10% of the side, sigma ~ U(0.1, 2.0)
   * side / 224. SeCu's PIL blur uses sigma 0.1-2 px at any size, far stronger on 32-px CIFAR; we keep the
   BYOL scale, under which blur is nearly the identity on CIFAR (as in solo-learn's CIFAR configs).
@@ -51,6 +59,8 @@ class ViewSpec:
     blur_p: float = 1.0  # 1.0 in view 1, 0.1 in view 2 (BYOL's asymmetry)
     solarize_p: float = 0.0  # 0.0 in view 1, 0.2 in view 2; threshold 0.5
     degrees: float = 0.0  # rotation ~ U(-degrees, degrees) about the centre; 0 = none (SeCu's views)
+    invert_p: float = 0.0  # probability that a view is inverted (x -> 1 - x); 0 = never (SeCu's views)
+    noise: float = 0.0  # Gaussian pixel noise of std ~ U(0, noise), in [0, 1] units, per view; 0 = none
 
 
 _CROP_MIN = {"cifar100": 0.2, "cifar10": 0.3, "stl": 0.2, "imagenet": 0.08}  # SeCu's --min-crop per dataset
@@ -256,6 +266,9 @@ class ViewParams(NamedTuple):
     sigma: Tensor  # blur sigma in px of the output
     solarize: Tensor  # bool
     angle: Tensor | None = None  # degrees, counter-clockwise; None when the spec does not rotate
+    invert: Tensor | None = None  # bool; None when the spec never inverts
+    noise: Tensor | None = None  # std of the pixel noise; None when the spec adds none
+    noise_key: Tensor | None = None  # int64 per-sample key of the noise's hash; None with noise
 
 
 def _factor(u: Tensor, amount: float, on: Tensor) -> Tensor:
@@ -269,12 +282,18 @@ def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
     """One view's random choices for n images of (height, width) cropped to (out, out).
 
     Every number comes from `generator` (on `device`) in a fixed order, whatever the spec's probabilities, so a
-    seed fixes the view. Rotation angles come last and only when the spec rotates."""
+    seed fixes the view. Rotation angles come last and only when the spec rotates, then the noise's std and keys
+    only when it adds noise; inversion reads the spare column of the draws every spec makes."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     boxes = crop_boxes(n, height, width, (spec.crop_scale_min, 1.0), generator=generator, device=dev)
-    u = torch.rand((n, 6), generator=generator, device=dev)  # flip, jitter, gray, blur, solarize, spare
+    u = torch.rand((n, 6), generator=generator, device=dev)  # flip, jitter, gray, blur, solarize, invert
     f = torch.rand((5, n), generator=generator, device=dev)  # brightness, contrast, saturation, hue, sigma
     on = u[:, 1] < spec.jitter_p
+    angle = (2 * torch.rand(n, generator=generator, device=dev) - 1) * spec.degrees if spec.degrees > 0 else None
+    noise = key = None
+    if spec.noise > 0:
+        noise = torch.rand(n, generator=generator, device=dev) * spec.noise
+        key = torch.randint(0, 2**31 - 1, (n,), generator=generator, device=dev)
     return ViewParams(
         boxes=boxes, flip=(u[:, 0] < 0.5) & spec.hflip,
         brightness=_factor(f[0], spec.brightness, on), contrast=_factor(f[1], spec.contrast, on),
@@ -282,7 +301,29 @@ def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
         hue=torch.where(on, (2 * f[3] - 1) * spec.hue, torch.zeros_like(f[3])),
         gray=u[:, 2] < spec.gray_p, blur=(u[:, 3] < spec.blur_p) & (out >= _BLUR_MIN_SIDE),
         sigma=(0.1 + 1.9 * f[4]) * out / _BLUR_REF_SIDE, solarize=u[:, 4] < spec.solarize_p,
-        angle=(2 * torch.rand(n, generator=generator, device=dev) - 1) * spec.degrees if spec.degrees > 0 else None)
+        angle=angle, invert=u[:, 5] < spec.invert_p if spec.invert_p > 0 else None, noise=noise, noise_key=key)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mix (two rounds of xorshift-multiply) of int64 values in [0, 2^32): every intermediate
+    stays below 2^63, so no signed overflow on any device."""
+    for mult in (0x7FEB352D, 0x46CA68B5):
+        x = ((x ^ (x >> 16)) * mult) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_normal(key: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Standard normal noise (B, *shape), float32, on key's device: row i a function of key[i] alone
+    (Box-Muller on two hashed uniforms per element), so a sample's noise does not depend on its batch."""
+    count = math.prod(shape)
+    j = torch.arange(count, device=key.device, dtype=torch.int64)
+    base = _hash32((key.long()[:, None] * 0x9E3779B1 & _MASK32) ^ j[None, :])  # (B, count)
+    u1 = (_hash32(base ^ 0x5BD1E995).float() + 0.5) / 2**32  # in (0, 1): log is finite
+    u2 = (_hash32(base ^ 0x1B873593).float() + 0.5) / 2**32
+    return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)).view(-1, *shape)
 
 
 def apply_params(x: Tensor, p: ViewParams, out: int) -> Tensor:
@@ -296,11 +337,16 @@ def apply_params(x: Tensor, p: ViewParams, out: int) -> Tensor:
     if x.shape[1] == 3:  # one channel has no saturation or hue
         x = adjust_hue(adjust_saturation(x, p.saturation), p.hue)
     x = random_grayscale(x, p.gray)
+    if p.invert is not None:
+        x = torch.where(_col(p.invert), 1 - x, x)
     if out >= _BLUR_MIN_SIDE:
         # unblurred samples get sigma -> 0, whose kernel is an exact delta (softmax underflows to one-hot), so
         # the whole batch shares one conv
         x = gaussian_blur(x, torch.where(p.blur, p.sigma, torch.full_like(p.sigma, 1e-6)), blur_kernel_size(out))
-    return solarize(x, p.solarize)
+    x = solarize(x, p.solarize)
+    if p.noise is not None:
+        x = (x + _col(p.noise) * hashed_normal(p.noise_key, tuple(x.shape[1:]))).clamp_(0, 1)
+    return x
 
 
 def augment(images: Tensor, spec: ViewSpec, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
