@@ -75,6 +75,10 @@ class StorageConfig(Node):
 
 class AugmentConfig(Node):
     crop_scale_min: float = Field(0.3, gt=0.0, le=1.0)  # RandomResizedCrop lower scale (0.2 CIFAR-100, 0.08 ImageNet)
+    # Its upper scale: 1 = torchvision's (a crop within the image). Above 1 a box may hold more than the image, which
+    # then sits inside it with its border pixels repeated around: the view zooms out. For objects whose size varies
+    # per image more than crops alone cover (shapes: 12-24 px across); 1 (SeCu) by default.
+    crop_scale_max: float = Field(1.0, gt=0.0, le=4.0)
     hflip: bool = True  # off for digits and text: a mirrored 2 is not a 2
     strength: float = Field(1.0, ge=0.0)  # multiplies the colour-jitter amplitudes; 0 disables jitter
     # Probability that a view is turned grey (SeCu, SimCLR: 0.2). Raise it when colour alone tells images apart
@@ -191,6 +195,9 @@ class Config(Node):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.augment.crop_scale_min > self.augment.crop_scale_max:
+            raise ValueError(f"augment.crop_scale_min ({self.augment.crop_scale_min}) is above augment.crop_scale_max "
+                             f"({self.augment.crop_scale_max}): the crop's area scale is drawn from [min, max]")
         urls = {"data.train": self.data.train, "storage.endpoint_url": self.storage.endpoint_url,
                 "model.weights": self.model.weights,
                 "trainer.ray_address": self.trainer.ray_address,

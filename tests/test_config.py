@@ -44,6 +44,8 @@ def test_every_job_config_loads():
     (["model.backbone=vgg"], "model.backbone"),
     (["data.batch_size"], "key.sub=value"),
     (["method.name=aecm", "method.aecm.adam_eps_hat=true"], "they need optim.name=adam (got sgd)"),
+    (["augment.crop_scale_min=0.8", "augment.crop_scale_max=0.5"], "augment.crop_scale_min (0.8) is above"),
+    (["augment.invert_p=1.5"], "augment.invert_p"),
 ])
 def test_bad_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(ConfigError) as err:

@@ -119,9 +119,30 @@ def test_crop_aspect_ratio_range() -> None:
     assert lr.min() < math.log(3 / 4) + 0.02 and lr.max() > math.log(4 / 3) - 0.02 and abs(lr.mean()) < 0.02
 
 
+def test_zoomed_out_boxes_hold_the_image_and_shrink_what_is_in_it() -> None:
+    n = 20_000
+    b = V.crop_boxes(n, 32, 32, (0.6, 2.0), generator=torch.Generator().manual_seed(0))
+    top, left, h, w = b.unbind(1)
+    area = (h * w).float() / 32**2
+    assert area.min() > 0.55 and area.max() < 2.1 and abs(area.mean().item() - 1.3) < 0.02
+    big_h, big_w = h > 32, w > 32
+    assert big_h.float().mean() > 0.3  # most boxes zoom out along some side
+    assert ((top <= 0) & (top + h >= 32))[big_h].all() and ((left <= 0) & (left + w >= 32))[big_w].all()
+    assert ((top >= 0) & (top + h <= 32))[~big_h].all() and ((left >= 0) & (left + w <= 32))[~big_w].all()
+    # the image's offset inside a larger box is uniform: a centred box on average
+    assert abs((top[big_h] + h[big_h] / 2 - 16).float().mean().item()) < 0.2
+    # A white square in the middle of a black image: zoomed out 2x it covers a quarter of the pixels it covered
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 8:24, 8:24] = 1
+    out = V.resized_crop(x, torch.tensor([[-16, -16, 64, 64]]), 32)
+    assert out.sum().item() == pytest.approx(x.sum().item() / 4, rel=0.05)
+    assert out[..., :8, :].abs().max() == 0  # the black border repeated around the image
+
+
 def test_crop_fallback_is_central() -> None:
-    # scale (2, 3) can never fit: every sample takes the fallback, clipped to ratio 4/3 on a wide image
-    b = V.crop_boxes(4, 30, 100, (2.0, 3.0), generator=torch.Generator().manual_seed(0))
+    # scale (0.99, 1) at ratios 3/4-4/3 never fits a 30 x 100 image (h >= 47): every sample takes the fallback,
+    # clipped to ratio 4/3 on a wide image
+    b = V.crop_boxes(4, 30, 100, (0.99, 1.0), generator=torch.Generator().manual_seed(0))
     assert (b == torch.tensor([0, 30, 30, 40])).all()
 
 

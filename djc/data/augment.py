@@ -25,10 +25,10 @@ class ViewPair:
 
         def adapt(v: views.ViewSpec) -> views.ViewSpec:
             if a.policy == "crop_flip":  # the colour and blur ops all off: each draws, none applies
-                return views.ViewSpec(crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=0.0, gray_p=0.0,
-                                      blur_p=0.0, solarize_p=0.0, degrees=a.degrees)
+                return views.ViewSpec(crop_scale_min=a.crop_scale_min, crop_scale_max=a.crop_scale_max, hflip=a.hflip,
+                                      jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, degrees=a.degrees)
             return views.ViewSpec(
-                crop_scale_min=a.crop_scale_min, hflip=a.hflip, jitter_p=v.jitter_p,
+                crop_scale_min=a.crop_scale_min, crop_scale_max=a.crop_scale_max, hflip=a.hflip, jitter_p=v.jitter_p,
                 brightness=v.brightness * scale, contrast=v.contrast * scale,
                 saturation=v.saturation * scale, hue=min(0.5, v.hue * scale),
                 gray_p=a.gray_p, blur_p=v.blur_p, solarize_p=v.solarize_p, degrees=a.degrees,

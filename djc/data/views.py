@@ -48,7 +48,8 @@ _BLUR_MIN_SIDE = 16  # below this a 3-tap kernel already spans a fifth of the im
 class ViewSpec:
     """One augmentation view, BYOL/SeCu-style; defaults are SeCu's CIFAR view 1."""
 
-    crop_scale_min: float = 0.3  # RandomResizedCrop area scale (min, 1); 0.2 CIFAR-100/STL, 0.08 ImageNet
+    crop_scale_min: float = 0.3  # RandomResizedCrop area scale (min, max); 0.2 CIFAR-100/STL, 0.08 ImageNet
+    crop_scale_max: float = 1.0  # above 1 a box may hold more than the image (zoom out, border pixels repeated)
     hflip: bool = True  # p=0.5; turn off for digits (a flipped 2 is not a 2)
     jitter_p: float = 0.8  # probability of applying ColorJitter to a sample
     brightness: float = 0.4
@@ -94,6 +95,10 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float] = (0.
 
     All 10 attempts are drawn for every sample at once and the first valid one is kept; samples with none
     valid fall back to the central crop clipped to the ratio range, as torchvision does.
+
+    With scale[1] > 1 (not torchvision's) a box may be larger than the image along a side: the image then lies
+    inside it at a uniform offset (top in [H - h, 0]), resized_crop repeats the border pixels around it, and the
+    view is zoomed out. Every box is then valid. With scale[1] <= 1 the boxes are torchvision's exactly.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     u = torch.rand((n, 4, 10), generator=generator, device=dev)  # area, log-ratio, top, left draws
@@ -102,12 +107,12 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float] = (0.
     ar = torch.exp(lo + (hi - lo) * u[:, 1])
     w = torch.round(torch.sqrt(area * ar))  # round half to even, like Python's round()
     h = torch.round(torch.sqrt(area / ar))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, 10)
+    zoom_out = scale[1] > 1
+    valid = (w > 0) & (h > 0) & (zoom_out | ((w <= width) & (h <= height)))  # (n, 10)
     first = valid.int().argmax(dim=1, keepdim=True)  # first valid attempt (0 if none; masked below)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    # floor(U * count) is uniform on {0..count-1}; clamp guards U*count rounding up to count in float32
-    top = torch.minimum(torch.floor(u[:, 2].gather(1, first)[:, 0] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 3].gather(1, first)[:, 0] * (width - w + 1)), width - w)
+    top = _offset(u[:, 2].gather(1, first)[:, 0], height - h)
+    left = _offset(u[:, 3].gather(1, first)[:, 0], width - w)
 
     in_ratio = width / height  # central fallback, torchvision's rule
     if in_ratio < min(ratio):
@@ -120,6 +125,14 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float] = (0.
     # Tensor.where with a Python scalar fills on the device: no host -> device copy (a stream sync on a GPU)
     return torch.stack([top.where(ok, (height - fh) // 2), left.where(ok, (width - fw) // 2), h.where(ok, fh),
                         w.where(ok, fw)], dim=1).long()  # (n, 4)
+
+
+def _offset(u: Tensor, room: Tensor) -> Tensor:
+    """Uniform integer offset of a box with `room` = image side - box side: in {0..room}, or {room..0} when the
+    box is the larger (room < 0). floor(U * count) is uniform on {0..count-1}; the clamp guards U * count
+    rounding up to count in float32."""
+    off = torch.minimum(torch.floor(u * (room.abs() + 1)), room.abs())
+    return torch.where(room >= 0, off, -off)
 
 
 def resized_crop(images: Tensor, boxes: Tensor, out_size: int) -> Tensor:
@@ -285,7 +298,7 @@ def sample_params(n: int, height: int, width: int, out: int, spec: ViewSpec,
     seed fixes the view. Rotation angles come last and only when the spec rotates, then the noise's std and keys
     only when it adds noise; inversion reads the spare column of the draws every spec makes."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    boxes = crop_boxes(n, height, width, (spec.crop_scale_min, 1.0), generator=generator, device=dev)
+    boxes = crop_boxes(n, height, width, (spec.crop_scale_min, spec.crop_scale_max), generator=generator, device=dev)
     u = torch.rand((n, 6), generator=generator, device=dev)  # flip, jitter, gray, blur, solarize, invert
     f = torch.rand((5, n), generator=generator, device=dev)  # brightness, contrast, saturation, hue, sigma
     on = u[:, 1] < spec.jitter_p
