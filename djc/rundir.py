@@ -42,10 +42,10 @@ SNAPSHOT = checkpoint.RAY_RECORD  # Ray Train's record of the checkpoints it kep
 MAY_CHANGE = ("name", "optim.epochs", "data.eval", "data.source", "data.source_root", "data.imbalance_ratio",
               "data.profile", "data.prepare_seed", "data.loader_workers", "data.on_corrupt", "data.cache_dir",
               "data.cache_max_gb", "data.prefetch_batches", "data.retries", "trainer.use_gpu",
-              "trainer.cpus_per_worker", "trainer.max_failures", "trainer.checkpoint_every",
-              "trainer.keep_checkpoints", "trainer.log_every", "trainer.precision", "trainer.memory_format",
-              "trainer.compile", "trainer.ray_address", "trainer.poll_interval_s", "trainer.ray_log_level",
-              "trainer.resource_wait_s", "eval", "storage", "method.kmeans")
+              "trainer.cpus_per_worker", "trainer.threads_per_worker", "trainer.max_failures",
+              "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.log_every", "trainer.precision",
+              "trainer.memory_format", "trainer.compile", "trainer.ray_address", "trainer.poll_interval_s",
+              "trainer.ray_log_level", "trainer.resource_wait_s", "eval", "storage", "method.kmeans")
 
 
 class RunDirError(ConfigError):

@@ -87,7 +87,8 @@ def _train(loop_config: dict[str, Any]) -> None:
     storage.configure(cfg.storage)  # this process's S3 settings; credentials stay in its environment
     rank, world = dist.rank(), dist.world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))))
+    env_threads = int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))
+    torch.set_num_threads(cfg.trainer.threads_per_worker or max(1, env_threads))
 
     # --- model and cluster state ------------------------------------------------------------------------
     manifest = read_manifest(cfg.data.train)
