@@ -23,7 +23,7 @@ from djc.optim import apply_lr, lr_factor, make_optimizer
 from djc.step import build_method, train_step
 
 JOB = "jobs/shapes_lt_simclr.yaml"
-STEPS = 150  # ~60 s on 2 cores
+STEPS = 600  # the job's batch of 64: ~60 s on 2 cores
 
 
 def _data(per_class: int = 600, ratio: float = 10) -> tuple[torch.Tensor, np.ndarray]:
@@ -76,9 +76,10 @@ def test_contrastive_features_beat_pixels_and_need_the_colour_views():
     km = {"pixels": _kmeans_balanced_acc(pixels, y), "learned": _kmeans_balanced_acc(learned, y)}
     print(f"kNN balanced ACC {knn}, k-means {km}")
     assert knn["pixels"] < 0.2 and km["pixels"] < 0.2
-    # Measured at 150 steps: 20-NN 0.213 against 0.128 on pixels, k-means 0.175 against 0.129.
+    # Measured at 600 steps of the job's batch of 64 (150 of 256 before it changed: 0.213 and 0.175): 20-NN 0.282
+    # against 0.128 on pixels, k-means 0.291 against 0.129.
     assert knn["learned"] > knn["pixels"] + 0.06
     assert km["learned"] > km["pixels"] + 0.03
     # The views are what teach the structure: without colour jitter and grey views the pair's shared colours
     # are the easier cue, and the features learn no more class than the pixels hold.
-    assert knn["shared_colours"] < knn["learned"] - 0.06  # measured: 0.106 against 0.213
+    assert knn["shared_colours"] < knn["learned"] - 0.06  # measured: 0.109 against 0.282
