@@ -24,7 +24,8 @@ ap.add_argument("--k", type=int, default=10)
 a = ap.parse_args()
 saved = torch.load(a.features)
 feats, labels, keep = saved["features"], saved["labels"].numpy(), saved["keep"].numpy()
-n_source = len(labels) if keep is None else 10 * shapes.PER_CLASS["train"]
+# the probe renders the balanced train source of seed 0 and keeps its long-tailed subset: the same draws here
+n_source = len(shapes.CLASSES) * shapes.PER_CLASS["train"]
 p = {k: v[keep] for k, v in shapes._draw_params(np.random.default_rng([0, 0]), n_source).items()}
 luma = np.array([0.2989, 0.587, 0.114], dtype=np.float32)
 nuisances = {
@@ -32,6 +33,7 @@ nuisances = {
     "centre_x": p["cx"], "centre_y": p["cy"],
     "object_luma": p["obj_rgb"] @ luma, "background_luma": p["bg_a"] @ luma,
     "contrast": p["obj_rgb"] @ luma - p["bg_a"] @ luma,
+    # the object's dominant channel, then that channel's level
     "object_hue": np.argmax(p["obj_rgb"], 1).astype(np.float32) + p["obj_rgb"].max(1),
     "background_texture": p["bg_texture"], "clutter": p["clutter"].astype(np.float32), "noise": p["noise"],
 }

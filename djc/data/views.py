@@ -281,7 +281,7 @@ class ViewParams(NamedTuple):
     angle: Tensor | None = None  # degrees, counter-clockwise; None when the spec does not rotate
     invert: Tensor | None = None  # bool; None when the spec never inverts
     noise: Tensor | None = None  # std of the pixel noise; None when the spec adds none
-    noise_key: Tensor | None = None  # int64 per-sample key of the noise's hash; None with noise
+    noise_key: Tensor | None = None  # int64 per-sample key of the noise's hash; None without noise
 
 
 def _factor(u: Tensor, amount: float, on: Tensor) -> Tensor:
