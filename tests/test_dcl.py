@@ -336,3 +336,35 @@ def test_pieces_head_predicts_merged_groups_and_keeps_the_piece():
 def test_pieces_times_clusters_must_fit_in_a_batch():
     with pytest.raises(ValueError, match="method.dcl.pieces=5"):
         from_dict({"method": {"name": "dcl", "num_clusters": 10, "dcl": {"pieces": 5}}, "data": {"batch_size": 32}})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The temperature schedule (method.dcl.temperature_schedule; StatDEC shares it).
+
+
+def test_cosine_temperature_runs_from_high_to_low_and_back():
+    c = _cfg(1, "global", temperature=1.0, temperature_schedule="cosine", temperature_min=0.1,
+             temperature_half_period=4).method.dcl
+    ts = [c.temperature_at(e) for e in range(9)]
+    assert ts[0] == pytest.approx(1.0) and ts[4] == pytest.approx(0.1) and ts[8] == pytest.approx(1.0)
+    assert ts[2] == pytest.approx(0.55) and all(a > b for a, b in zip(ts[:4], ts[1:5]))
+    assert _cfg(1, "global", temperature=0.3).method.dcl.temperature_at(7) == 0.3  # constant: the one value
+    with pytest.raises(ValueError, match="temperature_min=0.5 must be below temperature=0.2"):
+        _cfg(1, "global", temperature=0.2, temperature_schedule="cosine", temperature_min=0.5)
+
+
+def test_the_step_uses_the_epochs_temperature():
+    # The loss of a step at epoch e equals the constant schedule's at t(e), and differs from it at t(0).
+    from djc.methods.base import EpochContext
+    g = torch.Generator().manual_seed(3)
+    index, x1, x2 = torch.arange(B), torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+
+    def loss(epoch: int, **dcl) -> float:
+        torch.manual_seed(0)
+        method = build_method(_cfg(1, "global", lam=0.0, **dcl), DataInfo(N, (8, 8, 1), 4)).train()
+        method.on_epoch_start(EpochContext(epoch, 20, 4, lambda fn: (torch.empty(0), torch.empty(0))))
+        return method(index, x1, x2).loss.item()
+
+    cosine = {"temperature": 1.0, "temperature_schedule": "cosine", "temperature_min": 0.1, "temperature_half_period": 4}
+    assert loss(2, **cosine) == pytest.approx(loss(0, temperature=0.55), rel=1e-6)
+    assert loss(2, **cosine) != pytest.approx(loss(0, **cosine), rel=1e-3)

@@ -18,16 +18,48 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from djc import dist
+from djc.confignode import Node
 from djc.methods.agglomerate import PieceStats
-from djc.methods.base import ClusteringMethod, MethodSettings, Prediction, Setup, StepOut, both_views, cluster_counts
+from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, both_views,
+                              cluster_counts)
 from djc.models.backbones import build_encoder, projection_head
 from djc.models.norm import globalize_batchnorm
 
-class DCLConfig(MethodSettings):
+class TemperatureSchedule(Node):
+    """The contrastive loss's temperature over epochs, for the methods built on it (DCL, StatDEC).
+
+    "constant": `temperature` throughout. "cosine" (Kukleva et al., ICLR 2023, "Temperature schedules for
+    self-supervised contrastive methods on long-tail data"): t(e) = t_min + (t - t_min) (1 + cos(pi e / P)) / 2 at
+    epoch e, from `temperature` down to `temperature_min` over P = temperature_half_period epochs and back. A high t
+    weighs the loss towards telling groups apart, a low t towards telling instances apart; on long-tailed data the
+    head classes gain from the first and the tail from the second. Their release steps it per epoch, 0.1 to 1.0
+    with P = 200 of 2,000 epochs."""
+
+    temperature_schedule: Literal["constant", "cosine"] = "constant"
+    temperature_min: float = Field(0.1, gt=0.0)  # the cosine's low end; `temperature` is its high end and start
+    temperature_half_period: int = Field(10, gt=0)  # epochs from the high end to the low one
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> TemperatureSchedule:
+        t = getattr(self, "temperature")
+        if self.temperature_schedule == "cosine" and not self.temperature_min < t:
+            raise ValueError(f"temperature_min={self.temperature_min} must be below temperature={t}: the cosine "
+                             f"schedule runs from temperature down to temperature_min")
+        return self
+
+    def temperature_at(self, epoch: int) -> float:
+        t = getattr(self, "temperature")
+        if self.temperature_schedule == "constant":
+            return t
+        lo = self.temperature_min
+        return lo + (t - lo) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.temperature_half_period))
+
+
+class DCLConfig(MethodSettings, TemperatureSchedule):
     """Debiased contrastive clustering (docs/methods/dcl.md). The DCL release trains with Adam lr 1e-3,
     wd 1e-6 (set optim.name=adam in the job)."""
 
@@ -194,6 +226,7 @@ class DCL(ClusteringMethod):
         self.card = Cardinality(k, s.num_samples)
         # pieces > 1: the statistics of the head's pieces in the normalised backbone features, merged at prediction
         self.piece_stats = PieceStats(k, bb.feat_dim) if c.pieces > 1 else None
+        self._temperature = c.temperature_at(0)  # a host number, set at every epoch start (a resume starts one)
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         f = self.encode(x)
@@ -217,7 +250,7 @@ class DCL(ClusteringMethod):
             tau: float | Tensor = self.card.tau_plus(y, c.tau_plus, c.tau_max, c.tau_plus_share).repeat(2)  # (2b,)
         else:
             tau = c.tau_plus
-        deb = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, c.temperature, tau)
+        deb = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, self._temperature, tau)
         # DDC per view on the global batch; DDC's terms are permutation invariant, so the block order is fine.
         views = glob.view(w, 2, b, -1)
         div = [ddc_loss(views[:, v, :, d + e:].reshape(w * b, -1), views[:, v, :, d:d + e].reshape(w * b, -1),
@@ -228,12 +261,16 @@ class DCL(ClusteringMethod):
         loss = deb.loss + c.lam * ddc.total
         logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
                 "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
-                "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau)}
+                "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau),
+                "temperature": z.new_full((), self._temperature)}
         piece_sums = None
         if self.piece_stats is not None:  # both views' backbone features, in the anchor's piece: one all-reduce
             piece_sums = dist.all_reduce_sum(
                 PieceStats.local_sums(F.normalize(f.detach(), dim=1), y.repeat(2), a.shape[1]))
         return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1)), piece_sums))
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        self._temperature = self.c.temperature_at(ctx.epoch)
 
     @torch.no_grad()
     def update_state(self, update: DCLUpdate) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from djc import dist
 from djc.methods.agglomerate import Merge, merge_clusters
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut
-from djc.methods.dcl import debiased_contrastive_loss
+from djc.methods.dcl import TemperatureSchedule, debiased_contrastive_loss
 from djc.methods.kmeans import assign, kmeans
 from djc.models.backbones import build_encoder, projection_head
 
@@ -197,7 +197,7 @@ class StatPool(nn.Module):
         self.update(pooled_sums(z, self.weights(self.target(log_q, log_l))))
 
 
-class StatDECConfig(MethodSettings):
+class StatDECConfig(MethodSettings, TemperatureSchedule):
     """StatDEC (djc's own design, docs/methods/statdec.md)."""
 
     temperature: float = Field(0.5, gt=0.0)  # t of the contrastive loss; lower (0.2) for sharper features
@@ -245,6 +245,7 @@ class StatDEC(ClusteringMethod):
         dim = bb.feat_dim if c.pool_space == "backbone" else s.model.proj_dim
         self.pool = StatPool(s.num_clusters, dim, c.ema, c.nu, c.sharpen, c.var_floor,
                              c.target, c.assign == "hard", c.kernel_temperature, tuple(c.init_merges))
+        self._temperature = c.temperature_at(0)  # a host number, set at every epoch start (a resume starts one)
 
     def embed(self, x: Tensor) -> Tensor:
         """The pooled embedding u (what the mixture clusters and prediction returns as features)."""
@@ -268,12 +269,12 @@ class StatDEC(ClusteringMethod):
             tau = self.pool.stats().prior[y].clamp(0.0, c.tau_max).repeat(2)  # (2b,)
         z_all = dist.all_gather_with_grad(z)  # (W * 2b, D), blocks [worker w: view 1, view 2]
         j, off = torch.arange(2 * b, device=z.device), dist.rank() * 2 * b
-        con = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, c.temperature, tau)
+        con = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, self._temperature, tau)
         # KL is per sample (a local mean); it is off (x 0) until the statistics exist.
         kl = kl_target(p, log_q) * self.pool.ready.to(z.dtype)
         loss = con.loss + c.lam * kl
         logs = {"contrastive": con.loss.detach(), "kl": kl.detach(), "tau_plus": tau.mean(),
-                "min_prior": self.pool.stats().prior.min()}
+                "min_prior": self.pool.stats().prior.min(), "temperature": z.new_full((), self._temperature)}
         # ONE collective for the three pooled statistics of the global batch
         sums = dist.all_reduce_sum(pooled_sums(u.detach(), self.pool.weights(p.detach())))
         return StepOut(loss, logs, StatDECUpdate(sums))
@@ -286,6 +287,7 @@ class StatDEC(ClusteringMethod):
     def on_epoch_start(self, ctx: EpochContext) -> None:
         # After a contrastive warm-up the embeddings cluster; k-means on them seeds the statistics once
         # (`ready` is checkpointed, so a resumed run does not redo it). One host sync per epoch.
+        self._temperature = self.c.temperature_at(ctx.epoch)
         start = min(ctx.epochs - 1, round(self.c.warmup_frac * ctx.epochs))
         if ctx.epoch >= start and not bool(self.pool.ready):
             z, index = ctx.map_train(lambda x, index: self.embed(x))  # global indices: seeding ignores sharding
