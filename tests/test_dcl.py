@@ -14,7 +14,7 @@ from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
 from tests.gloo import state_tensors
 from djc.methods.agglomerate import PieceStats, merge_groups
-from djc.methods.base import DataInfo
+from djc.methods.base import DataInfo, EpochContext
 from djc.methods.dcl import Cardinality, cs_divergence, ddc_loss, debiased_contrastive_loss, gaussian_kernel
 from tests.gloo import assert_two_workers_equal_one
 
@@ -253,10 +253,16 @@ def _cfg(world: int, mode: str, **dcl):
     })
 
 
-def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: int = 1) -> dict[str, np.ndarray]:
-    # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N; pieces: the over-clustered head
-    cfg = _cfg(world, mode, pieces=pieces, **({"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}))
+def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: int = 1,
+              nn: bool = False) -> dict[str, np.ndarray]:
+    # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N; pieces: the over-clustered head; nn: NNCLR's
+    # neighbour positives from the first step (the bank fills as the steps go)
+    extra = {"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}
+    if nn:
+        extra |= {"nn_weight": 0.5, "nn_start_epoch": 0}
+    cfg = _cfg(world, mode, pieces=pieces, **extra)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    method.on_epoch_start(EpochContext(0, 1, 3, lambda fn: (torch.empty(0), torch.empty(0))))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
@@ -272,10 +278,20 @@ def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: i
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("mode,release,pieces", [("cluster", False, 1), ("global", False, 1), ("cluster", True, 1),
-                                                 ("cluster", False, 3)])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release, pieces):
-    single = assert_two_workers_equal_one(dcl_steps, mode, release, pieces)
+@pytest.mark.parametrize("mode,release,pieces,nn", [("cluster", False, 1, False), ("global", False, 1, False),
+                                                    ("cluster", True, 1, False), ("cluster", False, 3, False),
+                                                    ("global", False, 1, True)])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release, pieces, nn):
+    # The bank's rows are the network's outputs after two updates, which carry the parameters' ~1e-6 summation-order
+    # noise amplified through the layers (measured: one of 1,024 entries 1.3e-5 apart); a row in the wrong slot
+    # would be O(1) apart
+    single = assert_two_workers_equal_one(dcl_steps, mode, release, pieces, nn, **({"atol": 5e-5} if nn else {}))
+    if nn:  # the bank holds the 3 steps' instances (B of 64 each), rows normalised, the rest unfilled
+        filled = single["nn_filled"]
+        assert 0 < filled.sum() <= 3 * B and np.allclose(np.linalg.norm(single["nn_bank"][filled], axis=1), 1, atol=1e-5)
+        assert not single["nn_bank"][~filled].any()
+    else:
+        assert "nn_bank" not in single
     assert single["card.hist"].sum() == (single["card.memory"] >= 0).sum() > 0
     assert single["card.hist"].shape == (4 * pieces,)
     if pieces > 1:  # the pieces' statistics: one EMA of normalised global sums (shares sum to 1 - 0.9^3 after 3 steps)
@@ -355,7 +371,6 @@ def test_cosine_temperature_runs_from_high_to_low_and_back():
 
 def test_the_step_uses_the_epochs_temperature():
     # The loss of a step at epoch e equals the constant schedule's at t(e), and differs from it at t(0).
-    from djc.methods.base import EpochContext
     g = torch.Generator().manual_seed(3)
     index, x1, x2 = torch.arange(B), torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
 
@@ -368,3 +383,23 @@ def test_the_step_uses_the_epochs_temperature():
     cosine = {"temperature": 1.0, "temperature_schedule": "cosine", "temperature_min": 0.1, "temperature_half_period": 4}
     assert loss(2, **cosine) == pytest.approx(loss(0, temperature=0.55), rel=1e-6)
     assert loss(2, **cosine) != pytest.approx(loss(0, **cosine), rel=1e-3)
+
+
+def test_neighbour_anchor_is_the_nearest_other_filled_instance():
+    cfg = _cfg(1, "global", nn_weight=1.0, nn_start_epoch=0)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    d = method.nn_bank.shape[1]
+    bank = F.normalize(torch.randn(N, d, generator=torch.Generator().manual_seed(5)), dim=1)
+    method.nn_bank.copy_(bank)
+    method.nn_filled[:] = True
+    method.nn_filled[7] = False  # never written: never a neighbour
+    q = torch.stack([bank[3], bank[7], 0.6 * bank[7] + 0.4 * bank[9]])
+    q = F.normalize(q, dim=1)
+    out = method._neighbors(q, torch.tensor([3, 20, 21]))
+    sims = q @ bank.T
+    sims[:, 7] = -2
+    sims[0, 3] = sims[1, 20] = sims[2, 21] = -2  # each row's own instance is left out
+    assert torch.equal(out, bank[sims.argmax(dim=1)])
+    assert not torch.equal(out[0], bank[3])
+    method.nn_filled[:] = False  # nothing filled yet: every anchor keeps itself
+    assert torch.equal(method._neighbors(q, torch.tensor([3, 20, 21])), q)

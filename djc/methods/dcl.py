@@ -9,6 +9,9 @@
      is counted) of the anchor's current cluster in the replicated cardinalities, clipped to [0, tau_max]
      ("cluster": djc's long-tail adaptation; tau_plus_share=dataset divides by N from the start).
   L_div (DDC, Kampffmeyer et al. 2019) = L1 + L2 + L3 on the global batch's A and h, per view, views averaged.
+  Nearest-neighbour positives (nn_weight > 0, NNCLR, Dwibedi et al. 2021; djc's option): each anchor is also
+     replaced by its nearest neighbour in a replicated bank of every instance's last view-1 z (itself left out),
+     detached, with the same positive and negatives: L = (1 - w) L_debiased + w L_debiased(NN anchors) + lambda L_div.
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ class DCLConfig(MethodSettings, TemperatureSchedule):
     # prediction merges them to K by average linkage on their mean normalised backbone features. DDC keeps the
     # pieces near equal in size, so a tail class can own one (digits-LT: 3 pieces; docs/methods/dcl.md); 1 = DCL
     pieces: int = Field(1, ge=1)
+    # NNCLR's nearest-neighbour positive (djc's option): weight w of the loss whose anchors are their nearest
+    # neighbours in the bank of every instance's last view-1 embedding, so that a sample is pulled towards what
+    # resembles it, not only towards its own other view; 0 = off (no bank). nn_start_epoch: epochs of the plain
+    # loss first, while the bank fills (an anchor without a filled neighbour keeps itself)
+    nn_weight: float = Field(0.0, ge=0.0, le=1.0)
+    nn_start_epoch: int = Field(1, ge=0)
 
     def check_run(self, cfg: Any) -> None:
         b = cfg.data.batch_size
@@ -97,6 +106,8 @@ class DCLUpdate(NamedTuple):
     # pieces > 1: (K x pieces, 1 + 2 D) the global batch's (count, sum u, sum u^2) of the normalised backbone
     # features per piece, all-reduced in forward; None with the paper's K-way head
     piece_sums: Tensor | None = None
+    # nn_weight > 0: (B_global, D) the global batch's detached view-1 z, rows in the order of `pairs`, for the bank
+    nn_rows: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,6 +238,10 @@ class DCL(ClusteringMethod):
         # pieces > 1: the statistics of the head's pieces in the normalised backbone features, merged at prediction
         self.piece_stats = PieceStats(k, bb.feat_dim) if c.pieces > 1 else None
         self._temperature = c.temperature_at(0)  # a host number, set at every epoch start (a resume starts one)
+        self._nn_on = False  # whether this epoch uses the bank's neighbours (set at every epoch start)
+        if c.nn_weight > 0:  # the NNCLR bank: each instance's last view-1 z, keyed by dataset index, replicated
+            self.register_buffer("nn_bank", torch.zeros(s.num_samples, s.model.proj_dim))
+            self.register_buffer("nn_filled", torch.zeros(s.num_samples, dtype=torch.bool))
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         f = self.encode(x)
@@ -251,6 +266,11 @@ class DCL(ClusteringMethod):
         else:
             tau = c.tau_plus
         deb = debiased_contrastive_loss(z, z_all, off + (j + b) % (2 * b), off + j, self._temperature, tau)
+        con = deb.loss
+        if self._nn_on:
+            nn_loss = debiased_contrastive_loss(self._neighbors(z.detach(), index.repeat(2)), z_all,
+                                                off + (j + b) % (2 * b), off + j, self._temperature, tau).loss
+            con = (1.0 - c.nn_weight) * con + c.nn_weight * nn_loss
         # DDC per view on the global batch; DDC's terms are permutation invariant, so the block order is fine.
         views = glob.view(w, 2, b, -1)
         div = [ddc_loss(views[:, v, :, d + e:].reshape(w * b, -1), views[:, v, :, d:d + e].reshape(w * b, -1),
@@ -258,23 +278,42 @@ class DCL(ClusteringMethod):
         ddc = DDC(*(0.5 * (p + q) for p, q in zip(div[0], div[1])))
         # Each worker returns the SAME global DDC value: the gather's backward sums the W workers' gradients and
         # DDP averages them, so W * L_div / W = the 1-process gradient. The contrastive part is a local mean.
-        loss = deb.loss + c.lam * ddc.total
+        loss = con + c.lam * ddc.total
         logs = {"debiased": deb.loss.detach(), "ddc_l1": ddc.l1.detach(), "ddc_l2": ddc.l2.detach(),
                 "ddc_l3": ddc.l3.detach(), "clamped": deb.clamped,
                 "tau_plus": tau.mean().detach() if torch.is_tensor(tau) else z.new_full((), tau),
                 "temperature": z.new_full((), self._temperature)}
+        if self._nn_on:
+            logs["nn_loss"] = nn_loss.detach()
         piece_sums = None
         if self.piece_stats is not None:  # both views' backbone features, in the anchor's piece: one all-reduce
             piece_sums = dist.all_reduce_sum(
                 PieceStats.local_sums(F.normalize(f.detach(), dim=1), y.repeat(2), a.shape[1]))
-        return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1)), piece_sums))
+        # The bank's rows: view 1 of every worker's block, in rank order, as `pairs` gathers the indices
+        nn_rows = glob.detach()[:, :d].view(w, 2, b, d)[:, 0].reshape(w * b, d) if c.nn_weight > 0 else None
+        return StepOut(loss, logs, DCLUpdate(dist.all_gather_same_size(torch.stack([index, y], dim=1)), piece_sums,
+                                             nn_rows))
+
+    @torch.no_grad()
+    def _neighbors(self, z: Tensor, index: Tensor) -> Tensor:
+        """(A, D) each row's nearest neighbour (cosine) in the bank, the row's own instance and unfilled entries left
+        out; a row with no such neighbour keeps itself. A x N similarities: 2 B x N, no N x N matrix."""
+        sims = z @ self.nn_bank.T  # (A, N)
+        sims = sims.masked_fill(~self.nn_filled, float("-inf"))
+        sims[torch.arange(z.shape[0], device=z.device), index] = float("-inf")
+        best, nn_index = sims.max(dim=1)
+        return torch.where(torch.isfinite(best)[:, None], self.nn_bank[nn_index], z)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         self._temperature = self.c.temperature_at(ctx.epoch)
+        self._nn_on = self.c.nn_weight > 0 and ctx.epoch >= self.c.nn_start_epoch
 
     @torch.no_grad()
     def update_state(self, update: DCLUpdate) -> None:
         self.card.update(update.pairs[:, 0], update.pairs[:, 1])
+        if update.nn_rows is not None:
+            self.nn_bank[update.pairs[:, 0]] = update.nn_rows
+            self.nn_filled[update.pairs[:, 0]] = True
         if update.piece_sums is not None:
             self.piece_stats.update_global(update.piece_sums)
 
