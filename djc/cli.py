@@ -222,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
                     help="quality: cached (default) = the pairs see the plain images, so the frozen encoder's "
                          "features are computed once; augmented = each config's own views through the frozen "
                          "encoder every step (P2OT's release recipe: an invariance signal for the head)")
+    be.add_argument("--pair-neighbors", type=int, default=0,
+                    help="quality: with cached pair views, a pair's second view is one of each sample's N nearest "
+                         "neighbours in the pretext's features (augment.neighbors, SCAN's mining); 0 = off")
     be.add_argument("--stages", default="scratch,pairs",
                     help="quality: which runs, a comma list of scratch (each config from scratch) and pairs (with "
                          "--pretext: the pretext run and each config on it)")

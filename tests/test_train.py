@@ -139,6 +139,15 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     assert "policy: none" not in (run / "config.yaml").read_text() and (run / "metrics.json").is_file()
     assert not list(run.glob("features/train-*.pt"))
 
+    # --pair-neighbors: set on the pair alone (the pretext, which would refuse it, is read back), in a run dir of its
+    # own; with augmented views it is refused before any run
+    assert cli.main([*again, "--pair-neighbors", "2"]) == 0
+    assert capsys.readouterr().out.count("reused") == 1
+    run = out / "tiny" / "digits_lt_p2ot-on-pretext-head-nn2-seed0"
+    assert "neighbors: 2" in (run / "config.yaml").read_text() and (run / "metrics.json").is_file()
+    assert cli.main([*again, "--pair-views", "augmented", "--pair-neighbors", "2"]) == 2
+    assert "--pair-neighbors 2: a count >= 0, with --pair-views cached" in capsys.readouterr().err
+
 
 def test_reuse_compares_what_a_config_changes_from_the_defaults():
     """bench quality --reuse: a config's digest is over what differs from djc's defaults, so a run from before a

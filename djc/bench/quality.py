@@ -14,7 +14,9 @@ as "<method> (pretext)", with k-means on the same pretext features ("kmeans-enco
 Every row carries its wall time in minutes (a pretext pair: pretext + clustering run), so a from-scratch run can
 be compared with the pair for the same total time. --pretext-head: the configs cluster on the pretext's projection
 outputs (model.weights_head). --pair-views augmented: the configs keep their own views, so the frozen encoder runs
-on augmented images every step (P2OT's release recipe) instead of once. --stages: only the from-scratch runs or
+on augmented images every step (P2OT's release recipe) instead of once. --pair-neighbors N (cached views only): a
+pair's second view is one of each sample's N nearest neighbours in the pretext's features (augment.neighbors),
+set on the pairs alone, since a from-scratch or pretext run refuses it. --stages: only the from-scratch runs or
 only the pairs. --reuse: a run that finished in its run dir from the same config (bench.json: the config's digest
 and the wall time) is read, not rerun.
 """
@@ -96,6 +98,10 @@ def main(args: argparse.Namespace) -> int:
     views = getattr(args, "pair_views", "cached")
     if views not in ("cached", "augmented"):
         raise ConfigError(f"--pair-views {views!r}: cached or augmented")
+    neighbors = getattr(args, "pair_neighbors", 0)
+    if neighbors < 0 or (neighbors and views != "cached"):
+        raise ConfigError(f"--pair-neighbors {neighbors}: a count >= 0, with --pair-views cached (neighbours are "
+                          f"mined in features computed once)")
     runs = []
     for d in datasets:
         for s in range(args.seeds):
@@ -114,7 +120,10 @@ def main(args: argparse.Namespace) -> int:
                      f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}", *head]
             if views == "cached":  # no augmentation on the frozen encoder's input: its features computed once
                 extra.append("augment.policy=none")
-            tag = ("-on-pretext-head" if head else "-on-pretext") + ("-aug" if views == "augmented" else "")
+            if neighbors:
+                extra.append(f"augment.neighbors={neighbors}")
+            tag = (("-on-pretext-head" if head else "-on-pretext") + ("-aug" if views == "augmented" else "")
+                   + (f"-nn{neighbors}" if neighbors else ""))
         cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
