@@ -281,3 +281,23 @@ def test_backbone_pool_clusters_the_normalised_backbone_features_and_pulls_only_
     kl_target(method.pool.target(log_q, log_l), log_q).backward()
     assert all(q.grad is None or q.grad.abs().max() == 0 for q in method.proj.parameters())
     assert any(q.grad is not None and q.grad.abs().max() > 0 for q in method.backbone.parameters())
+
+
+def test_the_contrastive_loss_uses_the_epochs_scheduled_temperature():
+    # StatDEC shares DCL's TemperatureSchedule: at epoch 2 of a cosine 1.0 -> 0.1 over 4 epochs the loss is the
+    # constant schedule's at t = 0.55 (before the init, so KL is off and only the contrastive term counts)
+    g = torch.Generator().manual_seed(3)
+    index, x1, x2 = torch.arange(B), torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+
+    def loss(epoch: int, **statdec) -> float:
+        torch.manual_seed(0)
+        cfg = from_dict({"model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 8},
+                         "method": {"name": "statdec", "num_clusters": 4, "statdec": {"warmup_frac": 1.0} | statdec},
+                         "data": {"batch_size": B}, "optim": {"epochs": 20}})
+        method = build_method(cfg, DataInfo(N, (8, 8, 1), 4)).train()
+        method.on_epoch_start(EpochContext(epoch, 20, 4, lambda fn: (torch.empty(0), torch.empty(0))))
+        return method(index, x1, x2).loss.item()
+
+    cosine = {"temperature": 1.0, "temperature_schedule": "cosine", "temperature_min": 0.1, "temperature_half_period": 4}
+    assert loss(2, **cosine) == pytest.approx(loss(0, temperature=0.55), rel=1e-6)
+    assert loss(2, **cosine) != pytest.approx(loss(0, **cosine), rel=1e-3)

@@ -42,23 +42,24 @@ class TemperatureSchedule(Node):
     head classes gain from the first and the tail from the second. Their release steps it per epoch, 0.1 to 1.0
     with P = 200 of 2,000 epochs."""
 
+    # t of the contrastive loss (the DCL release's 0.5; lower, 0.2, for sharper features); with the cosine schedule
+    # its high end and start
+    temperature: float = Field(0.5, gt=0.0)
     temperature_schedule: Literal["constant", "cosine"] = "constant"
-    temperature_min: float = Field(0.1, gt=0.0)  # the cosine's low end; `temperature` is its high end and start
+    temperature_min: float = Field(0.1, gt=0.0)  # the cosine's low end
     temperature_half_period: int = Field(10, gt=0)  # epochs from the high end to the low one
 
     @model_validator(mode="after")
     def _low_below_high(self) -> TemperatureSchedule:
-        t = getattr(self, "temperature")
-        if self.temperature_schedule == "cosine" and not self.temperature_min < t:
-            raise ValueError(f"temperature_min={self.temperature_min} must be below temperature={t}: the cosine "
-                             f"schedule runs from temperature down to temperature_min")
+        if self.temperature_schedule == "cosine" and not self.temperature_min < self.temperature:
+            raise ValueError(f"temperature_min={self.temperature_min} must be below temperature={self.temperature}: "
+                             f"the cosine schedule runs from temperature down to temperature_min")
         return self
 
     def temperature_at(self, epoch: int) -> float:
-        t = getattr(self, "temperature")
+        t, lo = self.temperature, self.temperature_min
         if self.temperature_schedule == "constant":
             return t
-        lo = self.temperature_min
         return lo + (t - lo) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.temperature_half_period))
 
 
@@ -68,7 +69,6 @@ class DCLConfig(MethodSettings, TemperatureSchedule):
 
     # DDC's divergence needs every cluster reachable in one global batch.
     needs_k_le_batch: ClassVar[bool] = True
-    temperature: float = Field(0.5, gt=0.0)  # t of the debiased contrastive loss; lower (0.2) for sharper features
     # "cluster": tau+ per anchor = its cluster's share n_c / N (long-tailed data); "global": one tau_plus for all
     tau_plus_mode: Literal["cluster", "global"] = "cluster"
     tau_plus: float = Field(0.1, ge=0.0, lt=1.0)  # global tau+ (and the first step's in cluster mode): ~1 / classes

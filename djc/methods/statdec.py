@@ -200,7 +200,7 @@ class StatPool(nn.Module):
 class StatDECConfig(MethodSettings, TemperatureSchedule):
     """StatDEC (djc's own design, docs/methods/statdec.md)."""
 
-    temperature: float = Field(0.5, gt=0.0)  # t of the contrastive loss; lower (0.2) for sharper features
+    # temperature and its schedule: TemperatureSchedule (djc/methods/dcl.py), as DCL's
     tau_max: float = Field(0.3, ge=0.0, lt=1.0)  # cap of tau+ = prior of the anchor's cluster; 0 = plain NT-Xent
     lam: float = Field(1.0, ge=0.0)  # weight of KL(P || Q); 0 = clustering on fixed contrastive features
     # EMA of the pooled cluster statistics per step: ~1/(1-ema) = 10 steps of samples; raise (0.99) when a tail
