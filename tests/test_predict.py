@@ -129,3 +129,22 @@ def test_bench_selection_measures_each_run_once_and_counts_a_rerun_once(run_dir,
     assert "| secu | 1 |" in (out / "selection.md").read_text()
     assert cli.main(["bench", "selection", "--runs", str(runs), "--out", str(out), "--cached"]) == 0
     assert ": balanced ACC test" not in capsys.readouterr().out  # read back, not measured again
+
+
+def test_a_run_on_a_pretext_predicts_with_the_pretexts_input_side(run_dir, tmp_path):
+    """A method on a frozen djc run's encoder trains on that run's input (12-px views here, the pretext's
+    augment.out_size), not the 8-px images: prediction must resize as training did. It once used the images' own
+    side, and on the RGB benchmark agreed with the run's own clusters on half the rows."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = [f"data.train={cfg['data']['train']}", f"data.eval={{test: {cfg['data']['eval']['test']}}}",
+            "optim.epochs=1", "optim.frozen_epochs=0", "optim.warmup_epochs=0", "method.secu.num_heads=2",
+            "method.kmeans.restarts=1", "eval.map=none", "model.width=32"]
+    pretext, pair = tmp_path / "pretext", tmp_path / "pair"
+    assert cli.main(["train", JOB, "--out", str(pretext), *data, "augment.out_size=12"]) == 0
+    assert cli.main(["train", JOB, "--out", str(pair), *data, f"model.weights={pretext}", "model.freeze=all",
+                     "augment.policy=none"]) == 0
+    out = tmp_path / "predicted"
+    assert cli.main(["predict", str(pair), "--data", cfg["data"]["train"], "--out", str(out), "--workers", "1"]) == 0
+    new = _rows(read_assignments(str(out / "assignments.parquet")), "train")
+    old = _rows(read_assignments(str(pair / "assignments.parquet")), "train")
+    np.testing.assert_array_equal(new["cluster_h1"], old["cluster_h1"])
