@@ -53,8 +53,7 @@ def final_checkpoint(run_dir: str) -> str:
 
 def load_run(run_dir: str, device: torch.device) -> Loaded:
     """The run's trained method as its evaluation saw it (on_train_end applied: AE-CM's averaged weights)."""
-    from djc.data.augment import ViewPair
-    from djc.step import build_method, to_device, views_input
+    from djc.step import build_method, run_views, to_device
     from djc.train import data_info
 
     state = checkpoint.load(final_checkpoint(run_dir), map_location=device)
@@ -69,10 +68,8 @@ def load_run(run_dir: str, device: torch.device) -> Loaded:
     method.load_state_dict(state["method"])
     method.on_train_end()
     method.eval()
-    # The views the run trained and evaluated with: its normalisation and side (augment.out_size, or a pretrained
-    # backbone's), not the images' own; a 24-px run predicted at 32 px agreed with its own clusters on half the rows.
-    spec = views_input(cfg, info)
-    return Loaded(cfg, method, ViewPair(cfg, spec.mean, spec.std, spec.size), train, int(state["epoch"]))
+    # The views the run trained and evaluated with (its normalisation and side), not the images' own.
+    return Loaded(cfg, method, run_views(cfg, info), train, int(state["epoch"]))
 
 
 def check_data(data: Manifest, train: Manifest) -> None:

@@ -24,9 +24,8 @@ from djc.config import Config, from_dict, to_dict
 from djc.data.shards import Manifest, read_manifest
 from djc.data.loader import StreamLoader
 from djc.data.stream import ShardStream
-from djc.data.augment import ViewPair
 from djc.optim import apply_lr, lr_factor, make_optimizer
-from djc.step import build_method, to_device, train_step, views_input, wrap_ddp
+from djc.step import build_method, run_views, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.metrics import size_health
 
@@ -41,8 +40,7 @@ def make_inputs(cfg: Config, method, manifest: Manifest, device: torch.device, r
     two inputs. Views of the images, normalised and sized for the backbone (djc/data/inputs.py); or, with a
     frozen backbone on plain views, its features computed once (djc/features.py) and a stream of indices only."""
     rank, world = dist.rank(), dist.world_size()
-    spec = views_input(cfg, data_info(manifest))  # the dataset's normalisation and side, or the pretrained backbone's
-    views = ViewPair(cfg, spec.mean, spec.std, spec.size)
+    views = run_views(cfg, data_info(manifest))  # the dataset's normalisation and side, or the pretrained backbone's
     order = None  # with cached features: the dataset index of each row, so the stream reads nothing
     if features.applies(cfg, method.augmented):
         views = features.prepare(cfg, method, views, device, run_dir)
