@@ -103,11 +103,13 @@ RELEASE = {"pretrain_optimizer": "sgd", "fresh_optimizer": True, "adam_eps_hat":
 
 
 def _cfg(world: int, init: str = "pre", cm_init: str = "posterior", release: bool = False):
+    """init "cm": no autoencoder (method.aecm.autoencoder=false), the CM alone on the pixels from epoch 0."""
+    no_ae = {"init": "pre", "autoencoder": False} if init == "cm" else {}
     return from_dict({
         "method": {"name": "aecm", "num_clusters": 3,
                    "aecm": {"hidden": [16, 16, 32], "code_dim": 4, "alpha": 3.0, "alpha_mode": "profile",
                             "expected_imbalance": 4.0, "init": init, "pretrain_epochs": 1, "cm_epochs": 1,
-                            "cm_init": cm_init} | (RELEASE if release else {})},
+                            "cm_init": cm_init} | (RELEASE if release else {}) | no_ae},
         "optim": {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": EPOCHS},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
@@ -202,10 +204,28 @@ def test_pre_init_puts_u_on_the_code_centers(cm_init):
         torch.testing.assert_close(method.cm(codes), F.softmax(-d2 / (2 * var), dim=1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("init,release", [("pre", False), ("rand", False), ("pre", True)])
+@pytest.mark.parametrize("init,release", [("pre", False), ("rand", False), ("pre", True), ("cm", False)])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(init, release):
     single = assert_two_workers_equal_one(aecm_run, init, False, release)
     assert single["hist"].sum() == STEPS * B  # the last epoch's argmax counts cover the global batches
+
+
+def test_without_an_autoencoder_the_cm_alone_fits_the_input_from_kmeans_every_epoch():
+    torch.set_num_threads(1)
+    method = build_method(_cfg(1, "cm"), DataInfo(N, (8, 8, 1), 3))
+    assert list(method.parameters()) == list(method.cm.parameters())  # nothing but the CM trains
+    all_rows = torch.arange(N)
+    method.on_epoch_start(EpochContext(0, EPOCHS, STEPS, lambda fn: (fn(DATA, all_rows), all_rows)))
+    x, u = DATA.flatten(1), method.cm.u.detach()
+    labels = torch.cdist(x, u).argmin(1)
+    for k in range(3):  # k-means on the input itself at epoch 0, not on a code
+        torch.testing.assert_close(u[k], x[labels == k].mean(0), rtol=1e-4, atol=1e-4)
+    assert method.cm(x).argmax(1).tolist() == labels.tolist()  # the posterior at k-means: its partition
+    out = aecm_run(0, 1, "cm")
+    assert out["phase"].tolist() == [1, 1]  # the CM-alone stage up to the last, averaged, epoch
+    for bad, message in (({"init": "rand"}, "needs method.aecm.init=pre"), ({"augment": True}, "augment")):
+        with pytest.raises(ValueError, match=message):
+            from_dict({"method": {"name": "aecm", "aecm": {"autoencoder": False} | bad}})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ CM (djc/methods/cm.py) on the code c. Per step, with n the GLOBAL batch and ever
 That is the paper's summed loss divided by n: the mean over workers of these local losses equals the one-process
 loss, and E4 reads mean_i gamma_ik from a with-gradient all-reduce of the local sums (it sits inside a log).
 The last epoch averages the weights after each of its steps; `on_train_end` swaps the average in.
+With autoencoder=false there is no AE: the CM trains alone on the input from k-means at epoch 0, every epoch (the
+module the paper shows equals a GMM, on features something else learned; djc's, docs/methods/aecm.md).
 With model.weights the autoencoder's input x is not the pixels but the frozen backbone's features (model.freeze=all:
 an autoencoder would make a trainable backbone's features trivial to reconstruct), computed once per run.
 """
@@ -72,6 +74,10 @@ class AECMConfig(MethodSettings):
     # k-means init stay on the plain images. djc's extension, after DEC-DA (Guo et al. 2018): more distinct inputs
     # for a small data set (digits-LT, docs/methods/aecm.md); false = the paper's plain images
     augment: bool = False
+    # false: no autoencoder, the CM alone on the input (code_dim, hidden, beta, lam, pretrain_epochs and cm_epochs
+    # unused): k-means at epoch 0, then the CM-alone loss every epoch. djc's, for a frozen backbone's features,
+    # which an autoencoder can only compress (on the RGB pretext it lost to k-means on them: docs/methods/aecm.md)
+    autoencoder: bool = True
 
     @model_validator(mode="after")
     def _alpha_matches_mode(self) -> AECMConfig:
@@ -81,6 +87,12 @@ class AECMConfig(MethodSettings):
                              f"{self.alpha_mode!r}: 'sorted' takes a list, 'uniform' and 'profile' one number")
         if any(a <= 0 for a in (self.alpha if is_list else [self.alpha])):
             raise ValueError(f"method.aecm.alpha={self.alpha!r} must be > 0 (a Dirichlet parameter)")
+        if not self.autoencoder and self.init != "pre":
+            raise ValueError("method.aecm.autoencoder=false starts the CM from k-means: it needs method.aecm.init=pre "
+                             f"(got {self.init!r})")
+        if not self.autoencoder and self.augment:
+            raise ValueError("method.aecm.autoencoder=false fits the CM to the plain input: method.aecm.augment "
+                             "must be false")
         return self
 
     def check_run(self, cfg: Any) -> None:
@@ -118,7 +130,9 @@ def copy_vector_(vec: Tensor, params: list[nn.Parameter]) -> None:
         offset += p.numel()
 
 
-def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int) -> int:
+def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int, autoencoder: bool = True) -> int:
+    if not autoencoder:
+        return CM_ONLY
     if init == "rand" or epoch >= pretrain_epochs + cm_epochs:
         return JOINT
     return PRETRAIN if epoch < pretrain_epochs else CM_ONLY
@@ -136,7 +150,7 @@ class AECM(ClusteringMethod):
         self.c, self.k, self.seed, self.km = c, s.num_clusters, s.seed, s.kmeans
         self.augmented = c.augment  # augment: the loop hands two augmented views; the step reads view 1
         self.batch = s.global_batch  # converts the release's pretraining lr (make_optimizer)
-        if c.init == "pre" and s.epochs <= c.pretrain_epochs + c.cm_epochs:
+        if c.autoencoder and c.init == "pre" and s.epochs <= c.pretrain_epochs + c.cm_epochs:
             raise ValueError(f"optim.epochs={s.epochs} leaves no joint epoch after method.aecm.pretrain_epochs="
                              f"{c.pretrain_epochs} + method.aecm.cm_epochs={c.cm_epochs}")
         h, w, ch = s.image_shape
@@ -146,14 +160,17 @@ class AECM(ClusteringMethod):
         else:
             d = h * w * ch
         self.d = d
-        self.encoder = mlp([d, *c.hidden, c.code_dim])
-        self.decoder = mlp([c.code_dim, *reversed(c.hidden), d])
-        self.cm = CM(c.code_dim, self.k)
+        self.pretrain_epochs = c.pretrain_epochs if c.autoencoder else 0  # no AE: k-means at epoch 0
+        if c.autoencoder:
+            self.encoder, self.decoder = mlp([d, *c.hidden, c.code_dim]), mlp([c.code_dim, *reversed(c.hidden), d])
+        else:  # the code is the input, reconstructed exactly: recon = 0 and the CM-alone stage throughout
+            self.encoder, self.decoder = nn.Identity(), nn.Identity()
+        self.cm = CM(c.code_dim if c.autoencoder else d, self.k)
         alpha = alpha_vector(c.alpha if isinstance(c.alpha, float) else list(c.alpha), self.k, c.alpha_mode,
                              c.expected_imbalance)
         self.register_buffer("alpha", alpha)  # (K,) ascending
         # (stage, averaging): set at each epoch start; a buffer so that a checkpoint restores it.
-        self.register_buffer("phase", torch.tensor([stage_at(0, c.init, c.pretrain_epochs, c.cm_epochs), 0]))
+        self.register_buffer("phase", torch.tensor([self._stage_at(0), 0]))
         self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
         numel = sum(p.numel() for p in self._own())
         self.register_buffer("avg_sum", torch.zeros(numel))  # sum of the weight vector after each averaged step
@@ -161,6 +178,9 @@ class AECM(ClusteringMethod):
         self._phase: tuple[int, int] | None = None  # host copy of `phase`: no device sync per step
         self._frozen: Tensor | None = None  # the AE's weights while the CM trains alone
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_phase", None))
+
+    def _stage_at(self, epoch: int) -> int:
+        return stage_at(epoch, self.c.init, self.c.pretrain_epochs, self.c.cm_epochs, self.c.autoencoder)
 
     def _stage(self) -> tuple[int, int]:
         if self._phase is None:
@@ -228,15 +248,15 @@ class AECM(ClusteringMethod):
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:
         c = self.c
-        stage = stage_at(ctx.epoch, c.init, c.pretrain_epochs, c.cm_epochs)
+        stage = self._stage_at(ctx.epoch)
         averaging = int(c.average_last_epoch and ctx.epoch == ctx.epochs - 1)
-        if c.init == "pre" and ctx.epoch == c.pretrain_epochs:
+        if c.init == "pre" and ctx.epoch == self.pretrain_epochs:
             self._init_cm(ctx)
         self.phase.copy_(torch.tensor([stage, averaging]))
         self._phase = (stage, averaging)
         # Not a buffer: restored after every step, the AE at each CM-alone epoch start IS the snapshot (resume too).
         self._frozen = (torch.nn.utils.parameters_to_vector(self._autoencoder()).clone()
-                        if stage == CM_ONLY else None)
+                        if stage == CM_ONLY and c.autoencoder else None)
         self.hist.zero_()
         if averaging:
             self.avg_sum.zero_()
