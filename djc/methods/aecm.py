@@ -130,9 +130,7 @@ def copy_vector_(vec: Tensor, params: list[nn.Parameter]) -> None:
         offset += p.numel()
 
 
-def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int, autoencoder: bool = True) -> int:
-    if not autoencoder:
-        return CM_ONLY
+def stage_at(epoch: int, init: str, pretrain_epochs: int, cm_epochs: int) -> int:
     if init == "rand" or epoch >= pretrain_epochs + cm_epochs:
         return JOINT
     return PRETRAIN if epoch < pretrain_epochs else CM_ONLY
@@ -160,7 +158,8 @@ class AECM(ClusteringMethod):
         else:
             d = h * w * ch
         self.d = d
-        self.pretrain_epochs = c.pretrain_epochs if c.autoencoder else 0  # no AE: k-means at epoch 0
+        # (pretrain, CM-alone) epochs: without an AE none of the first and all of the second, k-means at epoch 0
+        self.stages = (c.pretrain_epochs, c.cm_epochs) if c.autoencoder else (0, s.epochs)
         if c.autoencoder:
             self.encoder, self.decoder = mlp([d, *c.hidden, c.code_dim]), mlp([c.code_dim, *reversed(c.hidden), d])
         else:  # the code is the input, reconstructed exactly: recon = 0 and the CM-alone stage throughout
@@ -170,7 +169,7 @@ class AECM(ClusteringMethod):
                              c.expected_imbalance)
         self.register_buffer("alpha", alpha)  # (K,) ascending
         # (stage, averaging): set at each epoch start; a buffer so that a checkpoint restores it.
-        self.register_buffer("phase", torch.tensor([self._stage_at(0), 0]))
+        self.register_buffer("phase", torch.tensor([stage_at(0, c.init, *self.stages), 0]))
         self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
         numel = sum(p.numel() for p in self._own())
         self.register_buffer("avg_sum", torch.zeros(numel))  # sum of the weight vector after each averaged step
@@ -178,9 +177,6 @@ class AECM(ClusteringMethod):
         self._phase: tuple[int, int] | None = None  # host copy of `phase`: no device sync per step
         self._frozen: Tensor | None = None  # the AE's weights while the CM trains alone
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_phase", None))
-
-    def _stage_at(self, epoch: int) -> int:
-        return stage_at(epoch, self.c.init, self.c.pretrain_epochs, self.c.cm_epochs, self.c.autoencoder)
 
     def _stage(self) -> tuple[int, int]:
         if self._phase is None:
@@ -248,9 +244,9 @@ class AECM(ClusteringMethod):
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:
         c = self.c
-        stage = self._stage_at(ctx.epoch)
+        stage = stage_at(ctx.epoch, c.init, *self.stages)
         averaging = int(c.average_last_epoch and ctx.epoch == ctx.epochs - 1)
-        if c.init == "pre" and ctx.epoch == self.pretrain_epochs:
+        if c.init == "pre" and ctx.epoch == self.stages[0]:
             self._init_cm(ctx)
         self.phase.copy_(torch.tensor([stage, averaging]))
         self._phase = (stage, averaging)
