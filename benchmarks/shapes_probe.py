@@ -6,7 +6,7 @@ probes share 2 cores (--threads 1 each). What docs/results.md's RGB section repo
 usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--eval-every S] [--threads T]
        [--pixels]  k-means and 20-NN on the pixels instead of training
        [--time-steps N]  seconds per training step (views + train_step, mean of N after one warm-up) instead
-       [--save PATH]  write the final features, labels and the kept indices (torch.save) for shapes_nuisance.py
+       [--save PATH]  write the final features (and the backbone's), labels and the kept indices (torch.save)
        [--spec field=value]  override a field of both views' ViewSpec (e.g. hue=0.5)
        [--variant flat,clut2,lownoise,light,noclut,soft]  render the train split with milder nuisances
        [--gray-all]  turn the data grey before anything (colour removed from the data, not by the views)
@@ -130,6 +130,7 @@ def evaluate():
             if bb is not None: bbs.append(bb(x).float().flatten(1))
     method.train()
     saved.update(features=torch.cat(fs), labels=torch.from_numpy(Y), keep=torch.from_numpy(keep))
+    if bbs: saved["backbone"] = torch.cat(bbs)
     out = ev(torch.cat(fs), Y, torch.cat(cs).numpy())
     if bbs:
         out["bb_km"] = ev(torch.cat(bbs), Y)["km"]
