@@ -4,7 +4,9 @@ distance to K centres. The 20-NN accuracy of the shapes reference (0.52-0.59; 0.
 (0.31-0.39): the class is there locally, the classes are not K round blobs. This measures which procedure closes
 that gap (docs/results.md, "The learning rate, and clustering the features' neighbourhood graph").
 
-usage: python benchmarks/features_graph.py FEATURES.pt [--which features|backbone] [--threads T]
+usage: python benchmarks/features_graph.py FEATURES.pt|PREDICT_DIR [--which features|backbone] [--threads T]
+PREDICT_DIR: the --out of `djc predict RUN --data LABELLED --embeddings` (its embeddings.npy and the labels of its
+assignments.parquet), so a bench's run is measured the same way as a probe's saved features.
        [--only kmeans,spectral,...]  run only the procedures named (their first word)
 Each line printed is JSON: the procedure, then balanced ACC, tail ACC and NMI (labels used for the score only).
   kmeans          djc's k-means on the L2-normalised features (what `djc bench quality` reports)
@@ -17,8 +19,10 @@ Each line printed is JSON: the procedure, then balanced ACC, tail ACC and NMI (l
 
 import argparse
 import json
+import os
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -94,7 +98,14 @@ def main():
     ap.add_argument("--only", default="kmeans,pca-white,smooth,spectral,overcluster")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    d = torch.load(a.path, weights_only=True)
+    if os.path.isdir(a.path):  # a `djc predict --embeddings` output
+        if a.which != "features":
+            ap.error("a predict dir holds the run's features only (--which features)")
+        rows = pd.read_parquet(os.path.join(a.path, "assignments.parquet"), columns=["label"])
+        d = {a.which: torch.from_numpy(np.load(os.path.join(a.path, "embeddings.npy")).astype(np.float32)),
+             "labels": torch.from_numpy(rows["label"].to_numpy())}
+    else:
+        d = torch.load(a.path, weights_only=True)
     f = F.normalize(d[a.which].float(), dim=1); y = d["labels"].numpy(); k = int(y.max()) + 1
     counts = np.bincount(y, minlength=k)
 
