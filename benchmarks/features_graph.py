@@ -103,7 +103,7 @@ def main():
             ap.error("a predict dir holds the run's features only (--which features)")
         rows = pd.read_parquet(os.path.join(a.path, "assignments.parquet"), columns=["label"])
         d = {a.which: torch.from_numpy(np.load(os.path.join(a.path, "embeddings.npy")).astype(np.float32)),
-             "labels": torch.from_numpy(rows["label"].to_numpy())}
+             "labels": torch.from_numpy(rows["label"].to_numpy().copy())}
     else:
         d = torch.load(a.path, weights_only=True)
     f = F.normalize(d[a.which].float(), dim=1); y = d["labels"].numpy(); k = int(y.max()) + 1
