@@ -5,9 +5,9 @@ distance to K centres. The 20-NN accuracy of the shapes reference (0.52-0.59; 0.
 that gap (docs/results.md, "The learning rate, and clustering the features' neighbourhood graph").
 
 usage: python benchmarks/features_graph.py FEATURES.pt|PREDICT_DIR [--which features|backbone] [--threads T]
+       [--only kmeans,spectral,...]  run only the procedures named (their first word)
 PREDICT_DIR: the --out of `djc predict RUN --data LABELLED --embeddings` (its embeddings.npy and the labels of its
 assignments.parquet), so a bench's run is measured the same way as a probe's saved features.
-       [--only kmeans,spectral,...]  run only the procedures named (their first word)
 Each line printed is JSON: the procedure, then balanced ACC, tail ACC and NMI (labels used for the score only).
   kmeans          djc's k-means on the L2-normalised features (what `djc bench quality` reports)
   pca-white D     k-means after PCA to D dims, whitened, re-normalised
