@@ -44,6 +44,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = launch.out_url(args.run_dir, flag="djc eval")
     cfg = read_config(run_dir)
     storage.configure(cfg.storage)
+    if args.rerun:
+        from djc import predict
+
+        print(metrics_table(predict.rerun_end(launch.absolute(run_dir.rstrip("/")))))
+        return 0
     try:
         table = read_assignments(f"{run_dir}/assignments.parquet")
         fs, path = fsspec.core.url_to_fs(f"{run_dir}/{MAP_FILE}")
@@ -169,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="recompute metrics.json and plots from a run dir's assignments")
     ev.add_argument("run_dir")
+    ev.add_argument("--rerun", action="store_true",
+                    help="run the end of the run again from its final checkpoint, in this process: predictions, "
+                         "baselines (any added to djc since the run), metrics and pictures")
     ev.set_defaults(func=cmd_eval)
 
     pc = sub.add_parser("predict", help="apply a trained run to a data set: assignments, embeddings, galleries, map")

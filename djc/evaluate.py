@@ -1,5 +1,5 @@
-"""The end of a run: predict every split, run the k-means baselines, compute the metrics, write the run dir's
-outputs (assignments, metrics.json, plots, cluster galleries and the map of the embeddings).
+"""The end of a run: predict every split, run the baselines (k-means, knn-merge), compute the metrics, write the
+run dir's outputs (assignments, metrics.json, plots, cluster galleries and the map of the embeddings).
 
 Each worker predicts its own slice of every split and k-means runs on the sharded rows (djc.methods.kmeans),
 so no worker holds another's features; only the small per-sample results (and the features of the map's
@@ -12,6 +12,7 @@ assignments.parquet with `write_outputs`; `djc predict` (djc/predict.py) predict
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,17 +24,19 @@ from djc.config import Config
 from djc.features import FeatureViews
 from djc.data.shards import read_manifest
 from djc.data.stream import ShardStream
+from djc.methods import knn_merge
 from djc.methods.base import ClusteringMethod
 from djc.methods.kmeans import assign, kmeans
 
 EVAL_BATCH = 512
 # Baseline assignment column -> key of its metrics inside each split's dict. kmeans_encoder: k-means on the
 # backbone's own features, in runs that load model.weights (a frozen pretext encoder's: the baseline a method on it
-# must reach).
+# must reach). knn_merge: the learned features over-clustered and merged by their kNN graph
+# (djc/methods/knn_merge.py), the label-free clustering that reads neighbourhoods rather than K centres.
 MAP_FILE = "map.parquet"  # the 2-D coordinates of each split's map sample, for djc eval to re-draw
 MAP_NAMES = {"tsne": "t-SNE", "pca": "PCA", "none": ""}
 BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features",
-                    "kmeans_encoder": "baseline_encoder"}
+                    "kmeans_encoder": "baseline_encoder", "knn_merge": "baseline_knn_merge"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,24 +133,33 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
                                  encoder=encoder)
              for name, url in splits.items()}
     clock("predict")
-    # Baselines fit on the train split's rows (sharded), then assign every split to the nearest center.
+    # Baselines fit on the train split's rows (sharded), then label every split: k-means by the nearest center,
+    # knn-merge by the group of the nearest piece. column -> (the local column it reads, its labeller)
     extra_cols: dict[str, str] = {"kmeans_features": "features"}
     if cfg.eval.baseline and not isinstance(views, FeatureViews):
         extra_cols["kmeans_pixels"] = "pixels"
     if encoder:
         extra_cols["kmeans_encoder"] = "encoder"
-    centers = {}
+    labellers: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
     for col, src in extra_cols.items():
-        centers[col] = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
+        c = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
+        labellers[col] = (src, lambda z, c=c: assign(z, c)[0])
         clock(col)
-    rows = [gather_rows(cols, name, {col: assign(cols[src], centers[col])[0] for col, src in extra_cols.items()})
+    if cfg.eval.knn_merge.pieces:
+        g = cfg.eval.knn_merge
+        fitted = knn_merge.fit(local["train"]["features"], local["train"]["index"], k, pieces=g.pieces,
+                               neighbors=g.neighbors, rows=g.rows, iters=km.iters, restarts=km.restarts,
+                               seed=cfg.seed)
+        labellers["knn_merge"] = ("features", fitted.predict)
+        clock("knn_merge")
+    rows = [gather_rows(cols, name, {col: fn(cols[src]) for col, (src, fn) in labellers.items()})
             for name, cols in local.items()]
     clock("gather")
     samples = ({name: map_sample(cols, read_manifest(splits[name]).num_samples, cfg.eval.map_samples, cfg.seed)
                 for name, cols in local.items()} if cfg.eval.map != "none" else {})
     if not dist.is_main():
         return None
-    table = write_predictions(run_dir, concat_rows(rows), tuple(extra_cols))
+    table = write_predictions(run_dir, concat_rows(rows), tuple(labellers))
     clock("export")
     coords = embedmap.project_splits(samples, cfg.eval.map, cfg.seed)
     if coords is not None:
@@ -232,8 +244,9 @@ def evaluate_table(
 ) -> dict[str, dict[str, Any]]:
     """split -> djc.metrics.evaluate of ``column`` against ``label`` on that split's rows.
 
-    For each baseline column present (``kmeans_pixels``, ``kmeans_features``), each split's dict also holds the
-    same metrics for that column under BASELINE_COLUMNS' key (``baseline``, ``baseline_features``). A table
+    For each baseline column present (``kmeans_pixels``, ``kmeans_features``, ``knn_merge``, ...), each split's dict
+    also holds the same metrics for that column under BASELINE_COLUMNS' key (``baseline``, ``baseline_features``,
+    ``baseline_knn_merge``, ...). A table
     without ``split`` is one split named "all"; without ``label``, all unlabeled.
     ``class_counts`` (training counts) rank head / medium / tail for every split.
     """
@@ -257,7 +270,7 @@ def metrics_table(result: dict[str, Any]) -> str:
     for name, m in result["splits"].items():
         rows[f"{name} method"] = {k: v for k, v in m.items() if not isinstance(v, dict)}
         for base, label in (("baseline", "kmeans-pixels"), ("baseline_features", "kmeans-features"),
-                            ("baseline_encoder", "kmeans-encoder")):
+                            ("baseline_encoder", "kmeans-encoder"), ("baseline_knn_merge", "knn-merge")):
             if base in m:
                 rows[f"{name} {label}"] = m[base]
     return metrics.format_table(rows)

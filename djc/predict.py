@@ -72,6 +72,24 @@ def load_run(run_dir: str, device: torch.device) -> Loaded:
     return Loaded(cfg, method, run_views(cfg, info), train, int(state["epoch"]))
 
 
+def rerun_end(run_dir: str) -> dict[str, Any]:
+    """`djc eval RUN --rerun`: the end of the run (evaluate.evaluate_run: predictions, baselines, metrics.json,
+    pictures) again, from its final checkpoint, in this process, with the views the run's end used (its cached
+    features when it had them). The run's own numbers come out the same; a baseline added to djc since the run
+    is measured on it. Returns metrics.json."""
+    from djc import features
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(run_dir, device)
+    views = run.views
+    if features.applies(run.cfg, run.method.augmented):  # as djc.train.make_inputs: the features computed once
+        views = features.prepare(run.cfg, run.method, views, device, run_dir)
+        run.method.features_in = True
+    result = evaluate.evaluate_run(run.cfg, run.method, views, run_dir, device)
+    assert result is not None  # one process: rank 0
+    return result
+
+
 def check_data(data: Manifest, train: Manifest) -> None:
     """The data set must have one image shape and the training set's channels (sizes are resized)."""
     if data.image_shape is None:

@@ -73,6 +73,29 @@ def test_predicting_the_train_split_reproduces_the_runs_assignments(run_dir, tmp
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
 
 
+def test_djc_eval_rerun_reproduces_the_end_of_the_run_in_one_process(run_dir, tmp_path):
+    """The run's end ran on 2 Ray workers; `djc eval --rerun` runs it again from the final checkpoint in this
+    process: every column of assignments.parquet comes out the same, the knn-merge baseline's included (its
+    neighbour counts are all-reduced, so 2 workers == 1), and a deleted metrics.json and plot come back."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = read_assignments(str(copy / "assignments.parquet"))
+    assert len(np.unique(before["knn_merge"])) > 2
+    (copy / "metrics.json").unlink()
+    (copy / "plots" / "recall_train.png").unlink()
+    assert cli.main(["eval", str(copy), "--rerun"]) == 0
+    after = read_assignments(str(copy / "assignments.parquet"))
+    for split in ("train", "test"):
+        old, new = _rows(before, split), _rows(after, split)
+        for col in ("index", "label", "cluster", "cluster_h1", "kmeans_pixels", "kmeans_features", "knn_merge"):
+            np.testing.assert_array_equal(new[col], old[col], err_msg=f"{col} on {split}")
+    m = json.loads((copy / "metrics.json").read_text())
+    assert m["balanced_acc"] == json.loads((run_dir / "metrics.json").read_text())["balanced_acc"]
+    assert "baseline_knn_merge" in m["splits"]["test"] and (copy / "plots" / "recall_train.png").is_file()
+
+
 def test_predict_on_a_flat_unlabelled_folder(run_dir, tmp_path):
     from sklearn.datasets import load_digits
 

@@ -148,7 +148,8 @@ def main(args: argparse.Namespace) -> int:
         if stage:
             minutes += pretext_minutes[data, seed]
         for split, m in result["splits"].items():
-            entries = {name: m, f"kmeans-features ({name})": m.get("baseline_features")}
+            entries = {name: m, f"kmeans-features ({name})": m.get("baseline_features"),
+                       f"knn-merge ({name})": m.get("baseline_knn_merge")}
             if stage and config == configs[0]:  # k-means on the pretext encoder's own features: one per seed
                 entries["kmeans-encoder (pretext)"] = m.get("baseline_encoder")
             if not stage and config == configs[0]:  # pixels do not depend on the method: one row per data set, seed
