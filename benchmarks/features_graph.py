@@ -14,7 +14,8 @@ Each line printed is JSON: the procedure, then balanced ACC, tail ACC and NMI (l
   smooth k t      each feature replaced t times by the mean of its k nearest neighbours (cosine), then k-means
   spectral k      Ng-Jordan-Weiss: the symmetric kNN graph's normalised Laplacian, its K leading eigenvectors,
                   rows normalised, k-means on them
-  overcluster M   k-means to M pieces, merged to K by average linkage of the kNN graph's edges between pieces
+  overcluster M   k-means to M pieces, merged to K by average linkage of the 10-NN graph's edges between pieces:
+                  djc's knn-merge baseline (every run reports it since 2026-12-04; eval.knn_merge)
 """
 
 import argparse
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from djc import metrics
+from djc.methods import knn_merge
 from djc.methods.kmeans import assign, kmeans
 
 
@@ -68,28 +70,8 @@ def spectral(f, kk, k):
 
 
 def overcluster(f, m, kk, k):
-    pieces = torch.from_numpy(km(f, m)).long()
-    idx = knn(f, kk)
-    edges = torch.zeros(m, m)
-    edges.index_put_((pieces[:, None].expand_as(idx).reshape(-1), pieces[idx].reshape(-1)),
-                     torch.ones(idx.numel()), accumulate=True)
-    edges = edges + edges.T
-    size = torch.bincount(pieces, minlength=m).float()
-    groups = [[i] for i in range(m)]
-    w = edges.clone(); sz = size.clone(); alive = list(range(m))
-    while len(alive) > k:  # average linkage: edges between groups / (|A| |B|)
-        best, pair = -1.0, None
-        for i_, a in enumerate(alive):
-            for b in alive[i_ + 1:]:
-                v = float(w[a, b] / (sz[a] * sz[b]))
-                if v > best:
-                    best, pair = v, (a, b)
-        a, b = pair
-        w[a] += w[b]; w[:, a] += w[:, b]; sz[a] += sz[b]; groups[a] += groups[b]; alive.remove(b)
-    lab = torch.empty(m, dtype=torch.long)
-    for g_, a in enumerate(alive):
-        lab[groups[a]] = g_
-    return lab[pieces].numpy()
+    """djc's knn-merge baseline (djc/methods/knn_merge.py) with m // k pieces per cluster, seed 0."""
+    return knn_merge.fit(f, torch.arange(len(f)), k, pieces=m // k, neighbors=kk, seed=0).predict(f).numpy()
 
 
 def main():
