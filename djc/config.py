@@ -173,7 +173,9 @@ class KnnMergeConfig(Node):
     (docs/results.md): 10 pieces x 10 neighbours 0.449 against k-means 0.383; 5-20 pieces, 5-15 neighbours
     0.414-0.460."""
 
-    pieces: int = Field(10, ge=0)  # k-means pieces per cluster (0 = no knn-merge baseline); 4,096 pieces at most
+    # k-means pieces per cluster (0 = no knn-merge baseline); 4,096 pieces in all at most, and at least 4 rows a
+    # piece: where that leaves no more pieces than K (K >= 4,096, or a tiny train split) the run reports none.
+    pieces: int = Field(10, ge=0)
     neighbors: int = Field(10, gt=0)  # each row's nearest neighbours (cosine) that count as edges
     rows: int = Field(20_000, gt=0)  # neighbours are searched among a fixed sample of this many training rows
 

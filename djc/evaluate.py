@@ -36,7 +36,8 @@ EVAL_BATCH = 512
 MAP_FILE = "map.parquet"  # the 2-D coordinates of each split's map sample, for djc eval to re-draw
 MAP_NAMES = {"tsne": "t-SNE", "pca": "PCA", "none": ""}
 BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features",
-                    "kmeans_encoder": "baseline_encoder", "knn_merge": "baseline_knn_merge"}
+                    "kmeans_encoder": "baseline_encoder", "knn_merge": "baseline_knn_merge",
+                    "knn_merge_pixels": "baseline_knn_merge_pixels"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,13 +146,18 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
         c = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
         labellers[col] = (src, lambda z, c=c: assign(z, c)[0])
         clock(col)
-    if cfg.eval.knn_merge.pieces:
-        g = cfg.eval.knn_merge
-        fitted = knn_merge.fit(local["train"]["features"], local["train"]["index"], k, pieces=g.pieces,
-                               neighbors=g.neighbors, rows=g.rows, iters=km.iters, restarts=km.restarts,
-                               seed=cfg.seed)
-        labellers["knn_merge"] = ("features", fitted.predict)
-        clock("knn_merge")
+    g = cfg.eval.knn_merge
+    n_train = read_manifest(splits["train"]).num_samples
+    if g.pieces and knn_merge.num_pieces(k, g.pieces, n_train) > k:  # else it is k-means again, at twice the cost
+        # On the pixels too, where k-means runs on them: features that beat pixels must beat them under the same
+        # clustering, not only under k-means.
+        for col, src in (("knn_merge", "features"), ("knn_merge_pixels", "pixels")):
+            if src == "features" or "kmeans_pixels" in extra_cols:
+                fitted = knn_merge.fit(local["train"][src], local["train"]["index"], k, pieces=g.pieces,
+                                       neighbors=g.neighbors, rows=g.rows, iters=km.iters, restarts=km.restarts,
+                                       seed=cfg.seed)
+                labellers[col] = (src, fitted.predict)
+                clock(col)
     rows = [gather_rows(cols, name, {col: fn(cols[src]) for col, (src, fn) in labellers.items()})
             for name, cols in local.items()]
     clock("gather")
@@ -270,7 +276,8 @@ def metrics_table(result: dict[str, Any]) -> str:
     for name, m in result["splits"].items():
         rows[f"{name} method"] = {k: v for k, v in m.items() if not isinstance(v, dict)}
         for base, label in (("baseline", "kmeans-pixels"), ("baseline_features", "kmeans-features"),
-                            ("baseline_encoder", "kmeans-encoder"), ("baseline_knn_merge", "knn-merge")):
+                            ("baseline_encoder", "kmeans-encoder"), ("baseline_knn_merge", "knn-merge"),
+                            ("baseline_knn_merge_pixels", "knn-merge-pixels")):
             if base in m:
                 rows[f"{name} {label}"] = m[base]
     return metrics.format_table(rows)

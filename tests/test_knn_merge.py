@@ -58,7 +58,8 @@ def test_the_number_of_pieces_is_bounded_by_the_rows_and_the_memory():
     assert knn_merge.num_pieces(10, 10, 10_000) == 100
     assert knn_merge.num_pieces(10, 10, 200) == 50  # at least 4 rows per piece
     assert knn_merge.num_pieces(1000, 10, 115_846) == knn_merge.MAX_PIECES
-    assert knn_merge.num_pieces(10, 10, 20) == 10  # never fewer than K
+    assert knn_merge.num_pieces(10, 10, 20) == 10  # never fewer than K: a run's end then reports no knn-merge
+    assert knn_merge.num_pieces(5000, 10, 115_846) == 5000  # nor beyond 4,096 pieces
 
 
 def fit_on_shard(rank: int, world: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -89,7 +89,8 @@ def test_djc_eval_rerun_reproduces_the_end_of_the_run_in_one_process(run_dir, tm
     after = read_assignments(str(copy / "assignments.parquet"))
     for split in ("train", "test"):
         old, new = _rows(before, split), _rows(after, split)
-        for col in ("index", "label", "cluster", "cluster_h1", "kmeans_pixels", "kmeans_features", "knn_merge"):
+        for col in ("index", "label", "cluster", "cluster_h1", "kmeans_pixels", "kmeans_features", "knn_merge",
+                    "knn_merge_pixels"):
             np.testing.assert_array_equal(new[col], old[col], err_msg=f"{col} on {split}")
     m = json.loads((copy / "metrics.json").read_text())
     assert m["balanced_acc"] == json.loads((run_dir / "metrics.json").read_text())["balanced_acc"]

@@ -79,7 +79,7 @@ def test_bench_quality_tabulates_methods_and_baselines_per_data_set(ray_local, t
     table = (out / "quality.md").read_text().splitlines()
     rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in table[2:]}
     for split in ("train", "test"):
-        for method in ("secu", "kmeans-pixels", "kmeans-features (secu)", "knn-merge (secu)"):
+        for method in ("secu", "kmeans-pixels", "kmeans-features (secu)", "knn-merge (secu)", "knn-merge-pixels"):
             assert ("tiny", split, method) in rows
     assert "± 0.000" in table[2]  # one seed: std 0
     assert "1 runs in" in capsys.readouterr().out

@@ -154,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
                 entries["kmeans-encoder (pretext)"] = m.get("baseline_encoder")
             if not stage and config == configs[0]:  # pixels do not depend on the method: one row per data set, seed
                 entries["kmeans-pixels"] = m.get("baseline")
+                entries["knn-merge-pixels"] = m.get("baseline_knn_merge_pixels")
             for method, vals in entries.items():
                 if vals is None:
                     continue
