@@ -11,10 +11,12 @@ assignments.parquet with `write_outputs`; `djc predict` (djc/predict.py) predict
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import fsspec
 import numpy as np
 import torch
 from torch import Tensor
@@ -34,6 +36,9 @@ EVAL_BATCH = 512
 # must reach). knn_merge: the learned features over-clustered and merged by their kNN graph
 # (djc/methods/knn_merge.py), the label-free clustering that reads neighbourhoods rather than K centres.
 MAP_FILE = "map.parquet"  # the 2-D coordinates of each split's map sample, for djc eval to re-draw
+# The baselines fitted on the learned features (k-means' centers; knn-merge's pieces and their groups), so that
+# `djc predict` labels new images with them too. Tensors only, read with weights_only as checkpoints are.
+BASELINES_FILE = "baselines.pt"
 MAP_NAMES = {"tsne": "t-SNE", "pca": "PCA", "none": ""}
 BASELINE_COLUMNS = {"kmeans_pixels": "baseline", "kmeans_features": "baseline_features",
                     "kmeans_encoder": "baseline_encoder", "knn_merge": "baseline_knn_merge",
@@ -142,9 +147,12 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
     if encoder:
         extra_cols["kmeans_encoder"] = "encoder"
     labellers: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
+    fitted: dict[str, dict[str, Tensor]] = {}  # BASELINES_FILE: the ones on the features
     for col, src in extra_cols.items():
         c = kmeans(local["train"][src], k, iters=km.iters, restarts=km.restarts, seed=cfg.seed).centers
         labellers[col] = (src, lambda z, c=c: assign(z, c)[0])
+        if src == "features":
+            fitted[col] = {"centers": c.cpu()}
         clock(col)
     g = cfg.eval.knn_merge
     n_train = read_manifest(splits["train"]).num_samples
@@ -153,10 +161,12 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
         # clustering, not only under k-means.
         for col, src in (("knn_merge", "features"), ("knn_merge_pixels", "pixels")):
             if src == "features" or "kmeans_pixels" in extra_cols:
-                fitted = knn_merge.fit(local["train"][src], local["train"]["index"], k, pieces=g.pieces,
-                                       neighbors=g.neighbors, rows=g.rows, iters=km.iters, restarts=km.restarts,
-                                       seed=cfg.seed)
-                labellers[col] = (src, fitted.predict)
+                merge = knn_merge.fit(local["train"][src], local["train"]["index"], k, pieces=g.pieces,
+                                      neighbors=g.neighbors, rows=g.rows, iters=km.iters, restarts=km.restarts,
+                                      seed=cfg.seed)
+                labellers[col] = (src, merge.predict)
+                if src == "features":
+                    fitted[col] = {"centers": merge.centers.cpu(), "group": merge.group.cpu()}
                 clock(col)
     rows = [gather_rows(cols, name, {col: fn(cols[src]) for col, (src, fn) in labellers.items()})
             for name, cols in local.items()]
@@ -166,6 +176,9 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
     if not dist.is_main():
         return None
     table = write_predictions(run_dir, concat_rows(rows), tuple(labellers))
+    buf = io.BytesIO()
+    torch.save(fitted, buf)
+    runfiles.write_bytes(f"{run_dir}/{BASELINES_FILE}", buf.getvalue())
     clock("export")
     coords = embedmap.project_splits(samples, cfg.eval.map, cfg.seed)
     if coords is not None:
@@ -175,6 +188,24 @@ def evaluate_run(cfg: Config, method: ClusteringMethod, views, run_dir: str, dev
     clock("metrics, plots, galleries and maps")
     print(f"[djc] evaluation: {clock}", flush=True)
     return result
+
+
+def feature_baselines(run_dir: str, device) -> dict[str, Callable[[Tensor], Tensor]]:
+    """column -> labeller of the baselines a run fitted on its learned features (BASELINES_FILE), for `djc
+    predict`; empty for a run from before the file existed."""
+    url = f"{run_dir}/{BASELINES_FILE}"
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return {}
+    out: dict[str, Callable[[Tensor], Tensor]] = {}
+    with fs.open(path, "rb") as f:  # tensors only: nothing in the file is built but tensors (weights_only)
+        state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+    for col, t in state.items():
+        if "group" in t:
+            out[col] = knn_merge.KnnMerge(t["centers"], t["group"]).predict
+        else:
+            out[col] = lambda z, c=t["centers"]: assign(z, c)[0]
+    return out
 
 
 class Pictures(NamedTuple):

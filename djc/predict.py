@@ -136,7 +136,9 @@ def _predict(job: dict[str, Any]) -> None:
     storage.configure(cfg.storage)
     split = split_name(cfg, job["data"])
     local = evaluate.predict_split(job["data"], run.method, run.views, device, job["on_corrupt"], pixels=False)
-    rows = evaluate.gather_rows(local, split)
+    # The run's baselines on its features (k-means, knn-merge), applied to these images as to its own splits.
+    extra = {col: fn(local["features"]) for col, fn in evaluate.feature_baselines(job["run_dir"], device).items()}
+    rows = evaluate.gather_rows(local, split, extra)
     sample = (evaluate.map_sample(local, data.num_samples, cfg.eval.map_samples, cfg.seed)
               if cfg.eval.map != "none" else None)
     emb = None
@@ -145,7 +147,7 @@ def _predict(job: dict[str, Any]) -> None:
         emb = dist.all_gather_cat(z.to(getattr(torch, job["embeddings"]))).numpy()
     if not dist.is_main():
         return
-    table = evaluate.write_predictions(out, rows)
+    table = evaluate.write_predictions(out, rows, tuple(extra))
     if emb is not None:
         runfiles.write_npy(f"{out}/{EMBEDDINGS_FILE}", emb)
     coords = embedmap.project_splits({split: sample} if sample else {}, cfg.eval.map, cfg.seed)

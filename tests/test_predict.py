@@ -63,8 +63,8 @@ def test_predicting_the_train_split_reproduces_the_runs_assignments(run_dir, tmp
         new = _rows(read_assignments(str(out / "assignments.parquet")), "train")  # the run's own split name
         old = _rows(run, "train")
         assert len(np.unique(old["cluster_h1"])) > 2  # a clustering to reproduce, not a collapse
-        for col in ("index", "label", "cluster", "cluster_h1"):
-            np.testing.assert_array_equal(new[col], old[col], err_msg=f"{col}, {workers} worker(s)")
+        for col in ("index", "label", "cluster", "cluster_h1", "kmeans_features", "knn_merge"):  # the run's
+            np.testing.assert_array_equal(new[col], old[col], err_msg=f"{col}, {workers} worker(s)")  # baselines too
         np.testing.assert_allclose(new["confidence"], old["confidence"], rtol=1e-6, err_msg=f"{workers} worker(s)")
         assert json.loads((out / "metrics.json").read_text())["balanced_acc"] == pytest.approx(
             json.loads((run_dir / "metrics.json").read_text())["balanced_acc"])
@@ -113,6 +113,7 @@ def test_predict_on_a_flat_unlabelled_folder(run_dir, tmp_path):
     assert sorted(table["index"].tolist()) == list(range(150))
     assert (table["label"] == -1).all() and set(table["split"]) == {"predict"}
     assert table["cluster"].max() < 10 and ((table["confidence"] >= 0) & (table["confidence"] <= 1)).all()
+    assert table["knn_merge"].max() < 10 and table["kmeans_features"].max() < 10  # the run's baselines, applied
     assert not (out / "metrics.json").exists()  # nothing to score without labels
     z = np.load(out / "embeddings.npy")
     assert z.dtype == np.float16 and z.shape == (150, 128)
