@@ -47,7 +47,7 @@ def num_pieces(k: int, pieces_per_cluster: int, n_total: int) -> int:
     return max(k, min(pieces_per_cluster * k, MAX_PIECES, n_total // MIN_ROWS_PER_PIECE))
 
 
-def fit(z: Tensor, index: Tensor, k: int, *, pieces: int = 10, neighbors: int = 20, rows: int = 20_000,
+def fit(z: Tensor, index: Tensor, k: int, *, pieces: int = 10, neighbors: int = 10, rows: int = 20_000,
         iters: int = 50, restarts: int = 3, seed: int = 0) -> KnnMerge:
     """Fit on this worker's rows z (n_local, D) with global indices `index` (n_local,); every worker gets the
     same result. `pieces` per cluster (M = pieces x K, bounded as in `num_pieces`), `neighbors` per row."""
