@@ -124,6 +124,10 @@ def test_predict_on_a_flat_unlabelled_folder(run_dir, tmp_path):
 def test_predict_refuses_bad_input_in_one_line(run_dir, tmp_path, capsys):
     assert cli.main(["predict", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())  # a run dir that never trained
+    assert cli.main(["eval", str(tmp_path), "--rerun"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    (tmp_path / "config.yaml").unlink()
     rgb = tmp_path / "rgb"
     rgb.mkdir()
     for i in range(3):
