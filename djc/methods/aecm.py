@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from djc import dist
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
 from djc.methods.cm import CM, alpha_vector, cm_terms, dirichlet_prior, orthonormality, soft_distortion
+from djc.methods import knn_merge
 from djc.methods.kmeans import kmeans
 from djc.methods.stage_optim import StageOptimizer
 from djc.models.backbones import build_encoder
@@ -56,6 +57,10 @@ class AECMConfig(MethodSettings):
     # b_k = -|u_k|^2 / (2 s2), s2 = inertia per dimension), sharp from step 1; pinv = the paper's V = pinv(U), b = 0,
     # whose near-uniform gamma lost 24 ACC points in the CM-alone stage on digits-LT (docs/methods/aecm.md).
     cm_init: Literal["posterior", "pinv"] = "posterior"
+    # The partition the CM starts from: k-means on the codes (the paper's), or knn-merge on them (djc's: k-means
+    # pieces merged by their kNN edges, at knn_merge.fit's defaults; U = each group's mean code), which on the final codes
+    # of digits-LT runs read 0.759 against k-means' 0.688 and the CM's own 0.692 (docs/methods/aecm.md)
+    cm_init_from: Literal["kmeans", "knn_merge"] = "kmeans"
     average_last_epoch: bool = True  # final weights = mean over the last epoch's steps (the paper's averaging epoch)
     adam_eps: float = Field(2e-6, gt=0.0)  # the paper's 1e-3 on a loss summed over 500 samples = 2e-6 on our mean
     constant_lr: bool = True  # the paper's constant lr; false = the optim schedule (starves the averaging epoch)
@@ -262,13 +267,30 @@ class AECM(ClusteringMethod):
     def _init_cm(self, ctx: EpochContext) -> None:
         """k-means on the codes of the whole training set (sharded), U = centers, V = pinv(U) (or the GMM posterior)."""
         codes, index = ctx.map_train(lambda x, i: self.encoder(self._input(x)))
-        km = kmeans(codes, self.k, iters=self.km.iters, restarts=self.km.restarts, seed=self.seed, index=index)
+        if self.c.cm_init_from == "knn_merge":
+            centers, inertia = self._knn_merge_centers(codes, index)
+        else:
+            km = kmeans(codes, self.k, iters=self.km.iters, restarts=self.km.restarts, seed=self.seed, index=index)
+            centers, inertia = km.centers, km.inertia
         var = None  # pinv
         if self.c.cm_init == "posterior":  # the per-dimension variance around the centers, over every worker
-            var = km.inertia / float(dist.all_reduce_sum(codes.new_tensor([codes.numel()])).item())
-        self.cm.init_from_centers(km.centers, var)
+            var = inertia / float(dist.all_reduce_sum(codes.new_tensor([codes.numel()])).item())
+        self.cm.init_from_centers(centers, var)
         for p in self.cm.parameters():  # pinv on rank 0's numbers everywhere: identical by construction
             dist.broadcast_(p.data)
+
+    def _knn_merge_centers(self, codes: Tensor, index: Tensor) -> tuple[Tensor, float]:
+        """(K, d) mean code of each knn-merge group and the global inertia around them, the same on every worker
+        (the groups are; the per-group sums are all-reduced in one call)."""
+        groups = knn_merge.fit(codes, index, self.k, iters=self.km.iters, restarts=self.km.restarts,
+                               seed=self.seed).predict(codes)
+        # In float64: the sums of 1 worker and the all-reduced sums of 2 then round to the same float32 centers.
+        x = codes.double()
+        onehot = torch.nn.functional.one_hot(groups, self.k).double()  # (n, K)
+        sums = dist.all_reduce_sum(torch.cat([onehot.sum(0)[:, None], onehot.T @ x], dim=1))
+        centers = sums[:, 1:] / sums[:, :1].clamp_min(1.0)
+        inertia = dist.all_reduce_sum((x - centers[groups]).pow(2).sum().reshape(1))
+        return centers.to(codes.dtype), float(inertia.item())
 
     @torch.no_grad()
     def on_train_end(self) -> None:
