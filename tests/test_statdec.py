@@ -183,6 +183,9 @@ def test_plain_kmeans_init_splits_the_big_cluster_which_the_merge_repairs():
     acc_plain = cluster_acc(y, plain.posterior(z)[0].argmax(1).numpy())
     acc_merged = cluster_acc(y, merged.posterior(z)[0].argmax(1).numpy())
     assert acc_plain < 0.9 < 0.95 <= acc_merged  # measured 0.73 and 1.00
+    by_edges = StatPool(10, z.shape[1], merges=("knn",))  # the pieces merged by their kNN edges repair it too
+    by_edges.init_kmeans(z, iters=50, restarts=3, seed=0, over=3)
+    assert cluster_acc(y, by_edges.posterior(z)[0].argmax(1).numpy()) >= 0.95
 
 
 def test_ood_score_ranks_far_samples_above_cluster_members():
@@ -208,18 +211,20 @@ def test_ood_score_ranks_far_samples_above_cluster_members():
 N, B = 64, 16
 
 
-def _cfg(world: int, target: str, space: str = "projection"):
+def _cfg(world: int, target: str, space: str = "projection", merges: str = "bhattacharyya,ward"):
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 8},
         "method": {"name": "statdec", "num_clusters": 4,
-                   "statdec": {"target": target, "warmup_frac": 0.34, "pool_space": space},
+                   "statdec": {"target": target, "warmup_frac": 0.34, "pool_space": space,
+                               "init_merges": merges.split(",")},
                    "kmeans": {"iters": 10, "restarts": 2}},  # every Lloyd step is a collective: keep it short
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
 
-def statdec_steps(rank: int, world: int, target: str, space: str = "projection") -> dict[str, np.ndarray]:
-    cfg = _cfg(world, target, space)
+def statdec_steps(rank: int, world: int, target: str, space: str = "projection",
+                  merges: str = "bhattacharyya,ward") -> dict[str, np.ndarray]:
+    cfg = _cfg(world, target, space, merges)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
@@ -245,10 +250,12 @@ def statdec_steps(rank: int, world: int, target: str, space: str = "projection")
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("target,space", [("cardinality", "projection"), ("balanced", "projection"),
-                                          ("cardinality", "backbone")])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(target, space):
-    single = assert_two_workers_equal_one(statdec_steps, target, space)
+@pytest.mark.parametrize("target,space,merges", [("cardinality", "projection", "bhattacharyya,ward"),
+                                                 ("balanced", "projection", "bhattacharyya,ward"),
+                                                 ("cardinality", "backbone", "bhattacharyya,ward"),
+                                                 ("cardinality", "projection", "knn")])
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(target, space, merges):
+    single = assert_two_workers_equal_one(statdec_steps, target, space, merges)
     assert single["pool.ready"] and single["pool.sums"][:, 0].sum() == pytest.approx(1.0, rel=1e-5)
     # the pool lives in z (D = 8) or in the smallconv's 2 x width = 16 backbone features
     assert single["pool.sums"].shape == (4, 1 + 2 * (16 if space == "backbone" else 8))

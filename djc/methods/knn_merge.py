@@ -57,10 +57,19 @@ def fit(z: Tensor, index: Tensor, k: int, *, pieces: int = 10, neighbors: int = 
     m = num_pieces(k, pieces, n_total)
     centers = kmeans(z, m, iters=iters, restarts=restarts, seed=seed, index=index).centers
     piece = assign(z, centers)[0]
+    edges, sizes = piece_edges(z, index, piece, m, neighbors=neighbors, rows=rows, seed=seed)
+    return KnnMerge(centers, merge_by_edges(edges, sizes, k).to(z.device))
+
+
+def piece_edges(z: Tensor, index: Tensor, piece: Tensor, m: int, *, neighbors: int = 10, rows: int = 20_000,
+                seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The global (M, M) kNN edge counts between the pieces of unit-length rows z (n_local, D), this worker's
+    rows' pieces `piece` (n_local,) in [0, M), and the pieces' sizes (M,): identical on every worker."""
+    index = index.to(z.device).long()
     # The reference rows, with their piece and global index packed beside them (exact in float64).
     packed = torch.cat([z.double(), piece[:, None].double(), index[:, None].double()], dim=1)
     ref = seeding_sample(packed, index, rows, seed)
-    rz, rp, ri = ref[:, :-2].float(), ref[:, -2].long(), ref[:, -1].long()
+    rz, rp, ri = ref[:, :-2].to(z.dtype), ref[:, -2].long(), ref[:, -1].long()
     nn = min(neighbors, len(rz) - 1)
     edges = torch.zeros(m, m, dtype=torch.float64, device=z.device)
     for lo in range(0, len(z), BLOCK):
@@ -73,7 +82,19 @@ def fit(z: Tensor, index: Tensor, k: int, *, pieces: int = 10, neighbors: int = 
                                                                   device=z.device), accumulate=True)
     sizes = torch.bincount(piece, minlength=m).double()
     packed_counts = dist.all_reduce_sum(torch.cat([edges, sizes[None]]))  # one collective
-    return KnnMerge(centers, merge_by_edges(packed_counts[:m], packed_counts[m], k).to(z.device))
+    return packed_counts[:m], packed_counts[m]
+
+
+def merge_pieces(z: Tensor, index: Tensor, piece: Tensor, piece_sums: Tensor, k: int, *, neighbors: int = 10,
+                 rows: int = 20_000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Pieces found elsewhere (StatDEC's init: k-means at over x K) merged to k by their kNN edges, in the form of
+    agglomerate.merge_clusters: (merged raw sums (k, C) of the groups, (M,) group of each piece). `piece_sums`
+    (M, C) are the pieces' global raw statistics; z the rows the edges are counted on (normalised here)."""
+    edges, sizes = piece_edges(F.normalize(z.float(), dim=1), index, piece, len(piece_sums), neighbors=neighbors,
+                               rows=rows, seed=seed)
+    group = merge_by_edges(edges, sizes, k).to(piece_sums.device)
+    sums = piece_sums.new_zeros(k, piece_sums.shape[1]).index_add_(0, group, piece_sums)
+    return sums, group
 
 
 def merge_by_edges(edges: Tensor, sizes: Tensor, k: int) -> Tensor:

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from djc import dist
+from djc.methods import knn_merge
 from djc.methods.agglomerate import Merge, merge_clusters
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut
 from djc.methods.dcl import TemperatureSchedule, debiased_contrastive_loss
@@ -111,7 +112,7 @@ class StatPool(nn.Module):
 
     def __init__(self, num_clusters: int, dim: int, ema: float = 0.9, nu: float = 1.0, sharpen: float = 2.0,
                  var_floor: float = 1e-4, target: Target = "cardinality", hard: bool = False,
-                 kernel_temperature: float = 1.0, merges: tuple[Merge, ...] = ("bhattacharyya", "ward")):
+                 kernel_temperature: float = 1.0, merges: tuple[Merge | str, ...] = ("bhattacharyya", "ward")):
         super().__init__()
         self.ema, self.nu, self.sharpen, self.var_floor, self.kind, self.hard = ema, nu, sharpen, var_floor, \
             target, hard
@@ -176,7 +177,11 @@ class StatPool(nn.Module):
         if over == 1:
             self.reset(pieces)
             return
-        cands = [merge_clusters(pieces, k, c) for c in self.merges]
+        if "knn" in self.merges and index is None:  # the rows' positions in the rank-order concatenation
+            offset = int(dist.all_gather_cat(torch.tensor([len(z)], device=z.device))[: dist.rank()].sum().item())
+            index = torch.arange(offset, offset + len(z), device=z.device)
+        cands = [knn_merge.merge_pieces(z, index, labels, pieces, k, seed=seed) if c == "knn"
+                 else merge_clusters(pieces, k, c) for c in self.merges]
         local = []
         for sums, piece_to_cluster in cands:
             st = pooled_stats(sums / sums[:, 0].sum(), self.var_floor)
@@ -215,7 +220,8 @@ class StatDECConfig(MethodSettings, TemperatureSchedule):
     warmup_frac: float = Field(0.2, ge=0.0, le=1.0)  # share of epochs of contrastive-only training before init
     init_over: int = Field(3, ge=1)  # k-means with init_over * K centers, merged to K (1 = plain k-means)
     # Merges of the init's pieces tried; the one under which the data are most likely wins (docs/methods/statdec.md)
-    init_merges: list[Literal["bhattacharyya", "ward", "average"]] = Field(
+    # knn (djc's): the pieces merged by average linkage of their members' kNN edges (djc/methods/knn_merge.py)
+    init_merges: list[Literal["bhattacharyya", "ward", "average", "knn"]] = Field(
         default_factory=lambda: ["bhattacharyya", "ward"], min_length=1)
     # T of the tempered kernel log l / T: at D = 128 the density's log-odds between clusters are ~40 nats, so Q is
     # one-hot, P = Q and KL has no gradient; T ~ D / 4 makes them O(1) (docs/methods/statdec.md)
