@@ -6,6 +6,7 @@ The only place djc starts or joins Ray; djc/launch.py calls it before building a
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
@@ -87,6 +88,7 @@ def ensure_ray(cfg: Config) -> None:
             ray.init(address=address, log_to_driver=True)
         except ConnectionError as err:
             raise ConfigError(f"{source}={address}: cannot join a Ray cluster there ({err})") from None
+        _collapse_crash_dumps()
         return
     _keep_on_loopback()
     port = _free_port()
@@ -97,6 +99,55 @@ def ensure_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port)
+    _collapse_crash_dumps()
+
+
+# The first line of a dying process's dump: Ray's C++ signal handler, a failed Ray check, Python's faulthandler.
+CRASH_START = re.compile(r"\*\*\* (SIG[A-Z]+|Signal \d+) received at time=|Fatal Python error: |Check failure stack trace|"
+                         r"logging\.cc:\d+: Stack trace")
+
+
+class CrashDumpFilter:
+    """Ray's forwarding of workers' output to the driver, with each crash dump collapsed to one line.
+
+    A worker that dies hard (a signal, a failed Ray check) prints 20-110 lines: native frames, Python's stack,
+    every loaded extension module. When one worker raises a user's error, its sibling can die this way while Ray
+    tears the group down, and the dump buried the run's one-line error. The dump stays whole in the worker's
+    .err log; the terminal gets the line naming it, and nothing more from that process."""
+
+    def __init__(self, forward, logs_dir: str):
+        self.forward, self.logs_dir, self.crashed = forward, logs_dir, set()
+
+    def __call__(self, data: dict) -> None:
+        pid, lines = data.get("pid"), data.get("lines") or []
+        if pid in self.crashed:
+            return
+        for i, line in enumerate(lines):
+            if match := CRASH_START.search(line):
+                self.crashed.add(pid)
+                signal = match.group(1) or match.group(0).strip(": ")
+                note = (f"[djc] this worker crashed ({signal}); its dump is in Ray's log worker-*-{pid}.err under "
+                        f"{self.logs_dir} on {data.get('ip', 'its node')}")
+                self.forward({**data, "lines": [*lines[:i], note]})
+                return
+        self.forward(data)
+
+
+def _collapse_crash_dumps() -> None:
+    """Put CrashDumpFilter in front of Ray's printer of workers' output (Ray's private dispatcher; where a Ray
+    release has none of it, the output stays as Ray prints it)."""
+    try:
+        from ray._private import ray_logging
+        from ray._private.worker import _global_node
+    except ImportError:
+        return
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
+    printers = [h for name, h in getattr(dispatcher, "handlers", []) if name == "ray_print_logs"]
+    if len(printers) != 1 or isinstance(printers[0], CrashDumpFilter):
+        return
+    logs = _global_node.get_logs_dir_path() if _global_node is not None else "/tmp/ray/session_latest/logs"
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", CrashDumpFilter(printers[0], logs))
 
 
 def node_span() -> tuple[int, bool]:
