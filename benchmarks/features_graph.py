@@ -16,6 +16,17 @@ Each line printed is JSON: the procedure, then balanced ACC, tail ACC and NMI (l
                   rows normalised, k-means on them
   overcluster M   k-means to M pieces, merged to K by average linkage of the 10-NN graph's edges between pieces:
                   djc's knn-merge baseline (every run reports it since 2026-12-04; eval.knn_merge)
+  peaks k         density peaks (Rodriguez & Laio 2014): density = mean cosine to the k nearest rows; the K rows
+                  farthest from any denser row are the peaks, every other row joins its nearest denser row's
+                  cluster, then every row its nearest cluster mean. Label-free; imbalanced sizes allowed
+  gmm COV         scikit-learn's Gaussian mixture (spherical, diag, full covariance; 3 inits, reg_covar 1e-4)
+Ceilings, which use the labels to place the clusters (how much a K-centre or a merge could get, not a method):
+  ncm             nearest class mean: K centres at the class means, each row to the nearest. Also prints the
+                  k-means objective (mean 1 - cosine to the row's centre) of that partition and of k-means': a
+                  lower value for k-means' own says its objective, not its search, moves it off the classes
+  gmm-oracle COV  the same mixture started at the class means with the classes' shares: where its EM leaves
+                  the classes, its likelihood prefers another partition
+  majority M      k-means to M pieces, each piece given its majority class: the best any merge of them can read
 """
 
 import argparse
@@ -74,10 +85,37 @@ def overcluster(f, m, kk, k):
     return knn_merge.fit(f, torch.arange(len(f)), k, pieces=m // k, neighbors=kk, seed=0).predict(f).numpy()
 
 
+def peaks(f, kk, k):
+    """Density-peak clusters of unit rows f (see the docstring); O(N^2) memory, N ~ 8,000 here."""
+    s = f @ f.T
+    s.fill_diagonal_(-2)
+    rho = s.topk(kk, dim=1).values.mean(1)
+    order = rho.argsort(descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(f))
+    best, parent = s.masked_fill(rank[None, :] >= rank[:, None], -3).max(1)  # nearest denser row
+    delta = 1 - best
+    delta[order[0]] = delta.max() + 1
+    label = torch.full((len(f),), -1)
+    label[delta.topk(k).indices] = torch.arange(k)
+    for i in order.tolist():  # in density order a row's parent is labelled before it
+        if label[i] < 0:
+            label[i] = label[parent[i]]
+    means = torch.stack([F.normalize(f[label == c].mean(0), dim=0) for c in range(k)])
+    return assign(f, means)[0].numpy()
+
+
+def objective(f, pred, k):
+    """k-means' objective of a partition: mean 1 - cosine of a row to its cluster's (normalised) mean."""
+    p = torch.as_tensor(pred)
+    means = torch.stack([F.normalize(f[p == c].mean(0), dim=0) if (p == c).any() else f[0] * 0 for c in range(k)])
+    return round(float(1 - (f * means[p]).sum(1).mean()), 4)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("path"); ap.add_argument("--which", default="features"); ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="kmeans,pca-white,smooth,spectral,overcluster")
+    ap.add_argument("--only", default="kmeans,pca-white,smooth,spectral,overcluster,peaks,gmm,ncm,gmm-oracle,majority")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if os.path.isdir(a.path):  # a `djc predict --embeddings` output
@@ -119,6 +157,36 @@ def main():
         out(f"spectral {kk}", lambda: spectral(f, kk, k))
     for m in (50, 100):
         out(f"overcluster {m}", lambda: overcluster(f, m, 10, k))
+    for kk in (10, 20):
+        out(f"peaks {kk}", lambda: peaks(f, kk, k))
+
+    def gmm(cov, oracle=False):
+        from sklearn.mixture import GaussianMixture
+
+        x = f.numpy()
+        init = dict(means_init=np.stack([x[y == c].mean(0) for c in range(k)]), weights_init=counts / counts.sum(),
+                    n_init=1) if oracle else dict(n_init=3)
+        return GaussianMixture(k, covariance_type=cov, random_state=0, max_iter=300, reg_covar=1e-4,
+                               **init).fit(x).predict(x)
+
+    for cov in ("spherical", "diag", "full"):
+        out(f"gmm {cov}", lambda: gmm(cov))
+    for cov in ("spherical", "diag", "full"):
+        out(f"gmm-oracle {cov}", lambda: gmm(cov, oracle=True))
+
+    yt = torch.as_tensor(y)
+    ncm = assign(f, torch.stack([F.normalize(f[yt == c].mean(0), dim=0) for c in range(k)]))[0].numpy()
+    if "ncm" in only:
+        print(json.dumps({"which": a.which, "objective": {"ncm": objective(f, ncm, k),
+                                                          "kmeans": objective(f, km(f, k), k)}}), flush=True)
+    out("ncm", lambda: ncm)
+    for m in (20, 100):
+        def majority():
+            piece = km(f, m)
+            best = np.array([np.bincount(y[piece == j], minlength=k).argmax() if (piece == j).any() else 0
+                             for j in range(m)])
+            return best[piece]
+        out(f"majority {m}", majority)
 
 
 if __name__ == "__main__":
