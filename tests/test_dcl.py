@@ -254,12 +254,12 @@ def _cfg(world: int, mode: str, **dcl):
 
 
 def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: int = 1,
-              nn: bool = False) -> dict[str, np.ndarray]:
+              nn: int = 0) -> dict[str, np.ndarray]:
     # release: per-view BN passes (Chuang et al.) and tau+ = n_c / N; pieces: the over-clustered head; nn: NNCLR's
-    # neighbour positives from the first step (the bank fills as the steps go)
+    # neighbour positives from the first step (the bank fills as the steps go), the mean of nn neighbours
     extra = {"bn_views": "separate", "tau_plus_share": "dataset"} if release else {}
     if nn:
-        extra |= {"nn_weight": 0.5, "nn_start_epoch": 0}
+        extra |= {"nn_weight": 0.5, "nn_start_epoch": 0, "nn_k": nn}
     cfg = _cfg(world, mode, pieces=pieces, **extra)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     method.on_epoch_start(EpochContext(0, 1, 3, lambda fn: (torch.empty(0), torch.empty(0))))
@@ -278,9 +278,9 @@ def dcl_steps(rank: int, world: int, mode: str, release: bool = False, pieces: i
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("mode,release,pieces,nn", [("cluster", False, 1, False), ("global", False, 1, False),
-                                                    ("cluster", True, 1, False), ("cluster", False, 3, False),
-                                                    ("global", False, 1, True)])
+@pytest.mark.parametrize("mode,release,pieces,nn", [("cluster", False, 1, 0), ("global", False, 1, 0),
+                                                    ("cluster", True, 1, 0), ("cluster", False, 3, 0),
+                                                    ("global", False, 1, 1), ("global", False, 1, 5)])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(mode, release, pieces, nn):
     # The bank's rows are the network's outputs after two updates, which carry the parameters' ~1e-6 summation-order
     # noise amplified through the layers (measured: one of 1,024 entries 1.3e-5 apart); a row in the wrong slot
@@ -403,3 +403,27 @@ def test_neighbour_anchor_is_the_nearest_other_filled_instance():
     assert not torch.equal(out[0], bank[3])
     method.nn_filled[:] = False  # nothing filled yet: every anchor keeps itself
     assert torch.equal(method._neighbors(q, torch.tensor([3, 20, 21])), q)
+
+
+def test_neighbour_anchor_with_nn_k_is_the_normalised_mean_of_the_k_nearest_others():
+    cfg = _cfg(1, "global", nn_weight=1.0, nn_start_epoch=0, nn_k=3)
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    d = method.nn_bank.shape[1]
+    bank = F.normalize(torch.randn(N, d, generator=torch.Generator().manual_seed(5)), dim=1)
+    method.nn_bank.copy_(bank)
+    method.nn_filled[:] = True
+    method.nn_filled[7] = False
+    q = F.normalize(torch.stack([bank[3], 0.6 * bank[7] + 0.4 * bank[9]]), dim=1)
+    out = method._neighbors(q, torch.tensor([3, 21]))
+    sims = q @ bank.T
+    sims[:, 7] = -2
+    sims[0, 3] = sims[1, 21] = -2
+    want = F.normalize(bank[sims.topk(3, dim=1).indices].sum(1), dim=1)
+    assert torch.allclose(out, want, atol=1e-6) and torch.allclose(out.norm(dim=1), torch.ones(2))
+    assert not torch.allclose(out, bank[sims.argmax(dim=1)])  # not the single nearest (nn_k = 1)
+    method.nn_filled[:] = False
+    method.nn_filled[[0, 1]] = True  # fewer filled rows than nn_k: the mean of those that exist
+    out = method._neighbors(q, torch.tensor([3, 21]))
+    assert torch.allclose(out, F.normalize(bank[0] + bank[1], dim=0).expand(2, -1), atol=1e-6)
+    method.nn_filled[:] = False
+    assert torch.equal(method._neighbors(q, torch.tensor([3, 21])), q)

@@ -92,6 +92,9 @@ class DCLConfig(MethodSettings, TemperatureSchedule):
     # loss first, while the bank fills (an anchor without a filled neighbour keeps itself)
     nn_weight: float = Field(0.0, ge=0.0, le=1.0)
     nn_start_epoch: int = Field(1, ge=0)
+    # The positive is the normalised mean of the anchor's nn_k nearest neighbours in the bank (mean-shift's target,
+    # Koohpayegani et al. 2021); 1 = NNCLR's single neighbour
+    nn_k: int = Field(1, ge=1)
 
     def check_run(self, cfg: Any) -> None:
         b = cfg.data.batch_size
@@ -301,8 +304,13 @@ class DCL(ClusteringMethod):
         sims = z @ self.nn_bank.T  # (A, N)
         sims = sims.masked_fill(~self.nn_filled, float("-inf"))
         sims[torch.arange(z.shape[0], device=z.device), index] = float("-inf")
-        best, nn_index = sims.max(dim=1)
-        return torch.where(torch.isfinite(best)[:, None], self.nn_bank[nn_index], z)
+        if self.c.nn_k == 1:
+            best, nn_index = sims.max(dim=1)
+            return torch.where(torch.isfinite(best)[:, None], self.nn_bank[nn_index], z)
+        best, nn_index = sims.topk(min(self.c.nn_k, sims.shape[1]), dim=1)
+        found = torch.isfinite(best)  # (A, k) neighbours that exist; the mean is over those
+        near = (self.nn_bank[nn_index] * found[..., None]).sum(1)
+        return torch.where(found[:, :1], F.normalize(near, dim=1), z)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         self._temperature = self.c.temperature_at(ctx.epoch)
