@@ -1,11 +1,13 @@
 """What do clusters of learned shapes features follow: the class, or a nuisance the views did not remove?
 
-usage: python benchmarks/shapes_nuisance.py FEATURES.pt [--k K]
+usage: python benchmarks/shapes_nuisance.py FEATURES.pt [--k K] [--within N]
 FEATURES.pt is what `benchmarks/shapes_probe.py ... --save FEATURES.pt` wrote (the train split's features, labels
 and the indices kept from the balanced source). k-means (K clusters, djc's own) runs on the features; each line
 printed is the NMI of those clusters with the class and with every per-image nuisance of djc/data/shapes.py,
 binned into 10 quantiles (the same number of values as the classes, so the NMIs compare). A nuisance with an NMI
 near the class's is a direction the features kept and k-means split on: a view the augmentations do not cover.
+--within N: also, for each of the N largest classes, k-means into 2 of that class's features alone and the NMI of
+that split with each nuisance cut at its median: what divides a head class that k-means cuts in two.
 """
 
 import argparse
@@ -21,6 +23,7 @@ from djc.methods.kmeans import assign, kmeans
 ap = argparse.ArgumentParser()
 ap.add_argument("features")
 ap.add_argument("--k", type=int, default=10)
+ap.add_argument("--within", type=int, default=0)
 a = ap.parse_args()
 saved = torch.load(a.features)
 feats, labels, keep = saved["features"], saved["labels"].numpy(), saved["keep"].numpy()
@@ -45,3 +48,10 @@ for name, v in nuisances.items():
     rows[name] = nmi(np.digitize(v, edges), clusters)
 for name, value in sorted(rows.items(), key=lambda kv: -kv[1]):
     print(json.dumps({"nmi_with": name, "nmi": round(float(value), 4)}))
+for c in np.argsort(-np.bincount(labels))[:a.within]:
+    mask = labels == c
+    half = assign(feats[mask].float(), kmeans(feats[mask].float(), 2, iters=50, restarts=3, seed=0).centers)[0].numpy()
+    split = {name: round(float(nmi(v[mask] > np.median(v[mask]), half)), 4) for name, v in nuisances.items()}
+    top = max(split, key=split.get)
+    print(json.dumps({"class": shapes.CLASSES[c], "size": int(mask.sum()), "split_nmi_with": dict(
+        sorted(split.items(), key=lambda kv: -kv[1])[:3]), f"{top}_means": [round(float(nuisances[top][mask][half == h].mean()), 3) for h in (0, 1)]}))
