@@ -17,7 +17,8 @@
 #       command:   bash benchmarks/gpu_check.sh
 #       carry:     [".whl"]
 #       timeout_s: 480
-#   The phases stop themselves within 450 s (install 75, tests 200, bench 170); files come back under files_at.
+#   The phases stop themselves within 450 s (install 75, tests 200, bench 170); files come back under files_at,
+#   the first 8 by name only: summary.md carries the tests' outcomes, the failures' assertion lines and the tables.
 #
 # On your own CUDA machine (network, djc's dependencies installed or not):
 #   bash benchmarks/gpu_check.sh [OUT]            # OUT: this argument, else $OUT, else runs/gpu_check
@@ -165,6 +166,16 @@ phase bench 170 bench.log "$PY" -m djc.cli bench throughput --device "$DEV" --ou
     echo '```'
     grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|^\[compile\]|^=+ .*(passed|failed|skipped|error).* =+$" "$OUT/tests.log"
     echo '```'
+    # What failed, in the summary itself: the device tool brings back only the first files of OUT by name.
+    failures=$(grep -E "^E   " "$OUT/tests.log" | sort | uniq -c | sort -rn | head -n 20)
+    if [ -n "$failures" ]; then
+        echo
+        echo "failures (assertion lines, counted):"
+        echo
+        echo '```'
+        echo "$failures"
+        echo '```'
+    fi
     echo
     echo "## throughput"
     echo

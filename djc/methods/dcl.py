@@ -133,9 +133,11 @@ def debiased_contrastive_loss(anchors: Tensor, z_all: Tensor, pos_index: Tensor,
     # pos / (pos + Ng) because the floor moves with it (M e^{-1/t} -> M e^{-2/t}). t = 0.05 keeps e^{-40}.
     logits = (anchors @ z_all.T - 1.0) / t  # (A, R)
     pos_logit = logits[rows, pos_index]
+    # scatter_ with a scalar fills on the device; `neg[rows, idx] = False` copies the False from the host, a
+    # synchronising copy on CUDA (tests/test_step.py's detector, on an H200).
     neg = torch.ones_like(logits, dtype=torch.bool)
-    neg[rows, pos_index] = False
-    neg[rows, self_index] = False
+    neg.scatter_(1, pos_index[:, None], False)
+    neg.scatter_(1, self_index[:, None], False)
     m = z_all.shape[0] - 2
     neg_sum = torch.where(neg, logits.exp(), torch.zeros_like(logits)).sum(dim=1)  # (A,)
     pos = pos_logit.exp()
@@ -321,7 +323,7 @@ class DCL(ClusteringMethod):
         self.card.update(update.pairs[:, 0], update.pairs[:, 1])
         if update.nn_rows is not None:
             self.nn_bank[update.pairs[:, 0]] = update.nn_rows
-            self.nn_filled[update.pairs[:, 0]] = True
+            self.nn_filled.index_fill_(0, update.pairs[:, 0], True)  # `[idx] = True` copies from the host
         if update.piece_sums is not None:
             self.piece_stats.update_global(update.piece_sums)
 
