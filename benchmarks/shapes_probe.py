@@ -21,7 +21,7 @@ from djc.config import load_config
 from djc.data import shapes
 from djc.data.longtail import longtail_subset
 from djc.data.augment import ViewPair
-from djc.step import build_method, train_step
+from djc.step import build_method, to_device, train_step
 from djc.optim import make_optimizer, apply_lr, lr_factor
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.kmeans import kmeans, assign
@@ -93,7 +93,7 @@ def ev(feats, y, cl=None):
 if a.pixels:
     print(json.dumps(ev(views.eval(X).flatten(1), Y))); sys.exit()
 
-method = build_method(cfg, info)
+method = to_device(build_method(cfg, info), cfg, torch.device("cpu"))  # as training places it (NHWC)
 opt = make_optimizer(cfg, method)
 B = cfg.data.batch_size
 spe = N // B

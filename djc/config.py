@@ -154,7 +154,8 @@ class TrainerConfig(Node):
     # Autocast dtype of the backbone (heads, cluster statistics and losses stay float32): auto = bf16 on GPUs,
     # fp32 on CPUs (bf16 runs on a CPU too: tests/test_step.py).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"  # conv weights; auto = NHWC on GPUs
+    # conv weights; auto = NHWC on GPUs and on CPUs with oneDNN (faster on both: step.nhwc)
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     compile: bool = False  # torch.compile the backbone: minutes of start-up, for long GPU runs
     ray_address: str = ""  # "" = join RAY_ADDRESS if set, else start a local Ray instance
     # Seconds between Ray Train's controller polls of the workers. Every ray.train.report waits for the next

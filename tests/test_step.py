@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from djc.config import from_dict
 from djc.data.augment import ViewPair
 from djc.optim import make_optimizer
-from djc.step import amp_dtype, build_method, to_device, train_step
+from djc.step import amp_dtype, build_method, nhwc, to_device, train_step
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.p2ot import CHECK_EVERY
 
@@ -244,10 +244,13 @@ def test_precision_and_memory_format_follow_the_device():
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("fp32", torch.device("cuda")) is None
     assert amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    method, *_ = _setup("secu")
+    assert nhwc("auto", torch.device("cuda")) and nhwc("channels_last", torch.device("cpu"))
+    assert not nhwc("contiguous", torch.device("cuda"))
+    assert nhwc("auto", torch.device("cpu")) == torch.backends.mkldnn.is_available()  # oneDNN's NHWC kernels
+    method, *_ = _setup("secu", memory_format="contiguous")
     conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous() and method.amp_dtype is None  # auto on a CPU: the plain path
-    method, *_ = _setup("secu", memory_format="channels_last")
+    assert conv.weight.is_contiguous() and method.amp_dtype is None  # fp32 on a CPU: the plain path
+    method, *_ = _setup("secu")
     conv = next(m for m in method.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
 

@@ -11,13 +11,7 @@ from djc.config import Config
 from djc.methods import aecm
 from djc.methods.secu_losses import auto_gamma, center_loss, dual_step, representation_loss
 from djc.models.backbones import resnet
-from djc.step import amp_dtype
-
-
-def nhwc(cfg: Config, device: torch.device) -> bool:
-    """step.to_device's rule for the conv weights' memory format, for the plain loops."""
-    f = cfg.trainer.memory_format
-    return f == "channels_last" or (f == "auto" and device.type == "cuda")
+from djc.step import amp_dtype, nhwc
 
 
 class Reference(nn.Module):
@@ -40,7 +34,7 @@ class Reference(nn.Module):
         self.hist = [torch.zeros(w.shape[1], dtype=torch.long) for w in self.centers]
         self.memory: list[Tensor] = []
         self.to(device)
-        if nhwc(cfg, device):
+        if nhwc(cfg.trainer.memory_format, device):
             self.backbone.to(memory_format=torch.channels_last)
         self.w_prev, self.rho, self.hist = ([t.to(device) for t in ts] for ts in (self.w_prev, self.rho, self.hist))
         groups = [{"params": [*self.backbone.parameters(), *self.proj.parameters()]},
@@ -103,7 +97,7 @@ class PlainLoop(nn.Module):
             self.proj = nn.Sequential(nn.Linear(feat, hid), nn.BatchNorm1d(hid), nn.ReLU(inplace=True),
                                       nn.Linear(hid, cfg.model.proj_dim))
         self.to(device)
-        if not self.autoencoder and nhwc(cfg, device):
+        if not self.autoencoder and nhwc(cfg.trainer.memory_format, device):
             self.backbone.to(memory_format=torch.channels_last)
         o = cfg.optim
         self.opt = (torch.optim.SGD(self.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
