@@ -33,9 +33,10 @@ class HostSyncs(TorchDispatchMode):
     bool(), int(), .tolist()), outputs sized by values (boolean masks, nonzero, bincount, unique), and tensors
     made from host data (a blocking host -> device copy).
 
-    Two CPU-only reads are left out, because on CUDA they do not happen: F.one_hot checks its labels' range on the
-    CPU (CUDA relies on the scatter's device assert), and `t[i] = 0` lifts the 0 to a CPU tensor (CUDA fills it
-    on the device)."""
+    One CPU-only read is left out, because on CUDA it does not happen: F.one_hot checks its labels' range on the
+    CPU (CUDA relies on the scatter's device assert). `t[rows, idx] = 0` counts: it lifts the 0 to a host tensor,
+    and on an H200 its copy to the device synchronised (2026-12-04; scatter_ / index_fill_ / masked_fill fill on
+    the device)."""
 
     SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.bincount, aten.masked_select, aten._unique2,
                aten.unique_dim, aten.unique_consecutive, aten.lift_fresh}
@@ -43,20 +44,15 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[str] = []  # the source line of each syncing op
-        self._lifted: dict[int, int] = {}  # id of a lifted scalar -> its entry in calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in (aten.index_put.default, aten.index_put_.default) and id(args[2]) in self._lifted:
-            self.calls[self._lifted.pop(id(args[2]))] = ""  # `t[i] = scalar`
         bool_index = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
             t is not None and t.dtype == torch.bool for t in args[1])
         if func.overloadpacket in self.SYNCING or bool_index:
             line = self._caller()
             if "one_hot(" in line:
                 return out
-            if func == aten.lift_fresh.default and out.dim() == 0:
-                self._lifted[id(out)] = len(self.calls)
             self.calls.append(line)
         return out
 
@@ -94,22 +90,24 @@ RELEASE = {"secu": {"constraint": "entropy", "share_norm": "counted", "bn_views"
            "p2ot": {"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"}}
 
 
-def _cfg(name: str, backbone: str = "smallconv", release: bool = False, **trainer):
+def _cfg(name: str, backbone: str = "smallconv", release: bool = False, options: dict | None = None, **trainer):
     method = {"name": name, "num_clusters": 4, "secu": {"num_heads": 2},
               "aecm": {"hidden": [32, 32], "init": "rand"}, "p2ot": {"bank_batches": 2}}
     optim = {"epochs": 10}
     if release and name in RELEASE:
         method[name] = {**method.get(name, {}), **RELEASE[name]}
         optim |= {"name": "adam"} if name == "aecm" else {}  # the release's optimisers are Adam's
+    if options:  # the method's own settings beyond the suite's
+        method[name] = {**method.get(name, {}), **options}
     return from_dict({
         "model": {"backbone": backbone, "width": 8, "proj_hidden": 32, "proj_dim": 16},
         "method": method, "data": {"batch_size": B}, "trainer": {"num_workers": 1, **trainer}, "optim": optim,
     })
 
 
-def _setup(name: str, device: str = "cpu", release: bool = False, **trainer):
+def _setup(name: str, device: str = "cpu", release: bool = False, options: dict | None = None, **trainer):
     """Method, optimiser, views and 3 batches (index, uint8 images) on `device`; the same numbers on any device."""
-    cfg = _cfg(name, release=release, **trainer)
+    cfg = _cfg(name, release=release, options=options, **trainer)
     method = to_device(build_method(cfg, DataInfo(N, (SIDE, SIDE, 3), 4)), cfg, torch.device(device))
     opt = make_optimizer(cfg, method)  # SGD: Adam's step counter is a host tensor by design
     views = ViewPair(cfg, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], SIDE)
@@ -181,6 +179,22 @@ def test_a_training_step_never_waits_on_the_device(name, device, release):
     with _cuda_syncs(device) as cuda_syncs:  # and CUDA's detector sees a read of a device value
         torch.ones(1, device=device).sum().item()
     assert len(cuda_syncs) == (1 if device == "cuda" else 0)
+
+
+@pytest.mark.parametrize("nn_k", [1, 5])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcl_with_its_neighbour_bank_never_waits_on_the_device(device, nn_k):
+    """The shapes reference's NNCLR positives (nn_weight > 0): the bank's lookup (one nearest row, or the mean of
+    nn_k) and its update run on the device too. The H200 check of 2026-12-04 ran DCL with the bank off only."""
+    torch.manual_seed(0)
+    options = {"nn_weight": 0.5, "nn_start_epoch": 0, "nn_k": nn_k}
+    method, opt, views, batches = _setup("dcl", device, options=options)
+    for step in range(2):  # the first steps fill the bank, so the third finds neighbours in it
+        _step(method, opt, views, batches[step], step)
+    assert bool(method.nn_filled.any())
+    with _cuda_syncs(device) as cuda_syncs, HostSyncs() as mode:
+        out = _step(method, opt, views, batches[2], 2)
+    assert "nn_loss" in out.logs and mode.syncs == [] and cuda_syncs == []
 
 
 class DtypesByRegion(TorchDispatchMode):

@@ -305,7 +305,8 @@ class DCL(ClusteringMethod):
         out; a row with no such neighbour keeps itself. A x N similarities: 2 B x N, no N x N matrix."""
         sims = z @ self.nn_bank.T  # (A, N)
         sims = sims.masked_fill(~self.nn_filled, float("-inf"))
-        sims[torch.arange(z.shape[0], device=z.device), index] = float("-inf")
+        # scatter_ fills on the device; `sims[rows, index] = -inf` copies the -inf from the host (a sync on CUDA)
+        sims.scatter_(1, index[:, None], float("-inf"))
         if self.c.nn_k == 1:
             best, nn_index = sims.max(dim=1)
             return torch.where(torch.isfinite(best)[:, None], self.nn_bank[nn_index], z)
