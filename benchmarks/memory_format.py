@@ -28,11 +28,13 @@ ap.add_argument("--threads", type=int, default=2)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 cpu = torch.device("cpu")
+IMAGES = {"digits": (1, 8), "shapes": (3, 32)}  # data.source -> (channels, side) of its stored images
 
 for job in a.jobs:
     base = load_config(job, [])
-    channels = 1 if "digits" in job else 3
-    side = 8 if "digits" in job else 32
+    if base.data.source not in IMAGES:
+        raise SystemExit(f"{job}: data.source {base.data.source!r}; this benchmark knows {sorted(IMAGES)}")
+    channels, side = IMAGES[base.data.source]
     batch = base.data.batch_size // base.trainer.num_workers  # one worker's share of the global batch
     info = DataInfo(4096, (side, side, channels), base.method.num_clusters)
     g = torch.Generator().manual_seed(0)

@@ -11,6 +11,10 @@ usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--ev
        [--variant flat,clut2,lownoise,light,noclut,soft]  render the train split with milder nuisances
        [--gray-all]  turn the data grey before anything (colour removed from the data, not by the views)
        [--remap P]  with probability P a view's channels are permuted and each inverted with probability 1/2
+       [--oracle-negatives B]  DCL's negatives weighted by (mean class count / their class's count)^B: the labels'
+                 class-balanced uniformity, an oracle of label-free rebalancing (docs/results.md "Four more tries")
+       [--split-scale LO,MID,HI]  view 1 crops LO-MID of the area, view 2 MID-HI: the views' scales set apart
+       [--max-pool]  the backbone's global average pooling replaced by global max pooling
 Each line printed is JSON: km / km_tail = k-means on Prediction.features (balanced ACC, tail classes' ACC),
 own / own_tail = the method's clusters, knn = leave-one-out 20-NN balanced ACC, bb_km = k-means on the backbone.
 """
@@ -40,6 +44,9 @@ ap.add_argument("--remap", type=float, default=0.0)
 ap.add_argument("--variant", default="")
 ap.add_argument("--gray-all", action="store_true")
 ap.add_argument("--spec", action="append", default=[])
+ap.add_argument("--oracle-negatives", type=float, default=0.0)
+ap.add_argument("--split-scale", default="")
+ap.add_argument("--max-pool", action="store_true")
 ap.add_argument("--save", default="", help="write the final features, labels and kept indices to this .pt file")
 a = ap.parse_intermixed_args()
 torch.set_num_threads(a.threads)
@@ -73,6 +80,10 @@ views = ViewPair(cfg, mean, std, 32)
 import dataclasses
 for kv in a.spec:
     k, v = kv.split("="); views.specs = tuple(dataclasses.replace(sp, **{k: float(v)}) for sp in views.specs)
+if a.split_scale:
+    lo, mid, hi = map(float, a.split_scale.split(","))
+    views.specs = (dataclasses.replace(views.specs[0], crop_scale_min=lo, crop_scale_max=mid),
+                   dataclasses.replace(views.specs[1], crop_scale_min=mid, crop_scale_max=hi))
 print(views.specs, flush=True)
 K = cfg.method.num_clusters
 N = len(X)
@@ -93,7 +104,27 @@ def ev(feats, y, cl=None):
 if a.pixels:
     print(json.dumps(ev(views.eval(X).flatten(1), Y))); sys.exit()
 
+neg_weight = {"rows": None}  # --oracle-negatives: the weight of each row of the global batch, set every step
+if a.oracle_negatives > 0:
+    import djc.methods.dcl as dcl_module
+
+    def weighted_negatives(anchors, z_all, pos_index, self_index, temperature, tau_plus):
+        """NT-Xent (tau_plus unused) whose negatives are weighted by neg_weight, renormalised to mean 1 per anchor."""
+        logits = (anchors @ z_all.T - 1.0) / temperature
+        pos_logit = logits.gather(1, pos_index[:, None])[:, 0]
+        neg = torch.ones_like(logits, dtype=torch.bool)
+        neg.scatter_(1, pos_index[:, None], False); neg.scatter_(1, self_index[:, None], False)
+        w = neg_weight["rows"][None, :] * neg
+        ng = (w / w.sum(1, keepdim=True) * (z_all.shape[0] - 2) * logits.exp()).sum(1)
+        return dcl_module.Debiased((torch.log(pos_logit.exp() + ng) - pos_logit).mean(), torch.zeros(()))
+    dcl_module.debiased_contrastive_loss = weighted_negatives
+class_weight = torch.from_numpy((counts.mean() / counts) ** a.oracle_negatives).float()[torch.from_numpy(Y)]
 method = to_device(build_method(cfg, info), cfg, torch.device("cpu"))  # as training places it (NHWC)
+if a.max_pool:
+    for module in list(method.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.AdaptiveAvgPool2d):
+                setattr(module, name, torch.nn.AdaptiveMaxPool2d(1))
 opt = make_optimizer(cfg, method)
 B = cfg.data.batch_size
 spe = N // B
@@ -158,6 +189,7 @@ while epoch < cfg.optim.epochs and time.time() - t0 < budget:
             x1 = views.train(remap(X[idx], gg), step, 0)[0]; x2 = views.train(remap(X[idx], gg), step + 10**6, 0)[1]
         else:
             x1, x2 = views.for_method(method, X[idx], step, 0)
+        neg_weight["rows"] = class_weight[idx].repeat(2)  # [view 1; view 2], as z_all's rows in one process
         out = train_step(method, method, opt, idx, x1, x2)
         step += 1
         if step % a.eval_every == 0:
