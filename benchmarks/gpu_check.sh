@@ -8,8 +8,9 @@
 #      batch 512) and ResNet-50 (224 px, batch 256); every method's step against the plain loop of its network at
 #      the ResNet-18 setting; FLOPs per step and TFLOP/s against a dense bf16 matmul timed on the same GPU;
 #      torch.profiler summaries where SeCu's ratio is below 0.97 or a method's cluster side above 10% of its step.
-# OUT gets summary.md (read it first), env.txt, install.log, tests.log, tests.xml, bench.log,
-# throughput-cuda.md / .json and any profile-*.txt. Exit status 0 when every phase passed.
+# OUT gets summary.md (read it first; also printed last, so the run's output tail carries it), env.txt,
+# install.log, tests.log, tests.xml, bench.log, throughput-cuda.md / .json and profiles.txt (every profile the bench
+# wrote, one after another). Exit status 0 when every phase passed.
 #
 # On a GPU machine lent through the `device` tool (no network; python3 3.12 with torch 2.11, no pydantic):
 #   here, first:  benchmarks/wheelhouse.sh        # builds .whl/ (about 6 MiB, git-ignored)
@@ -184,7 +185,13 @@ phase bench 170 bench.log "$PY" -m djc.cli bench throughput --device "$DEV" --ou
     echo
     echo "## profiles"
     echo
-    echo "${profiles:-none: every ratio held (SeCu >= 0.97, every cluster side <= 10%)}"
+    echo "${profiles:-none: every ratio held (SeCu >= 0.97, every cluster side <= 10%)}${profiles:+ (all in profiles.txt)}"
 } >"$OUT/summary.md"
+# One profiles.txt instead of a file per case: the device tool returns only the first 8 files of OUT by name, and
+# five profiles pushed summary.md out of them (session 41).
+if [ -n "$profiles" ]; then
+    (cd "$OUT" && for f in $profiles; do echo "===== $f"; cat "$f"; echo; done >profiles.txt && rm -f $profiles)
+fi
+cat "$OUT/summary.md"
 echo "[gpu_check] summary: $OUT/summary.md (exit $STATUS)"
 exit $STATUS

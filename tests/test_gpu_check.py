@@ -67,7 +67,10 @@ def test_the_script_rehearses_end_to_end_on_a_cpu(tmp_path):
     assert "SKIPPED" in summary and "no CUDA device here" in summary
     assert "| resnet18_cifar | 32 | 4 | float32 |" in summary and "| aecm | float32 |" in summary
     assert "GFLOP / step" in summary
-    assert {"profile-cpu-resnet18_cifar.txt", "profile-cpu-resnet18_cifar-aecm.txt"} <= {
-        p.name for p in out.glob("profile-*.txt")}
+    profiles = (out / "profiles.txt").read_text()
+    assert "===== profile-cpu-resnet18_cifar.txt" in profiles and "===== profile-cpu-resnet18_cifar-aecm.txt" in profiles
+    assert not list(out.glob("profile-*.txt")), "the profiles are gathered into profiles.txt"
+    # The device tool returns the first 8 files by name: summary.md must be among them, and is printed too.
+    assert "summary.md" in sorted(p.name for p in out.iterdir())[:8] and "## throughput" in r.stdout
     for name in ("env.txt", "install.log", "tests.log", "tests.xml", "bench.log", "throughput-cpu.json"):
         assert (out / name).is_file(), name
