@@ -1,11 +1,11 @@
 """Does averaging a run's features over the data's symmetries help clustering them? The shapes benchmark's
 classes are invariant to rotation, mirroring and light-on-dark polarity, and its pretext learns that invariance
 only approximately; this averages the run's `Prediction.features` of the eval view over 1, 8 (rotations x flips)
-or 16 (x inversion) transformed copies of each training image and scores k-means, knn-merge and the leave-one-out
+or 16 (x inversion) transformed copies, or over 5 zooms (`zoom`: the object's size, what splits the head classes) of each training image and scores k-means, knn-merge and the leave-one-out
 20-NN vote (class-balanced: each vote divided by its class's size) on them (docs/results.md, "Where the gap to
 0.60 sits").
 
-usage: python benchmarks/features_tta.py RUN_DIR [--threads T] [--sets plain,d4,d4inv]
+usage: python benchmarks/features_tta.py RUN_DIR [--threads T] [--sets plain,d4,d4inv,zoom]
 Each line printed is JSON: the set, its number of views, and the three balanced ACCs (train split, labels used for
 the score only).
 """
@@ -25,8 +25,23 @@ from djc.methods.kmeans import assign, kmeans
 from djc.predict import load_run
 
 
+ZOOMS = (0.75, 0.87, 1.0, 1.19, 1.41)  # side of a central box over the image's: above 1 zooms out (1.41: 2x area)
+
+
+def zoom(x: torch.Tensor, side: float) -> torch.Tensor:
+    """The central box `side` times the image's side, resized back to the image's size, border pixels repeated
+    around it when it is the larger: the scales the job's views draw (augment.crop_scale_max 2.0), without their
+    offsets and aspect ratios."""
+    n, _, h, w = x.shape
+    bh, bw = round(h * side), round(w * side)
+    box = torch.tensor([(h - bh) // 2, (w - bw) // 2, bh, bw]).expand(n, 4)
+    return V.resized_crop(x, box, h)
+
+
 def symmetries(name: str) -> list:
     """Transforms of (N, C, H, W) images in [0, 1]."""
+    if name == "zoom":  # the nuisance that splits the head classes (benchmarks/shapes_nuisance.py): object size
+        return [lambda x, s=s: zoom(x, s) for s in ZOOMS]
     rots = [lambda x, k=k: torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
     flips = [lambda x: x, lambda x: torch.flip(x, dims=(-1,))]
     d4 = [lambda x, r=r, f=f: r(f(x)) for r in rots for f in flips]

@@ -15,6 +15,7 @@ usage: python benchmarks/shapes_probe.py JOB [key=value ...] [--minutes M] [--ev
                  class-balanced uniformity, an oracle of label-free rebalancing (docs/results.md "Four more tries")
        [--split-scale LO,MID,HI]  view 1 crops LO-MID of the area, view 2 MID-HI: the views' scales set apart
        [--max-pool]  the backbone's global average pooling replaced by global max pooling
+       [--device cuda]  train on that device (the data set held there; the scores computed on the CPU)
 Each line printed is JSON: km / km_tail = k-means on Prediction.features (balanced ACC, tail classes' ACC),
 own / own_tail = the method's clusters, knn = leave-one-out 20-NN balanced ACC, bb_km = k-means on the backbone.
 """
@@ -47,6 +48,7 @@ ap.add_argument("--spec", action="append", default=[])
 ap.add_argument("--oracle-negatives", type=float, default=0.0)
 ap.add_argument("--split-scale", default="")
 ap.add_argument("--max-pool", action="store_true")
+ap.add_argument("--device", default="cpu")
 ap.add_argument("--save", default="", help="write the final features, labels and kept indices to this .pt file")
 a = ap.parse_intermixed_args()
 torch.set_num_threads(a.threads)
@@ -73,9 +75,11 @@ X, Y = torch.from_numpy(X0[keep]).permute(0, 3, 1, 2).contiguous(), Y0[keep]
 if a.gray_all:
     g_ = (X.float() * torch.tensor([0.2989, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
     X = g_.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+dev = torch.device(a.device)
 x32 = X.float().div(255)
 mean = x32.mean(dim=(0, 2, 3)).tolist(); std = x32.std(dim=(0, 2, 3)).tolist()
 info = DataInfo(len(X), (32, 32, 3), 10)
+X = X.to(dev)
 views = ViewPair(cfg, mean, std, 32)
 import dataclasses
 for kv in a.spec:
@@ -89,6 +93,7 @@ K = cfg.method.num_clusters
 N = len(X)
 
 def ev(feats, y, cl=None):
+    feats = feats.cpu()
     km = kmeans(feats, K, iters=50, restarts=3, seed=0)
     p = assign(feats, km.centers)[0].numpy()
     r = metrics.evaluate(y, p, K, np.asarray(counts))
@@ -102,7 +107,7 @@ def ev(feats, y, cl=None):
     return out
 
 if a.pixels:
-    print(json.dumps(ev(views.eval(X).flatten(1), Y))); sys.exit()
+    print(json.dumps(ev(views.eval(X).flatten(1).cpu(), Y))); sys.exit()
 
 neg_weight = {"rows": None}  # --oracle-negatives: the weight of each row of the global batch, set every step
 if a.oracle_negatives > 0:
@@ -118,8 +123,8 @@ if a.oracle_negatives > 0:
         ng = (w / w.sum(1, keepdim=True) * (z_all.shape[0] - 2) * logits.exp()).sum(1)
         return dcl_module.Debiased((torch.log(pos_logit.exp() + ng) - pos_logit).mean(), torch.zeros(()))
     dcl_module.debiased_contrastive_loss = weighted_negatives
-class_weight = torch.from_numpy((counts.mean() / counts) ** a.oracle_negatives).float()[torch.from_numpy(Y)]
-method = to_device(build_method(cfg, info), cfg, torch.device("cpu"))  # as training places it (NHWC)
+class_weight = torch.from_numpy((counts.mean() / counts) ** a.oracle_negatives).float()[torch.from_numpy(Y)].to(dev)
+method = to_device(build_method(cfg, info), cfg, dev)  # as training places it (NHWC; bf16 autocast on CUDA)
 if a.max_pool:
     for module in list(method.modules()):
         for name, child in list(module.named_children()):
@@ -134,7 +139,7 @@ if a.time_steps:
     for s_ in range(a.time_steps + 1):
         if s_ == 1:
             t_ = time.time()
-        idx = torch.randperm(N, generator=g)[:B]
+        idx = torch.randperm(N, generator=g)[:B].to(dev)
         train_step(method, method, opt, idx, *views.for_method(method, X[idx], s_, 0))
     print(json.dumps({"seconds_per_step": round((time.time() - t_) / a.time_steps, 3), "threads": a.threads,
                       "overrides": a.overrides}))
@@ -144,10 +149,10 @@ def map_train(fn):
     method.eval(); outs = []
     with torch.no_grad():
         for lo in range(0, N, 1024):
-            idx = torch.arange(lo, min(N, lo + 1024))
+            idx = torch.arange(lo, min(N, lo + 1024), device=dev)
             outs.append(fn(views.eval(X[idx]), idx))
     method.train()
-    return torch.cat(outs), torch.arange(N)
+    return torch.cat(outs), torch.arange(N, device=dev)
 
 saved = {}
 
@@ -156,9 +161,9 @@ def evaluate():
     with torch.no_grad():
         for lo in range(0, N, 1024):
             x = views.eval(X[lo:lo + 1024])
-            p = method.predict(x); fs.append(p.features.float().flatten(1)); cs.append(p.clusters[:, 0])
+            p = method.predict(x); fs.append(p.features.float().flatten(1).cpu()); cs.append(p.clusters[:, 0].cpu())
             bb = getattr(method, "backbone", None)
-            if bb is not None: bbs.append(bb(x).float().flatten(1))
+            if bb is not None: bbs.append(bb(x).float().flatten(1).cpu())
     method.train()
     saved.update(features=torch.cat(fs), labels=torch.from_numpy(Y), keep=torch.from_numpy(keep))
     if bbs: saved["backbone"] = torch.cat(bbs)
@@ -174,7 +179,7 @@ while epoch < cfg.optim.epochs and time.time() - t0 < budget:
     method.on_epoch_start(EpochContext(epoch, cfg.optim.epochs, spe, map_train))
     perm = torch.randperm(N, generator=g)
     for s in range(spe):
-        idx = perm[s * B:(s + 1) * B]
+        idx = perm[s * B:(s + 1) * B].to(dev)
         apply_lr(opt, lr_factor(cfg, step, spe))
         if a.remap > 0:
             def remap(xb, gen):
