@@ -5,6 +5,10 @@
 #   B  8x the passes: 400 epochs of batch 256 (12,700 steps)
 #   C  B with the encoder 4x as wide (model.width=64)
 #   D  ResNet-18 (CIFAR stem) on 32-px views, batch 256, 200 epochs, Adam lr 0.002
+# or, with SHAPES_GPU_SET=budget, schedules that end within the time (annealed), two of them ones 2 CPU cores
+# train in under 10 minutes:
+#   E  batch 256, 64 epochs (1,984 steps; ~7 min on 2 cores)     F  batch 128, 64 epochs (4,032 steps; ~8 min)
+#   G  C's encoder, 100 epochs                                   H  D's ResNet-18, 60 epochs
 # then benchmarks/features_graph.py on each one's final features: k-means, knn-merge (overcluster 100) and the
 # nearest-class-mean ceiling (docs/results.md, "Where the gap to 0.60 sits").
 #
@@ -31,17 +35,26 @@ probe() {  # probe NAME OVERRIDES...
     local name=$1
     shift
     "$PY" benchmarks/shapes_probe.py "$JOB" seed=0 "$@" --device "$DEV" --threads 3 --minutes "$MIN" \
-        --eval-every 2000 --tag "$name" --save "$OUT/$name.pt" 2>&1 | grep -E '^\{|Error|error' | sed "s/^/[$name] /"
+        --eval-every "${SHAPES_GPU_EVAL_EVERY:-2000}" --tag "$name" --save "$OUT/$name.pt" 2>&1 | grep -E '^\{|Error|error' | sed "s/^/[$name] /"
 }
 {
     echo "# shapes on $DEV, $(date -u +%Y-%m-%dT%H:%M:%SZ), djc $(git rev-parse --short HEAD 2>/dev/null)"
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-    probe A &
-    probe B optim.epochs=400 data.batch_size=256 &
-    probe C optim.epochs=400 data.batch_size=256 model.width=64 &
-    probe D model.backbone=resnet18_cifar augment.out_size=32 data.batch_size=256 optim.epochs=200 optim.lr=0.002 &
+    if [ "${SHAPES_GPU_SET:-compute}" = budget ]; then
+        NAMES="E F G H"
+        probe E optim.epochs=64 data.batch_size=256 &
+        probe F optim.epochs=64 data.batch_size=128 &
+        probe G optim.epochs=100 data.batch_size=256 model.width=64 &
+        probe H model.backbone=resnet18_cifar augment.out_size=32 data.batch_size=256 optim.epochs=60 optim.lr=0.002 &
+    else
+        NAMES="A B C D"
+        probe A &
+        probe B optim.epochs=400 data.batch_size=256 &
+        probe C optim.epochs=400 data.batch_size=256 model.width=64 &
+        probe D model.backbone=resnet18_cifar augment.out_size=32 data.batch_size=256 optim.epochs=200 optim.lr=0.002 &
+    fi
     wait
-    for name in A B C D; do
+    for name in $NAMES; do
         [ -f "$OUT/$name.pt" ] || { echo "[$name] no features saved"; continue; }
         "$PY" benchmarks/features_graph.py "$OUT/$name.pt" --threads 4 --only kmeans,overcluster,ncm 2>&1 \
             | grep -E '^\{|Error' | sed "s/^/[$name graph] /" &
