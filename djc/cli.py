@@ -20,7 +20,10 @@ USER_ERRORS = launch.USER_ERRORS
 def cmd_train(args: argparse.Namespace) -> int:
     from djc.evaluate import metrics_table
 
-    cfg = launch.resolve(load_config(args.config, args.overrides))
+    overrides = args.overrides
+    if args.in_process:
+        overrides = [*overrides, "trainer.in_process=true", "trainer.num_workers=1"]
+    cfg = launch.resolve(load_config(args.config, overrides))
     run_dir = launch.absolute(launch.out_url(args.out or f"runs/{cfg.name}"))
     storage.configure(cfg.storage)
     storage.require_bucket(run_dir)
@@ -170,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="run config YAML (jobs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.add_argument("--out", help="run dir (path or s3:// URL); default runs/<name>")
+    tr.add_argument("--in-process", action="store_true",
+                    help="train in this process without Ray (trainer.in_process=true trainer.num_workers=1): "
+                         "the same loop and run dir, for a machine without Ray or for debugging")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="recompute metrics.json and plots from a run dir's assignments")

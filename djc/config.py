@@ -142,6 +142,9 @@ class OptimConfig(Node):
 
 class TrainerConfig(Node):
     num_workers: int = Field(2, gt=0)  # Ray Train workers (one process each)
+    # One process and no Ray (`djc train --in-process`): the same loop and run dir, for machines without Ray,
+    # debugging and notebooks (djc/session.py). One worker; trainer.use_gpu picks its device.
+    in_process: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)  # fractional on small machines, so Ray can co-schedule a driver
     # torch's intra-op threads in each worker; 0 = $DJC_THREADS_PER_WORKER, else 1 (2 workers share 2 cores). One
@@ -225,6 +228,9 @@ class Config(Node):
                 raise ValueError(f"{key} holds credentials (user:secret@host); the config is printed and stored, "
                                  f"so give them through the environment or an AWS profile instead")
         w, b = self.trainer.num_workers, self.data.batch_size
+        if self.trainer.in_process and w != 1:
+            raise ValueError(f"trainer.in_process=true runs one process, but trainer.num_workers={w}: set "
+                             f"trainer.num_workers=1 (`djc train --in-process` sets both)")
         if b % w:
             raise ValueError(f"data.batch_size={b} must be divisible by trainer.num_workers={w}")
         sel = self.eval.select_split

@@ -35,6 +35,7 @@ ERROR_LOG = "logs/error-rank{rank}.txt"  # a worker's failure with its full trac
 HEARTBEAT_S = 15.0
 STALE_S = 120.0  # 8 missed heartbeats: the owner is gone (and clocks of two hosts may differ by a minute)
 SNAPSHOT = checkpoint.RAY_RECORD  # Ray Train's record of the checkpoints it kept
+TRAIN_DIR = "train"  # where the checkpoints are: Ray Train's RunConfig(name=...), and djc/session.py's LocalSession
 
 # What a resumed run may change: how long it trains, where and how it runs, what it evaluates. Everything else
 # is what the checkpoint was trained with. trainer.num_workers is not here: the stream position in a checkpoint
@@ -45,7 +46,8 @@ MAY_CHANGE = ("name", "optim.epochs", "data.eval", "data.source", "data.source_r
               "trainer.cpus_per_worker", "trainer.threads_per_worker", "trainer.max_failures",
               "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.log_every", "trainer.precision",
               "trainer.memory_format", "trainer.compile", "trainer.ray_address", "trainer.poll_interval_s",
-              "trainer.ray_log_level", "trainer.resource_wait_s", "eval", "storage", "method.kmeans")
+              "trainer.ray_log_level", "trainer.resource_wait_s", "trainer.in_process", "eval", "storage",
+              "method.kmeans")
 
 
 class RunDirError(ConfigError):
@@ -276,7 +278,7 @@ def drop_orphan_checkpoints(run_dir: str) -> list[str]:
         return []
     kept = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
     kept.add(snap["latest_checkpoint_result"]["checkpoint_dir_name"])
-    fs, root = fsspec.core.url_to_fs(f"{run_dir}/train")
+    fs, root = fsspec.core.url_to_fs(f"{run_dir}/{TRAIN_DIR}")
     fs.invalidate_cache(root)
     gone = []
     for p in fs.ls(root, detail=False):

@@ -1,8 +1,9 @@
-"""The training story: what each Ray Train worker runs, from its config to the run's outputs.
+"""The training story: what each worker runs, from its config to the run's outputs.
 
-Ray stays at the edge: the loop below uses Ray only to learn its rank, report metrics and checkpoints, and find
-the checkpoint to resume from. Everything else (method, data, views, collectives) is plain torch and is tested
-without Ray. djc/launch.py builds the TorchTrainer that runs it.
+Ray stays at the edge: the loop below meets its runner only through a session (djc/session.py: the device, the
+checkpoint to resume from, where metrics and checkpoints go), a Ray Train worker's or the one process of `djc
+train --local`. Everything else (method, data, views, collectives) is plain torch and is tested without Ray.
+djc/launch.py builds the TorchTrainer that runs it, or runs it in its own process.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import tempfile
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from djc.optim import apply_lr, lr_factor, make_optimizer
 from djc.step import build_method, run_views, to_device, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.metrics import size_health
+from djc.session import RaySession, Session
 
 def data_info(m: Manifest) -> DataInfo:
     if m.image_shape is None:
@@ -63,8 +64,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray logs the whole traceback of a failed training function on every worker, and the driver prints each
     # worker's log: 200-300 lines for a corrupt shard. The file below keeps it instead.
     logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+    run_logged(loop_config, RaySession())
+
+
+def run_logged(loop_config: dict[str, Any], session: Session) -> None:
+    """The loop under `session`, a failure's full traceback written to the run dir's logs/error-rank<r>.txt."""
     try:
-        _train(loop_config)
+        _train(loop_config, session)
     except BaseException:
         with contextlib.suppress(Exception):  # an unwritable run dir must not hide the original error
             log = rundir.ERROR_LOG.format(rank=dist.rank())
@@ -72,10 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         raise
 
 
-def _train(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
+def _train(loop_config: dict[str, Any], session: Session) -> None:
     # --- config and process -----------------------------------------------------------------------------
     cfg: Config = from_dict(loop_config["config"])
     # Ray configures the workers' root logger at INFO, which prints two lines per report and per checkpoint;
@@ -84,9 +87,8 @@ def _train(loop_config: dict[str, Any]) -> None:
     run_dir: str = loop_config["run_dir"]
     storage.configure(cfg.storage)  # this process's S3 settings; credentials stay in its environment
     rank, world = dist.rank(), dist.world_size()
-    device = ray.train.torch.get_device()
-    env_threads = int(os.environ.get("DJC_THREADS_PER_WORKER", "1"))
-    torch.set_num_threads(cfg.trainer.threads_per_worker or max(1, env_threads))
+    device = session.device()
+    torch.set_num_threads(cfg.trainer.threads_per_worker or session.default_threads())
 
     # --- model and cluster state ------------------------------------------------------------------------
     manifest = read_manifest(cfg.data.train)
@@ -100,10 +102,9 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     # --- resume -----------------------------------------------------------------------------------------
     start_epoch, step = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = checkpoint.load(Path(d) / checkpoint.CKPT_FILE, map_location=device)
+    with session.resume_dir() as d:
+        state = None if d is None else checkpoint.load(d / checkpoint.CKPT_FILE, map_location=device)
+    if state is not None:
         method.load_state_dict(state["method"])
         opt.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["stream"])
@@ -112,7 +113,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         # The log holds the epochs of the state we continue from: what a lost attempt logged after its last
         # checkpoint goes (everything, on a fresh start), so no epoch appears twice.
         _drop_epochs_after(f"{run_dir}/metrics.jsonl", start_epoch)
-        if ckpt is not None:
+        if state is not None:
             runfiles.append_jsonl(f"{run_dir}/resumes.jsonl",
                                 {"epoch": start_epoch, "step": step, "time": round(time.time(), 3)})
             print(f"[djc] resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
@@ -162,9 +163,9 @@ def _train(loop_config: dict[str, Any]) -> None:
             print(_progress_line(cfg, metrics), flush=True)
         last = epoch + 1 == cfg.optim.epochs
         if (epoch + 1) % cfg.trainer.checkpoint_every == 0 or last:
-            _report_with_checkpoint(cfg, method, opt, loader, epoch + 1, step, metrics)
+            _report_with_checkpoint(session, cfg, method, opt, loader, epoch + 1, step, metrics)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
 
     # --- evaluation and outputs -------------------------------------------------------------------------
     method.on_train_end()
@@ -216,11 +217,10 @@ def _drop_epochs_after(url: str, epoch: int) -> None:
         runfiles.write_text(url, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
 
 
-def _report_with_checkpoint(cfg: Config, method, opt, loader, epoch: int, step: int, metrics: dict) -> None:
-    import ray.train
-
+def _report_with_checkpoint(session: Session, cfg: Config, method, opt, loader, epoch: int, step: int,
+                            metrics: dict) -> None:
     if dist.rank() != 0:
-        ray.train.report(metrics)  # every rank reports the same number of times
+        session.report(metrics)  # every rank reports the same number of times
         return
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(d, {"method": method.state_dict(), "optimizer": opt.state_dict(),
@@ -228,4 +228,4 @@ def _report_with_checkpoint(cfg: Config, method, opt, loader, epoch: int, step: 
         # Ray copies the directory into storage and only then records it as the latest checkpoint (in
         # checkpoint_manager_snapshot.json, rewritten whole: on S3 one PUT), so a reader never sees a partial
         # one; a restart resumes from the checkpoint that snapshot names.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        session.report(metrics, checkpoint_dir=d)

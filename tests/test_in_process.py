@@ -1,0 +1,88 @@
+"""`djc train --in-process`: the training loop in one process without Ray (djc/session.py's InProcessSession).
+It must be the same run as one Ray Train worker, resume as a Ray run does, and leave a run dir that Ray, `djc
+predict` and an object store read as they read Ray's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from djc import checkpoint, cli, rundir
+from djc.config import ConfigError, load_config
+from djc.runfiles import read_assignments
+
+JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "digits_lt.yaml")
+SMALL = ["optim.frozen_epochs=0", "optim.warmup_epochs=1", "model.width=32", "method.secu.num_heads=2",
+         "method.kmeans.restarts=1", "eval.map=none", "eval.gallery_pages=0", "trainer.threads_per_worker=1"]
+
+
+def _train(tmp: Path, out: str, epochs: int, *extra: str) -> int:
+    return cli.main(["train", JOB, "--out", out, f"data.train={tmp}/data/train", f"data.eval={{test: {tmp}/data/test}}",
+                     f"optim.epochs={epochs}", *SMALL, *extra])
+
+
+def _final_state(run_dir: str) -> dict:
+    snap = rundir.snapshot(run_dir)
+    name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return checkpoint.load(f"{run_dir}/{rundir.TRAIN_DIR}/{name}/{checkpoint.CKPT_FILE}")
+
+
+def _assert_same_run(a: str, b: str) -> None:
+    sa, sb = _final_state(a), _final_state(b)
+    assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
+    for key, value in sa["method"].items():
+        assert torch.equal(value, sb["method"][key]), key
+    ta, tb = read_assignments(f"{a}/assignments.parquet"), read_assignments(f"{b}/assignments.parquet")
+    assert len(np.unique(ta["kmeans_features"])) > 2  # rows that differ: not one cluster compared with one
+    for col in ("index", "cluster", "cluster_h1", "kmeans_features", "knn_merge"):
+        np.testing.assert_array_equal(ta[col], tb[col], err_msg=col)
+
+
+def test_in_process_needs_one_worker():
+    with pytest.raises(ConfigError, match=r"trainer.in_process=true runs one process, but trainer.num_workers=2"):
+        load_config(JOB, ["trainer.in_process=true"])
+
+
+@pytest.mark.slow
+def test_an_in_process_epoch_is_a_ray_workers_epoch_and_each_runner_continues_the_other(ray_local, tmp_path):
+    """2 epochs in this process == 1 epoch here continued by one Ray Train worker == 1 epoch on the Ray worker
+    continued here, parameter for parameter and row for row: each runner's epoch is the other's, and each reads
+    the other's checkpoints and record (two Ray fits, the fewest that show both)."""
+    ip, ip_then_ray, ray_then_ip = (str(tmp_path / name) for name in ("ip", "ip_ray", "ray_ip"))
+    assert _train(tmp_path, ip, 2, "--in-process") == 0
+    assert _train(tmp_path, ip_then_ray, 1, "--in-process") == 0
+    assert _train(tmp_path, ip_then_ray, 2, "trainer.num_workers=1") == 0
+    assert _train(tmp_path, ray_then_ip, 1, "trainer.num_workers=1") == 0
+    assert _train(tmp_path, ray_then_ip, 2, "--in-process") == 0
+    for run in (ip_then_ray, ray_then_ip):
+        assert [json.loads(x)["epoch"] for x in Path(run, "resumes.jsonl").read_text().splitlines()] == [1]
+        _assert_same_run(ip, run)
+
+
+@pytest.mark.slow
+def test_an_in_process_run_on_s3_resumes_keeps_its_last_checkpoints_and_predicts(bucket, tmp_path):
+    """The run dir on the loopback S3 server: checkpoints are uploaded, the record names the newest two
+    (trainer.keep_checkpoints), older ones are deleted, a rerun resumes from S3, and `djc predict` (in this
+    process) reads the run and reproduces its assignments."""
+    out = f"{bucket}/run"
+    assert _train(tmp_path, out, 1, "--in-process", "trainer.checkpoint_every=1") == 0
+    assert _train(tmp_path, out, 3, "--in-process", "trainer.checkpoint_every=1") == 0
+    fs, root = fsspec.core.url_to_fs(f"{out}/{rundir.TRAIN_DIR}")
+    fs.invalidate_cache()
+    dirs = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if "checkpoint_manager" not in p)
+    snap = rundir.snapshot(out)
+    assert dirs == sorted(r["checkpoint_dir_name"] for r in snap["checkpoint_results"]) and len(dirs) == 2
+    assert [r["metrics"]["epoch"] for r in snap["checkpoint_results"]] == [2, 3]
+    with fsspec.open(f"{out}/resumes.jsonl", "r") as f:
+        assert [json.loads(x)["epoch"] for x in f.read().splitlines()] == [1]
+    pred = tmp_path / "pred"
+    assert cli.main(["predict", out, "--data", f"{tmp_path}/data/train", "--out", str(pred)]) == 0
+    new, old = read_assignments(str(pred / "assignments.parquet")), read_assignments(f"{out}/assignments.parquet")
+    on = old["split"] == "train"
+    order_new, order_old = np.argsort(new["index"]), np.argsort(old["index"][on])
+    np.testing.assert_array_equal(new["cluster"][order_new], old["cluster"][on][order_old])
