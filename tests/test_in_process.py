@@ -5,6 +5,8 @@ predict` and an object store read as they read Ray's."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -43,9 +45,26 @@ def _assert_same_run(a: str, b: str) -> None:
         np.testing.assert_array_equal(ta[col], tb[col], err_msg=col)
 
 
-def test_in_process_needs_one_worker():
+def test_in_process_needs_one_worker_and_is_not_for_a_search(capsys):
     with pytest.raises(ConfigError, match=r"trainer.in_process=true runs one process, but trainer.num_workers=2"):
         load_config(JOB, ["trainer.in_process=true"])
+    assert cli.main(["tune", JOB, "--space", "secu", "trainer.in_process=true", "trainer.num_workers=1"]) == 2
+    assert "djc tune runs its trials as Ray Tune trials" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_in_process_run_needs_neither_ray_nor_s3fs(tmp_path):
+    """What the GPU machines lent to this project lack (Ray, s3fs, moto, Optuna, boto3) made unimportable: `djc
+    train --in-process` still trains and writes its run dir."""
+    code = ("import sys\n"
+            "for m in ('ray', 's3fs', 'moto', 'optuna', 'boto3', 'botocore'):\n"
+            "    sys.modules[m] = None\n"
+            "from djc import cli\n"
+            f"sys.exit(cli.main(['train', {JOB!r}, '--in-process', '--out', {str(tmp_path / 'run')!r}, "
+            f"'data.train={tmp_path}/data/train', 'data.eval={{}}', 'optim.epochs=1', *{SMALL!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").is_file() and rundir.snapshot(str(tmp_path / "run")) is not None
 
 
 @pytest.mark.slow

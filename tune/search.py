@@ -275,6 +275,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples {args.samples}: a search needs at least one trial")
     tree = load_tree(args.config, args.overrides)
     cfg = from_dict(tree)
+    if cfg.trainer.in_process:
+        raise ConfigError("trainer.in_process=true: djc tune runs its trials as Ray Tune trials, each a Ray Train "
+                          "run; leave trainer.in_process false for a search")
     if not cfg.eval.select_split:  # the first held-out split, else the training set itself
         tree = with_values(tree, {"eval.select_split": next(iter(cfg.data.eval), "train")})
         cfg = from_dict(tree)
