@@ -9,7 +9,13 @@
 # train in under 10 minutes:
 #   E  batch 256, 64 epochs (1,984 steps; ~7 min on 2 cores)     F  batch 128, 64 epochs (4,032 steps; ~8 min)
 #   G  C's encoder, 100 epochs                                   H  D's ResNet-18, 60 epochs
-# then benchmarks/features_graph.py on each one's final features: k-means, knn-merge (overcluster 100) and the
+# or, with SHAPES_GPU_SET=pairs, the two-stage recipe through djc itself (`djc bench quality`, every run with
+# `djc train --in-process`: the lent machines have no Ray): jobs/shapes_lt_simclr_gpu.yaml as the pretext and the
+# five methods' shapes jobs on its frozen features, SHAPES_GPU_SEEDS seeds (default 3), its table in
+# OUT/quality.md (issue 14's 3 seeds and issue 17's pairs on a pretext whose features hold the classes; about
+# 3 minutes a seed on an H200 by the probes' times, so 3 seeds may take two calls: the second continues);
+# SHAPES_GPU_BENCH_ARGS adds arguments (a CPU rehearsal: "model.backbone=conv4 optim.epochs=1").
+# Otherwise benchmarks/features_graph.py on each one's final features: k-means, knn-merge (overcluster 100) and the
 # nearest-class-mean ceiling (docs/results.md, "Where the gap to 0.60 sits").
 #
 # On a GPU machine lent through the `device` tool (no network; build .whl/ first with benchmarks/wheelhouse.sh):
@@ -40,7 +46,21 @@ probe() {  # probe NAME OVERRIDES...
 {
     echo "# shapes on $DEV, $(date -u +%Y-%m-%dT%H:%M:%SZ), djc $(git rev-parse --short HEAD 2>/dev/null)"
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-    if [ "${SHAPES_GPU_SET:-compute}" = budget ]; then
+    if [ "${SHAPES_GPU_SET:-compute}" = pairs ]; then
+        # The run dirs stay out of OUT (too many files to come back) and in the checkout, which a warm device
+        # machine keeps between calls: the same command again continues a bench its time limit cut (--reuse).
+        BENCH=${SHAPES_GPU_BENCH_DIR:-runs/shapes_gpu_bench}
+        gpu=$([ "$DEV" = cuda ] && echo true || echo false)
+        # shellcheck disable=SC2086
+        "$PY" -m djc.cli bench quality --config jobs/shapes_lt_p2ot.yaml jobs/shapes_lt_dcl.yaml \
+            jobs/shapes_lt_statdec.yaml jobs/shapes_lt.yaml jobs/shapes_lt_aecm.yaml \
+            --pretext jobs/shapes_lt_simclr_gpu.yaml --pretext-head --pair-neighbors 20 --stages pairs \
+            --data shapes: --seeds "${SHAPES_GPU_SEEDS:-3}" --out "$BENCH" --reuse trainer.in_process=true \
+            trainer.num_workers=1 trainer.use_gpu=$gpu eval.map=none eval.gallery_pages=0 \
+            ${SHAPES_GPU_BENCH_ARGS:-} 2>&1 | grep -E "^\[djc bench\]|^\||error|Error"
+        cp "$BENCH/quality.md" "$OUT/quality.md" 2>/dev/null
+        exit 0
+    elif [ "${SHAPES_GPU_SET:-compute}" = budget ]; then
         NAMES="E F G H"
         probe E optim.epochs=64 data.batch_size=256 &
         probe F optim.epochs=64 data.batch_size=128 &

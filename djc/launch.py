@@ -249,8 +249,13 @@ def run(cfg: Config, run_dir: str, *, echo_config: bool = True) -> dict[str, Any
 def fit_local(cfg: Config, run_dir: str) -> None:
     """Train to completion in this process, without Ray (trainer.in_process), resuming if `run_dir` holds a
     checkpoint. A user error raises as itself (the CLI prints its one line); its traceback is in the run dir."""
+    import torch
+
     from djc.session import InProcessSession
     from djc.train import run_logged
 
+    if cfg.trainer.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("trainer.use_gpu=true, but torch sees no CUDA device in this process (trainer.in_process "
+                          "trains here): set trainer.use_gpu=false, or run where a GPU is")
     session = InProcessSession(run_dir, cfg.trainer.use_gpu, cfg.trainer.keep_checkpoints)
     run_logged({"config": to_dict(cfg), "run_dir": run_dir}, session)

@@ -52,6 +52,12 @@ def test_in_process_needs_one_worker_and_is_not_for_a_search(capsys):
     assert "djc tune runs its trials as Ray Tune trials" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_an_in_process_run_asking_for_a_gpu_it_lacks_fails_in_one_line(tmp_path, capsys):
+    assert _train(tmp_path, str(tmp_path / "run"), 1, "--in-process", "trainer.use_gpu=true") == 2
+    assert "trainer.use_gpu=true, but torch sees no CUDA device in this process" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_an_in_process_run_needs_neither_ray_nor_s3fs(tmp_path):
     """What the GPU machines lent to this project lack (Ray, s3fs, moto, Optuna, boto3) made unimportable: `djc

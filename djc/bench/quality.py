@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from djc import runfiles
-from djc.config import ConfigError, load_config
+from djc.config import Config, ConfigError, load_config
 from djc.methods import REGISTRY
 
 KEYS = ("balanced_acc", "acc", "nmi", "tail_acc", "size_entropy")
@@ -109,26 +109,17 @@ def main(args: argparse.Namespace) -> int:
                 runs += [(c, d, s, "") for c in configs]
             if pretext and "pairs" in stages:
                 runs += [(pretext, d, s, "pretext"), *[(c, d, s, "on-pretext") for c in configs]]
+    # Every run's config built and validated before the first trains: a bad value in the last job of a long bench
+    # is an error in seconds, not after an hour of the runs before it. (Its data and weights are checked when it
+    # starts: a pair's weights are the pretext run before it.)
+    plan = [(config, data, seed, stage, *_run_config(args, config, data, seed, stage, datasets, pretext, head, views,
+                                                     neighbors)) for config, data, seed, stage in runs]
     t_start = time.time()
     labels = row_labels(configs)
     pretext_minutes: dict[tuple[str, int], float] = {}
-    for i, (config, data, seed, stage) in enumerate(runs):
-        extra, tag = [], ""
-        if stage == "on-pretext":
-            pcfg = load_config(pretext, [*args.overrides, *datasets[data]])
-            extra = [f"model.weights={_pretext_dir(args.out, data, pretext, seed)}", "model.freeze=all",
-                     f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}", *head]
-            if views == "cached":  # no augmentation on the frozen encoder's input: its features computed once
-                extra.append("augment.policy=none")
-            if neighbors:
-                extra.append(f"augment.neighbors={neighbors}")
-            tag = (("-on-pretext-head" if head else "-on-pretext") + ("-aug" if views == "augmented" else "")
-                   + (f"-nn{neighbors}" if neighbors else ""))
-        cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
+    for i, (config, data, seed, stage, cfg, run_dir) in enumerate(plan):
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
-        run_dir = (_pretext_dir(args.out, data, config, seed) if stage == "pretext"
-                   else launch.absolute(f"{args.out}/{data}/{Path(config).stem}{tag}-seed{seed}"))
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
         print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name}{' ' + stage if stage else ''} on {data}, "
               f"seed {seed} -> {run_dir}{eta}", flush=True)
@@ -186,8 +177,6 @@ def _changed(value: Any, default: Any) -> Any:
 
 
 def _digest(cfg) -> str:
-    from djc.config import Config
-
     changed = _changed(cfg.model_dump(mode="json"), Config().model_dump(mode="json"))
     return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()
 
@@ -201,6 +190,29 @@ def _done(run_dir: str, cfg) -> tuple[dict, float] | None:
         return runfiles.read_json(f"{run_dir}/metrics.json"), float(info["minutes"])
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         return None
+
+
+def _run_config(args, config: str, data: str, seed: int, stage: str, datasets: dict, pretext: str | None,
+                head: list[str], views: str, neighbors: int) -> tuple[Config, str]:
+    """One bench run's resolved config and run dir; stage "on-pretext" puts the config on the frozen encoder of
+    the pretext run of the same data set and seed."""
+    from djc import launch
+
+    extra, tag = [], ""
+    if stage == "on-pretext":
+        pcfg = load_config(pretext, [*args.overrides, *datasets[data]])
+        extra = [f"model.weights={_pretext_dir(args.out, data, pretext, seed)}", "model.freeze=all",
+                 f"model.backbone={pcfg.model.backbone}", f"model.width={pcfg.model.width}", *head]
+        if views == "cached":  # no augmentation on the frozen encoder's input: its features computed once
+            extra.append("augment.policy=none")
+        if neighbors:
+            extra.append(f"augment.neighbors={neighbors}")
+        tag = (("-on-pretext-head" if head else "-on-pretext") + ("-aug" if views == "augmented" else "")
+               + (f"-nn{neighbors}" if neighbors else ""))
+    cfg = launch.resolve(load_config(config, [*args.overrides, *datasets[data], f"seed={seed}", *extra]))
+    run_dir = (_pretext_dir(args.out, data, config, seed) if stage == "pretext"
+               else launch.absolute(f"{args.out}/{data}/{Path(config).stem}{tag}-seed{seed}"))
+    return cfg, run_dir
 
 
 def _pretext_dir(out: str, data: str, pretext: str, seed: int) -> str:
