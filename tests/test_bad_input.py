@@ -151,6 +151,17 @@ def test_bench_with_no_seeds_is_refused_and_keeps_the_table(tmp_path, capsys):
     assert (tmp_path / "quality.md").read_text() == "the last table\n"
 
 
+def test_a_bench_whose_last_run_is_invalid_fails_before_its_first(tmp_path, capsys):
+    """Every run's config is built before the first trains: a bad value in the last run is an error in seconds,
+    not after the runs before it."""
+    # The first data set's run is valid; the second's batch of 7 cannot be split over the job's 2 workers.
+    code, _, err = _djc(capsys, "bench", "quality", "--config", JOB, "--seeds", "1", "--out", str(tmp_path / "bench"),
+                        "--data", f"ok:data.train={tmp_path}/data/train,data.eval={{}}",
+                        "--data", f"odd:data.train={tmp_path}/data/train,data.eval={{}},data.batch_size=7")
+    assert code == 2 and "data.batch_size=7 must be divisible by trainer.num_workers=2" in _error_line(err)
+    assert not (tmp_path / "bench").exists()  # no run started
+
+
 def test_a_damaged_assignments_file_is_one_line_for_djc_eval(tmp_path, capsys):
     from djc.config import Config, to_yaml
     from djc.data.prepare import prepare
