@@ -190,7 +190,8 @@ def build_trainer(cfg: Config, run_dir: str, callbacks: list | None = None):
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=ray_setup.worker_bundle(cfg)),
         run_config=ray.train.RunConfig(
-            name=rundir.TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs, callbacks=list(callbacks or []),
+            name=rundir.TRAIN_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
+            callbacks=list(callbacks or []),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level=t.ray_log_level),
@@ -238,7 +239,7 @@ def run(cfg: Config, run_dir: str, *, echo_config: bool = True) -> dict[str, Any
             print(f"[djc] run dir: {run_dir}\n[djc] resolved config:\n{to_yaml(cfg)}", flush=True)
         runfiles.write_text(f"{run_dir}/config.yaml", to_yaml(cfg))
         if cfg.trainer.in_process:
-            fit_local(cfg, run_dir)
+            fit_in_process(cfg, run_dir)
         else:
             ray_setup.ensure_ray(cfg)
             ray_setup.check_resources(cfg)
@@ -246,7 +247,7 @@ def run(cfg: Config, run_dir: str, *, echo_config: bool = True) -> dict[str, Any
     return runfiles.read_json(f"{run_dir}/metrics.json")
 
 
-def fit_local(cfg: Config, run_dir: str) -> None:
+def fit_in_process(cfg: Config, run_dir: str) -> None:
     """Train to completion in this process, without Ray (trainer.in_process), resuming if `run_dir` holds a
     checkpoint. A user error raises as itself (the CLI prints its one line); its traceback is in the run dir."""
     import torch

@@ -35,7 +35,7 @@ ERROR_LOG = "logs/error-rank{rank}.txt"  # a worker's failure with its full trac
 HEARTBEAT_S = 15.0
 STALE_S = 120.0  # 8 missed heartbeats: the owner is gone (and clocks of two hosts may differ by a minute)
 SNAPSHOT = checkpoint.RAY_RECORD  # Ray Train's record of the checkpoints it kept
-TRAIN_DIR = "train"  # where the checkpoints are: Ray Train's RunConfig(name=...), and djc/session.py's LocalSession
+TRAIN_DIR = "train"  # where the checkpoints are: Ray Train's RunConfig(name=...), and djc/session.py's InProcessSession
 
 # What a resumed run may change: how long it trains, where and how it runs, what it evaluates. Everything else
 # is what the checkpoint was trained with. trainer.num_workers is not here: the stream position in a checkpoint

@@ -2,7 +2,7 @@
 
 Ray stays at the edge: the loop below meets its runner only through a session (djc/session.py: the device, the
 checkpoint to resume from, where metrics and checkpoints go), a Ray Train worker's or the one process of `djc
-train --local`. Everything else (method, data, views, collectives) is plain torch and is tested without Ray.
+train --in-process`. Everything else (method, data, views, collectives) is plain torch and is tested without Ray.
 djc/launch.py builds the TorchTrainer that runs it, or runs it in its own process.
 """
 
