@@ -1,4 +1,5 @@
-"""The real entry point through real Ray workers: a 2-epoch smoke run, outputs, and resume from a checkpoint."""
+"""The real entry point through real Ray workers: a 2-epoch smoke run, outputs, and resume from a checkpoint; the
+bench's bookkeeping, in process."""
 
 from __future__ import annotations
 
@@ -71,10 +72,16 @@ def test_a_manifest_whose_shard_is_missing_is_refused_before_training(tmp_path, 
     assert "shard" in err and m.shards[0].path in err and "missing" in err
 
 
-def test_bench_quality_tabulates_methods_and_baselines_per_data_set(ray_local, tmp_path, capsys):
+# The bench's own bookkeeping (its table, pairs, --reuse, --stages) trains in process (--in-process: 30-45 s a Ray
+# fit on 2 cores, 213 s for the pair test's five); tests/test_in_process.py shows that runner's epochs are a Ray
+# worker's, parameter for parameter.
+IN_PROCESS = ["trainer.in_process=true", "trainer.num_workers=1"]
+
+
+def test_bench_quality_tabulates_methods_and_baselines_per_data_set(tmp_path, capsys):
     out = tmp_path / "bench"
     code = cli.main(["bench", "quality", "--config", JOB, "--data", f"tiny:data.train={tmp_path}/data/train",
-                     "--seeds", "1", "--out", str(out), *_small(tmp_path, 1)[1:]])
+                     "--seeds", "1", "--out", str(out), *_small(tmp_path, 1)[1:], *IN_PROCESS])
     assert code == 0
     table = (out / "quality.md").read_text().splitlines()
     rows = {tuple(c.strip() for c in line.split("|")[1:4]) for line in table[2:]}
@@ -90,16 +97,16 @@ def test_bench_refuses_a_malformed_data_set(capsys):
     assert "NAME:key=v" in capsys.readouterr().err
 
 
-def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_local, tmp_path, capsys):
-    """The two-stage recipe through real workers: a pretext run (contrastive, no clustering term), then P2OT on its
-    frozen encoder (model.weights = the pretext run dir), features computed once, beside P2OT from scratch."""
+def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(tmp_path, capsys):
+    """The two-stage recipe: a pretext run (contrastive, no clustering term), then P2OT on its frozen encoder
+    (model.weights = the pretext run dir), features computed once, beside P2OT from scratch."""
     jobs = Path(JOB).parent
     out = tmp_path / "bench"
     code = cli.main(["bench", "quality", "--config", str(jobs / "digits_lt_p2ot.yaml"),
                      "--pretext", str(jobs / "digits_lt_pretext.yaml"),
                      "--data", f"tiny:data.train={tmp_path}/data/train",
                      "--seeds", "1", "--out", str(out), f"data.eval={{test: {tmp_path}/data/test}}", "optim.epochs=1",
-                     "optim.warmup_epochs=0", "model.width=8", "method.kmeans.restarts=1"])
+                     "optim.warmup_epochs=0", "model.width=8", "method.kmeans.restarts=1", *IN_PROCESS])
     assert code == 0
     table = (out / "quality.md").read_text().splitlines()
     rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in table[2:]}
@@ -118,7 +125,7 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(ray_loca
     again = ["bench", "quality", "--config", str(jobs / "digits_lt_p2ot.yaml"), "--pretext",
              str(jobs / "digits_lt_pretext.yaml"), "--data", f"tiny:data.train={tmp_path}/data/train", "--seeds", "1",
              "--out", str(out), f"data.eval={{test: {tmp_path}/data/test}}", "optim.epochs=1", "optim.warmup_epochs=0",
-             "model.width=8", "method.kmeans.restarts=1", "--reuse", "--stages", "pairs", "--pretext-head"]
+             "model.width=8", "method.kmeans.restarts=1", "--reuse", "--stages", "pairs", "--pretext-head", *IN_PROCESS]
     pretext_ckpt = sorted((out / "tiny" / "digits_lt_pretext-seed0" / "train").glob("checkpoint_*"))
     assert cli.main(again) == 0
     printed = capsys.readouterr().out
