@@ -74,19 +74,17 @@ def test_an_in_process_run_needs_neither_ray_nor_s3fs(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_in_process_epoch_is_a_ray_workers_epoch_and_each_runner_continues_the_other(ray_local, tmp_path):
-    """2 epochs in this process == 1 epoch here continued by one Ray Train worker == 1 epoch on the Ray worker
-    continued here, parameter for parameter and row for row: each runner's epoch is the other's, and each reads
-    the other's checkpoints and record (two Ray fits, the fewest that show both)."""
-    ip, ip_then_ray, ray_then_ip = (str(tmp_path / name) for name in ("ip", "ip_ray", "ray_ip"))
+def test_an_in_process_epoch_is_a_ray_workers_epoch_and_ray_continues_an_in_process_run(ray_local, tmp_path):
+    """2 epochs in this process == 1 epoch here continued to 2 by one Ray Train worker, parameter for parameter and
+    row for row: the Ray worker's epoch is this process's, and Ray resumes from the checkpoint and record this
+    process wrote (one Ray fit: 30-45 s on 2 cores). This process resuming from Ray's record is what `djc
+    predict`, `model.weights=<run dir>` and the S3 test below read too (djc/rundir.py's snapshot)."""
+    ip, ip_then_ray = str(tmp_path / "ip"), str(tmp_path / "ip_ray")
     assert _train(tmp_path, ip, 2, "--in-process") == 0
     assert _train(tmp_path, ip_then_ray, 1, "--in-process") == 0
     assert _train(tmp_path, ip_then_ray, 2, "trainer.num_workers=1") == 0
-    assert _train(tmp_path, ray_then_ip, 1, "trainer.num_workers=1") == 0
-    assert _train(tmp_path, ray_then_ip, 2, "--in-process") == 0
-    for run in (ip_then_ray, ray_then_ip):
-        assert [json.loads(x)["epoch"] for x in Path(run, "resumes.jsonl").read_text().splitlines()] == [1]
-        _assert_same_run(ip, run)
+    assert [json.loads(x)["epoch"] for x in Path(ip_then_ray, "resumes.jsonl").read_text().splitlines()] == [1]
+    _assert_same_run(ip, ip_then_ray)
 
 
 @pytest.mark.slow
