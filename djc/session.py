@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from djc import rundir, runfiles
 
@@ -64,11 +65,8 @@ class InProcessSession:
         self.run_dir, self.use_gpu, self.keep = run_dir, use_gpu, keep
 
     def device(self) -> torch.device:
-        if not self.use_gpu:
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.use_gpu=true, but torch sees no CUDA device here")
-        return torch.device("cuda", 0)
+        # launch.fit_in_process has refused use_gpu without CUDA before the run starts
+        return torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
 
     def default_threads(self) -> int:
         return torch.get_num_threads()  # torch's own default: the machine's cores
@@ -81,7 +79,7 @@ class InProcessSession:
             return
         url = f"{self.run_dir}/{rundir.TRAIN_DIR}/{snap['latest_checkpoint_result']['checkpoint_dir_name']}"
         fs, path = fsspec.core.url_to_fs(url)
-        if fs.protocol in ("file", ("file", "local")):
+        if isinstance(fs, LocalFileSystem):
             yield Path(path)
             return
         with tempfile.TemporaryDirectory() as d:  # an object store's checkpoint, copied down file by file (fsspec's
