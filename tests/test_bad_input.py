@@ -320,12 +320,18 @@ def _catch(errors: list, fn, *args) -> None:
 # Through real Ray workers
 
 
+# The finished run the reruns below start from is trained in process (one worker, no Ray: 8 s against a Ray fit's
+# 31 s of CI). tests/test_in_process.py shows a Ray worker continues such a run as it would its own; the planted
+# checkpoint is still refused by a rerun through Ray, the runner users have by default.
+ONE = "trainer.num_workers=1"
+
+
 @pytest.fixture(scope="module")
-def finished_run(ray_local, tmp_path_factory) -> tuple[Path, Path]:
-    """(run dir, data dir) of a real 2-epoch run of the main job, shrunk."""
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run dir, data dir) of a real 2-epoch run of the main job, shrunk, on one worker."""
     tmp = tmp_path_factory.mktemp("finished")
     run = tmp / "run"
-    assert cli.main(["train", JOB, "--out", str(run), *_small(tmp)]) == 0
+    assert cli.main(["train", JOB, "--in-process", "--out", str(run), *_small(tmp)]) == 0
     return run, tmp
 
 
@@ -356,14 +362,15 @@ def test_the_local_ray_instance_listens_on_loopback_only(ray_local):
 
 
 @pytest.mark.slow
-def test_a_planted_checkpoint_is_refused_in_one_line_and_its_code_never_runs(finished_run, tmp_path, capsys):
+def test_a_planted_checkpoint_is_refused_in_one_line_and_its_code_never_runs(ray_local, finished_run, tmp_path,
+                                                                             capsys):
     run, data = finished_run
     run = _copy(run, tmp_path / "run")
     snap = json.loads((run / rundir.SNAPSHOT).read_text())
     latest = run / "train" / snap["latest_checkpoint_result"]["checkpoint_dir_name"] / checkpoint.CKPT_FILE
     marker = tmp_path / "pwned"
     torch.save({"method": Payload(marker)}, latest)
-    code, _, err = _djc(capsys, "train", JOB, "--out", str(run), *_small(data, 3))
+    code, _, err = _djc(capsys, "train", JOB, "--out", str(run), *_small(data, 3), ONE)  # through a Ray worker
     assert code == 2
     line = _error_line(err)
     assert "refusing to load" in line and "it holds objects other than tensors and plain data" in line
@@ -376,7 +383,7 @@ def test_a_rerun_that_changes_the_run_is_refused_before_anything_is_rewritten(fi
     run, data = finished_run
     run = _copy(run, tmp_path / "run")
     before = (run / "config.yaml").read_bytes()
-    code, _, err = _djc(capsys, "train", JOB, "--out", str(run), *_small(data, 3), "seed=1")
+    code, _, err = _djc(capsys, "train", JOB, "--out", str(run), *_small(data, 3), ONE, "seed=1")
     assert code == 2
     assert (f"run dir {run} holds a run checkpointed at epoch 2, and this config changes what it was trained "
             f"with: seed (0 -> 1)") in _error_line(err)
@@ -390,7 +397,7 @@ def test_a_rerun_with_fewer_epochs_says_what_it_does_and_keeps_config_true(finis
     orphan = run / "train" / "checkpoint_2000-01-01_00-00-00.000000"  # a killed driver's unrecorded upload
     orphan.mkdir()
     (orphan / checkpoint.CKPT_FILE).write_bytes(b"half")
-    code, out, err = _djc(capsys, "train", JOB, "--out", str(run), *_small(data, 1))
+    code, out, err = _djc(capsys, "train", JOB, "--in-process", "--out", str(run), *_small(data, 1))
     assert code == 0, err
     assert (f"run dir {run} is already trained to epoch 2 (optim.epochs=1 asks for fewer): nothing is trained, "
             f"the epoch-2 model is evaluated again and config.yaml keeps optim.epochs=2") in out

@@ -1,4 +1,4 @@
-"""djc predict and the pictures of a run: one trained run (2 epochs, real Ray workers), predicted again in one
+"""djc predict and the pictures of a run: one trained run (10 epochs, in one process), predicted again in one
 process and on 2 Ray workers, on a flat unlabelled folder, and its galleries and maps drawn and redrawn."""
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "digits_lt.yaml")
 
 
 @pytest.fixture(scope="module")
-def run_dir(ray_local, tmp_path_factory) -> Path:
-    """SeCu on long-tailed digits for 3 epochs, merged head as the job has it (predict: merge)."""
+def run_dir(tmp_path_factory) -> Path:
+    """SeCu on long-tailed digits for 10 epochs (at 3 or 6 its merged head is one cluster on one worker, nothing
+    for the galleries to show), merged head as the job has it (predict: merge). Trained in process
+    (a Ray fit cost CI 23 s here): predict's 2 Ray workers below must then reproduce a one-process run, the stronger
+    check of the two, and tests/test_in_process.py shows that runner's epochs are a Ray worker's."""
     tmp = tmp_path_factory.mktemp("predict")
     out = tmp / "run"
-    code = cli.main(["train", JOB, "--out", str(out), f"data.train={tmp}/data/train",
-                     f"data.eval={{test: {tmp}/data/test}}", "optim.epochs=3", "optim.frozen_epochs=0", "model.width=32",
-                     "method.secu.num_heads=2", "optim.warmup_epochs=1", "method.kmeans.restarts=1",
+    code = cli.main(["train", JOB, "--in-process", "--out", str(out), f"data.train={tmp}/data/train",
+                     f"data.eval={{test: {tmp}/data/test}}", "optim.epochs=10", "optim.frozen_epochs=0",
+                     "model.width=32", "method.secu.num_heads=2", "optim.warmup_epochs=1", "method.kmeans.restarts=1",
                      "eval.map_samples=300"])
     assert code == 0
     return out
@@ -53,10 +56,10 @@ def test_a_run_dir_holds_its_galleries_and_maps_and_djc_eval_redraws_them(run_di
         assert (plots / f"gallery_{split}_p1.png").is_file() and (plots / f"map_{split}.png").is_file()
 
 
-def test_predicting_the_train_split_reproduces_the_runs_assignments(run_dir, tmp_path):
+def test_predicting_the_train_split_reproduces_the_runs_assignments(ray_local, run_dir, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     run = read_assignments(str(run_dir / "assignments.parquet"))
-    for workers in (1, 2):  # this process, then 2 Ray Train workers as the run had
+    for workers in (1, 2):  # this process, then 2 Ray Train workers (sharded k-means and knn-merge included)
         out = tmp_path / f"w{workers}"
         assert cli.main(["predict", str(run_dir), "--data", cfg["data"]["train"], "--out", str(out),
                          "--workers", str(workers), "--embeddings"]) == 0
@@ -74,9 +77,9 @@ def test_predicting_the_train_split_reproduces_the_runs_assignments(run_dir, tmp
 
 
 def test_djc_eval_rerun_reproduces_the_end_of_the_run_in_one_process(run_dir, tmp_path):
-    """The run's end ran on 2 Ray workers; `djc eval --rerun` runs it again from the final checkpoint in this
-    process: every column of assignments.parquet comes out the same, the knn-merge baseline's included (its
-    neighbour counts are all-reduced, so 2 workers == 1), and a deleted metrics.json and plot come back."""
+    """`djc eval --rerun` runs the run's end again from the final checkpoint in this process: every column of
+    assignments.parquet comes out the same, the baselines' included, and a deleted metrics.json and plot come back.
+    (2 workers == 1 for those columns: the predict test above.)"""
     import shutil
 
     copy = tmp_path / "run"
