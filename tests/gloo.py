@@ -138,6 +138,26 @@ def assert_two_workers_equal_one(fn: Callable, *args: Any, rtol: float = 1e-4, a
     return single
 
 
+def sharded_map_train(method: Any, data: Any, rank: int, world: int) -> Callable:
+    """EpochContext.map_train over this worker's contiguous slice of `data` (N, ...), global indices
+    0..N-1: what the training loop hands a method's epoch-start passes, in eval mode and without gradients."""
+    import torch
+
+    n = len(data)
+    rows = slice(rank * n // world, (rank + 1) * n // world)
+    index = torch.arange(n)[rows]
+
+    def map_train(fn: Callable) -> Any:
+        method.eval()
+        try:
+            with torch.no_grad():
+                return fn(data[rows], index), index
+        finally:
+            method.train()
+
+    return map_train
+
+
 def state_tensors(method: Any) -> dict[str, Any]:
     """Every parameter and buffer, by name: what the equivalence test compares."""
     return {k: v.detach().clone() for k, v in method.state_dict().items()}

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
-from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
+from djc.methods.kmeans import assign, kmeans
 from djc.methods.p2ot import (CHECK_EVERY, TINY, CosineHead, partial_ot, partial_ot_batch, rho_schedule,
                               soft_cross_entropy)
-from tests.gloo import assert_two_workers_equal_one
+from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
 
@@ -228,37 +228,67 @@ def test_batch_only_epoch_solves_each_view_on_the_batch_as_the_release():
 N, B, STEPS = 64, 16, 4
 
 
-def _cfg(world: int, release: bool = False):
-    release_p2ot = {"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"}
-    p2ot = {"bank_batches": 2} | (release_p2ot if release else {})
+VARIANTS = {"djc": {}, "release": {"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"},
+            "kmeans": {"head": "cosine", "init": "kmeans"}}
+
+
+def _cfg(world: int, variant: str = "djc"):
+    p2ot = {"bank_batches": 2} | VARIANTS[variant]
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32},
-        "method": {"name": "p2ot", "num_clusters": 4, "p2ot": p2ot},
+        "method": {"name": "p2ot", "num_clusters": 4, "p2ot": p2ot, "kmeans": {"iters": 10, "restarts": 2}},
         "optim": {"name": "sgd", "lr": 0.1},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
 
-def p2ot_steps(rank: int, world: int, release: bool = False) -> dict[str, np.ndarray]:
-    cfg = _cfg(world, release)
+def p2ot_steps(rank: int, world: int, variant: str = "djc") -> dict[str, np.ndarray]:
+    cfg = _cfg(world, variant)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
     lo, hi = rank * B // world, (rank + 1) * B // world
+    map_train = sharded_map_train(method, torch.randn(N, 1, 8, 8, generator=g), rank, world)
     for step in range(STEPS):
         if step % (STEPS // 2) == 0:  # two epochs of 2 steps: with `release`, epoch 0 solves on the batch alone
-            method.on_epoch_start(EpochContext(step // (STEPS // 2), 2, STEPS // 2, map_train=None))
+            method.on_epoch_start(EpochContext(step // (STEPS // 2), 2, STEPS // 2, map_train))
         index = torch.randperm(N, generator=g)[:B]
         x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
         train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
     return {k: v.numpy() for k, v in state_tensors(method).items()}
 
 
-@pytest.mark.parametrize("release", [False, True])
-def test_two_workers_equal_one_worker_on_the_concatenated_batch(release):
-    """release: the cosine head and an epoch 0 solved on the batch alone."""
-    single = assert_two_workers_equal_one(p2ot_steps, release)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_workers_equal_one_worker_on_the_concatenated_batch(variant):
+    """release: the cosine head and an epoch 0 solved on the batch alone; kmeans: the cosine head placed by
+    k-means on the (sharded) training set at epoch 0."""
+    single = assert_two_workers_equal_one(p2ot_steps, variant)
     assert single["counters"].tolist() == [STEPS, STEPS * B, STEPS]
     assert (single["bank"] != 0).all()  # 4 global batches through a 2-batch ring: full, every row written
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans"])
+def test_kmeans_init_places_the_cosine_head_at_the_k_means_partition_of_the_features(init):
+    """init=kmeans: at epoch 0 the head's weight vectors are k-means' centers of the normalised features of the
+    training set, so its argmax is k-means' partition (four well-separated image patterns); a random head's is
+    not (the test can fail)."""
+    cfg = from_dict({"model": {"backbone": "smallconv", "width": 8},
+                     "method": {"name": "p2ot", "num_clusters": 4, "kmeans": {"iters": 10, "restarts": 2},
+                                "p2ot": {"head": "cosine", "init": init}}})
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    g = torch.Generator().manual_seed(5)
+    truth = torch.arange(N) % 4
+    data = 3 * torch.randn(4, 1, 8, 8, generator=g)[truth] + 0.05 * torch.randn(N, 1, 8, 8, generator=g)
+    method.on_epoch_start(EpochContext(0, 2, 3, sharded_map_train(method, data, 0, 1)))
+    method.eval()
+    f = F.normalize(method.encode(data), dim=1)
+    km = kmeans(f, 4, iters=10, restarts=2, seed=cfg.seed)
+    same = (method.predict(data).clusters[:, 0] == assign(f, km.centers)[0]).float().mean().item()
+    assert (same == 1.0) == (init == "kmeans"), same
+
+
+def test_kmeans_init_needs_the_cosine_head():
+    with pytest.raises(ValueError, match="method.p2ot.init=kmeans .* method.p2ot.head=cosine"):
+        from_dict({"method": {"name": "p2ot", "p2ot": {"init": "kmeans"}}})

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
-from tests.gloo import state_tensors
 from djc.methods.base import DataInfo, EpochContext
+from djc.methods.kmeans import assign, kmeans
 from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
                                      profile_shares, representation_loss, share_norm)
-from tests.gloo import assert_two_workers_equal_one
+from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 
 def test_center_loss_moves_only_the_assigned_centers():
@@ -287,9 +287,11 @@ def _cfg(world: int, constraint: str, heads: int = 2):
         secu |= {"share_norm": "counted"}
     if "separate" in options:
         secu |= {"bn_views": "separate"}
+    if "kmeans" in options:
+        secu |= {"init": "kmeans"}
     return from_dict({
         "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
-        "method": {"num_clusters": 4, "secu": secu},
+        "method": {"num_clusters": 4, "secu": secu, "kmeans": {"iters": 10, "restarts": 2}},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
 
@@ -304,8 +306,9 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
     apply_lr(opt, 1.0)
     g = torch.Generator().manual_seed(123)
     lo, hi = rank * B // world, (rank + 1) * B // world
+    map_train = sharded_map_train(method, torch.randn(N, 1, 8, 8, generator=g), rank, world)
     for epoch in range(3):  # epoch > 0 exercises the memory (ybar) and the histogram's removals
-        method.on_epoch_start(EpochContext(epoch, 3, 1, map_train=None))
+        method.on_epoch_start(EpochContext(epoch, 3, 1, map_train))
         index = torch.randperm(N, generator=g)[:B]
         x1, x2 = torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
         train_step(model, method, opt, index[lo:hi], x1[lo:hi], x2[lo:hi])
@@ -316,7 +319,7 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
 
 
 @pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile", "entropy-counted-separate",
-                                        "size-separate"])
+                                        "size-separate", "entropy-kmeans"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
     single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.
@@ -403,3 +406,27 @@ def test_predict_merge_maps_the_over_clustered_head_through_its_groups():
     fresh = merge_centers(head.centers(), alive, 10)
     assert not torch.equal(fresh, owner)
     assert torch.equal(method.predict(x).clusters[:, 0], fresh[fine])
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans"])
+def test_kmeans_init_starts_every_head_at_the_k_means_partition_of_its_features(init):
+    """init=kmeans: at epoch 0 each head's centers are k-means' on the embedded training set, so its argmax is
+    k-means' partition (four well-separated image patterns); random centers are not (the test can fail)."""
+    cfg = _cfg(1, f"entropy-{init}")
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    g = torch.Generator().manual_seed(5)
+    patterns = 3 * torch.randn(4, 1, 8, 8, generator=g)
+    truth = torch.arange(N) % 4
+    data = patterns[truth] + 0.05 * torch.randn(N, 1, 8, 8, generator=g)
+    method.on_epoch_start(EpochContext(0, 3, 1, sharded_map_train(method, data, 0, 1)))
+    method.eval()
+    with torch.no_grad():
+        f = method.embed(data)
+    for h, head in enumerate(method.heads):
+        km = kmeans(f, head.num_clusters, iters=10, restarts=2, seed=cfg.seed + h)
+        placed = torch.allclose(head.centers(), F.normalize(km.centers, dim=1).T, atol=1e-6)
+        assert placed == (init == "kmeans"), h
+        assert torch.equal(head.w_prev, head.centers())  # the representation loss's snapshot is the new centers
+        if h == 0:  # K = the four patterns: the head's argmax is k-means' partition
+            same = (method.predict(data).clusters[:, 0] == assign(f, km.centers)[0]).float().mean().item()
+            assert (same == 1.0) == (init == "kmeans"), same

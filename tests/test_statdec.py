@@ -13,13 +13,12 @@ from sklearn.metrics import roc_auc_score
 from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
-from tests.gloo import state_tensors
 from djc.methods.agglomerate import merge_clusters
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.statdec import (StatPool, balanced_target, cardinality_target, kl_target, log_kernel, pooled_stats,
                                  pooled_sums)
 from djc.metrics import cluster_acc, match_clusters
-from tests.gloo import assert_two_workers_equal_one
+from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 
 @pytest.mark.parametrize("hard", [False, True])
@@ -232,16 +231,7 @@ def statdec_steps(rank: int, world: int, target: str, space: str = "projection",
     g = torch.Generator().manual_seed(11)
     data = torch.randn(N, 1, 8, 8, generator=g)
     lo, hi = rank * B // world, (rank + 1) * B // world
-    rows = slice(rank * N // world, (rank + 1) * N // world)  # this worker's slice of the training set
-
-    def map_train(fn):
-        method.eval()
-        try:
-            with torch.no_grad():
-                return fn(data[rows], torch.arange(N)[rows]), torch.arange(N)[rows]
-        finally:
-            method.train()
-
+    map_train = sharded_map_train(method, data, rank, world)  # this worker's slice of the training set
     for epoch in range(3):  # round(0.34 * 3) = 1: epoch 0 before the statistics, init at the start of epoch 1
         method.on_epoch_start(EpochContext(epoch, 3, 1, map_train))
         index = torch.randperm(N, generator=g)[:B]
@@ -266,16 +256,8 @@ def test_backbone_pool_clusters_the_normalised_backbone_features_and_pulls_only_
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(N, 1, 8, 8, generator=g)
-
-    def map_train(fn):
-        method.eval()
-        try:
-            with torch.no_grad():
-                return fn(x, torch.arange(N)), torch.arange(N)
-        finally:
-            method.train()
-
-    method.on_epoch_start(EpochContext(1, 3, 1, map_train))  # the init, on the backbone features
+    # the init, on the backbone features
+    method.on_epoch_start(EpochContext(1, 3, 1, sharded_map_train(method, x, 0, 1)))
     method.eval()
     p = method.predict(x)
     f = F.normalize(method.backbone(x), dim=1)

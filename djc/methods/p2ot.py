@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
+from djc.methods.kmeans import kmeans
 from djc.models.backbones import build_encoder, projection_head
 
 CHECK_EVERY = 16  # scaling iterations per host read of convergence (partial_ot)
@@ -62,11 +63,19 @@ class P2OTConfig(MethodSettings):
     # half the launches and host reads); "chained" = one after the other, the second warm-started from the first's
     # (the release). Both converge to the same plans within sinkhorn_tol; only the starting points differ.
     view_solves: Literal["batched", "chained"] = "batched"
+    # The cosine head's weights at step 0: "random" (the release's nn.Linear init); "kmeans" = the centers of
+    # k-means on the features of the whole training set (djc, for a frozen pretext: the plan starts from the
+    # partition k-means finds on the features it is handed; docs/methods/p2ot.md). Needs head=cosine: an MLP
+    # head has no weight vector per cluster to place.
+    init: Literal["random", "kmeans"] = "random"
 
     @model_validator(mode="after")
     def _rho_grows(self) -> P2OTConfig:
         if self.rho0 > self.rho1:
             raise ValueError(f"method.p2ot.rho0={self.rho0} must not exceed method.p2ot.rho1={self.rho1}")
+        if self.init == "kmeans" and self.head != "cosine":
+            raise ValueError(f"method.p2ot.init=kmeans places the cosine head's weight vectors; it needs "
+                             f"method.p2ot.head=cosine (got {self.head})")
         return self
 
 
@@ -175,7 +184,7 @@ class P2OTUpdate(NamedTuple):
 class P2OT(ClusteringMethod):
     def __init__(self, c: P2OTConfig, s: Setup):
         super().__init__()
-        self.c, self.k = c, s.num_clusters
+        self.c, self.k, self.seed, self.km = c, s.num_clusters, s.seed, s.kmeans
         bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         if self.c.head == "cosine":  # the release's head, on the backbone's features
@@ -262,6 +271,10 @@ class P2OT(ClusteringMethod):
         self._counters()[2] = ctx.epochs * ctx.steps_per_epoch
         self._batch_only = ctx.epoch < self.c.batch_only_epochs
         self.hist.zero_()
+        if ctx.epoch == 0 and self.c.init == "kmeans":  # a resumed run starts at a later epoch: head kept
+            f, index = ctx.map_train(lambda x, i: F.normalize(self.encode(x), dim=1))
+            km = kmeans(f, self.k, iters=self.km.iters, restarts=self.km.restarts, seed=self.seed, index=index)
+            self.head.weight.copy_(km.centers)  # the head normalises them
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from djc import dist
 from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut,
                               both_views, cluster_counts)
+from djc.methods.kmeans import kmeans
 from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
                                      profile_shares, representation_loss, share_norm)
 from djc.models.backbones import build_encoder, projection_head
@@ -66,6 +67,10 @@ class SeCuConfig(MethodSettings):
     # small classes clusters of their own that the merge keeps (docs/methods/secu.md, "SeCu on long-tailed data")
     predict: Literal["head", "merge"] = "head"
     merge_head: int = Field(1, ge=1)
+    # The centers at step 0: "random" = unit Gaussian columns (the release); "kmeans" = each head's K_h centers
+    # of k-means on the features of the whole training set (djc, for a frozen pretext: the method starts from
+    # the partition k-means finds on the features it is handed; docs/methods/secu.md)
+    init: Literal["random", "kmeans"] = "random"
 
     @model_validator(mode="after")
     def _consistent(self) -> SeCuConfig:
@@ -114,7 +119,7 @@ class SeCuHead(nn.Module):
 class SeCu(ClusteringMethod):
     def __init__(self, c: SeCuConfig, s: Setup):
         super().__init__()
-        self.c, self.n = c, s.num_samples
+        self.c, self.n, self.seed, self.km = c, s.num_samples, s.seed, s.kmeans
         bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
         self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
@@ -200,6 +205,12 @@ class SeCu(ClusteringMethod):
 
     @torch.no_grad()
     def on_epoch_start(self, ctx: EpochContext) -> None:
+        if ctx.epoch == 0 and self.c.init == "kmeans":  # a resumed run starts at a later epoch: centers kept
+            f, index = ctx.map_train(lambda x, i: self.embed(x))
+            for h, head in enumerate(self.heads):
+                km = kmeans(f, head.num_clusters, iters=self.km.iters, restarts=self.km.restarts,
+                            seed=self.seed + h, index=index)
+                head.weight.copy_(F.normalize(km.centers, dim=1).T)
         for head in self.heads:
             head.w_prev.copy_(head.centers())
 
