@@ -73,6 +73,10 @@ class P2OTConfig(MethodSettings):
     def _rho_grows(self) -> P2OTConfig:
         if self.rho0 > self.rho1:
             raise ValueError(f"method.p2ot.rho0={self.rho0} must not exceed method.p2ot.rho1={self.rho1}")
+        return self
+
+    @model_validator(mode="after")
+    def _init_places_a_cosine_head(self) -> P2OTConfig:
         if self.init == "kmeans" and self.head != "cosine":
             raise ValueError(f"method.p2ot.init=kmeans places the cosine head's weight vectors; it needs "
                              f"method.p2ot.head=cosine (got {self.head})")
