@@ -21,7 +21,8 @@ CPU = torch.device("cpu")
 METHODS = {  # small settings of each method for 562 digits, 8 steps per epoch
     "secu": {"secu": {"num_heads": 2}},
     "dcl": {},
-    "statdec": {"statdec": {"init_over": 1}},
+    # the mixture on the cached features themselves, as the RGB pair runs it (jobs/shapes_lt_statdec.yaml)
+    "statdec": {"statdec": {"init_over": 1, "pool_space": "backbone"}},
     "aecm": {"aecm": {"hidden": [32, 32], "code_dim": 4, "pretrain_epochs": 0, "cm_epochs": 1}},
     "p2ot": {"p2ot": {"bank_batches": 2}},
 }
