@@ -23,10 +23,9 @@ import argparse, glob, json
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from djc.config import from_dict, parse_overrides, with_values
+from djc.config import from_dict, load_tree
 from djc.data.shards import read_manifest
 from djc.features import nearest_neighbors, pick
 from djc.methods.base import EpochContext
@@ -53,9 +52,9 @@ def main() -> None:
     if a.no_train and (a.overrides or a.identity_proj):
         ap.error("--no-train scores the run as it finished: overrides and --identity-proj need a run trained again")
     torch.set_num_threads(a.threads)
-    tree = yaml.safe_load(open(f"{a.run_dir}/config.yaml"))
-    tree["trainer"]["num_workers"] = 1
-    cfg = from_dict(with_values(tree, parse_overrides(a.overrides)))
+    # The CLI's own reading of `config.yaml key=value ...`: each override sets its one key (until 2026-12-05 this
+    # script merged them as a nested mapping, which replaced the whole section an override named)
+    cfg = from_dict(load_tree(f"{a.run_dir}/config.yaml", [*a.overrides, "trainer.num_workers=1"]))
     table = torch.load(glob.glob(f"{a.run_dir}/features/train-*.pt")[0], weights_only=True)
     x, y = table["features"].float(), table["labels"].numpy()
     n, k = len(x), cfg.method.num_clusters
