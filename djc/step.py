@@ -93,7 +93,13 @@ def wrap_ddp(method: ClusteringMethod) -> nn.Module:
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if ignored := method.self_reduced_parameters():
+    ignored = method.self_reduced_parameters()
+    if not any(p.requires_grad for name, p in method.named_parameters() if name not in ignored):
+        # Nothing for DDP to average (a frozen encoder under SeCu's self-reduced centers alone, center_space=
+        # backbone), and DDP refuses such a module; its init broadcast has nothing to fix either: every worker
+        # built the same weights from the seed and the weights file.
+        return method
+    if ignored:
         DDP._set_params_and_buffers_to_ignore_for_model(method, ignored)
     # torch >= 2.15 renamed the per-forward switch; the GPU images' torch 2.11 only has the old one.
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:

@@ -289,8 +289,12 @@ def _cfg(world: int, constraint: str, heads: int = 2):
         secu |= {"bn_views": "separate"}
     if "kmeans" in options:
         secu |= {"init": "kmeans"}
+    if "backbone" in options:
+        secu |= {"center_space": "backbone"}
+    # "frozen": nothing left for DDP (the centers reduce themselves), so workers run the method unwrapped
+    freeze = "all" if "frozen" in options else "none"
     return from_dict({
-        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16},
+        "model": {"backbone": "smallconv", "width": 8, "proj_hidden": 32, "proj_dim": 16, "freeze": freeze},
         "method": {"num_clusters": 4, "secu": secu, "kmeans": {"iters": 10, "restarts": 2}},
         "data": {"batch_size": B}, "trainer": {"num_workers": world},
     })
@@ -300,7 +304,9 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
     cfg = _cfg(world, constraint, heads)
     method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
     model = wrap_ddp(method) if world > 1 else method
-    if world > 1:  # DDP leaves the centers to SeCu.reduce_gradients
+    if world > 1 and cfg.model.freeze == "all" and cfg.method.secu.center_space == "backbone":
+        assert model is method  # no parameter of DDP's own to average
+    elif world > 1:  # DDP leaves the centers to SeCu.reduce_gradients
         assert model.parameters_to_ignore == {f"heads.{h}.weight" for h in range(heads)}
     opt = make_optimizer(cfg, method)
     apply_lr(opt, 1.0)
@@ -319,7 +325,8 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
 
 
 @pytest.mark.parametrize("constraint", ["size", "entropy", "entropy-profile", "entropy-counted-separate",
-                                        "size-separate", "entropy-kmeans"])
+                                        "size-separate", "entropy-kmeans", "entropy-backbone",
+                                        "entropy-backbone-frozen"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
     single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.
@@ -430,3 +437,25 @@ def test_kmeans_init_starts_every_head_at_the_k_means_partition_of_its_features(
         if h == 0:  # K = the four patterns: the head's argmax is k-means' partition
             same = (method.predict(data).clusters[:, 0] == assign(f, km.centers)[0]).float().mean().item()
             assert (same == 1.0) == (init == "kmeans"), same
+
+
+@pytest.mark.parametrize("space", ["projection", "backbone"])
+def test_backbone_center_space_puts_the_centers_on_the_encoders_own_features(space):
+    """center_space=backbone: no projection head; the centers have the encoder's width and SeCu assigns the
+    encoder's normalised features themselves. The release's projection head maps them elsewhere."""
+    cfg = _cfg(1, f"entropy-{space}")
+    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    method.eval()
+    with torch.no_grad():
+        f = F.normalize(method.encode(x), dim=1)
+        z = method.embed(x)
+    widths = {head.weight.shape[0] for head in method.heads}
+    has_proj = any(name.startswith("proj.") for name, _ in method.named_parameters())
+    if space == "backbone":
+        assert widths == {f.shape[1]} and not has_proj
+        assert torch.allclose(z, f)
+        logits = z @ method.heads[0].centers()
+        assert torch.equal(method.predict(x).clusters[:, 0], logits.argmax(dim=1))
+    else:
+        assert widths == {cfg.model.proj_dim} and has_proj and not torch.allclose(z, f)

@@ -71,6 +71,11 @@ class SeCuConfig(MethodSettings):
     # of k-means on the features of the whole training set (djc, for a frozen pretext: the method starts from
     # the partition k-means finds on the features it is handed; docs/methods/secu.md)
     init: Literal["random", "kmeans"] = "random"
+    # Where the centers live: "projection" = on the normalised output of SeCu's projection head (the release);
+    # "backbone" = on the encoder's own normalised features, no projection head (djc, for a frozen pretext, as
+    # StatDEC's pool_space: the pretext's space, which k-means already clusters, rather than one the
+    # representation loss re-spreads; on a frozen encoder SeCu is then its constrained assignment and centers)
+    center_space: Literal["projection", "backbone"] = "projection"
 
     @model_validator(mode="after")
     def _consistent(self) -> SeCuConfig:
@@ -122,12 +127,13 @@ class SeCu(ClusteringMethod):
         self.c, self.n, self.seed, self.km = c, s.num_samples, s.seed, s.kmeans
         bb = build_encoder(s.model, s.image_shape)
         self.backbone = bb.net
-        self.proj = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim)
+        if c.center_space == "backbone":
+            self.proj, dim = nn.Identity(), bb.feat_dim
+        else:
+            self.proj, dim = projection_head(bb.feat_dim, s.model.proj_hidden, s.model.proj_dim), s.model.proj_dim
         g = torch.Generator().manual_seed(s.seed)
         k = s.num_clusters
-        self.heads = nn.ModuleList(
-            SeCuHead(s.model.proj_dim, k * (h + 1), s.num_samples, g) for h in range(c.num_heads)
-        )
+        self.heads = nn.ModuleList(SeCuHead(dim, k * (h + 1), s.num_samples, g) for h in range(c.num_heads))
         self.gammas = [c.gamma if c.gamma != "auto" else auto_gamma(hd.num_clusters, c.expected_imbalance)
                        for hd in self.heads]
         if c.size_prior == "profile":  # derived from the config, not state: a non-persistent buffer
