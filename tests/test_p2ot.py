@@ -14,8 +14,9 @@ from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
 from djc.methods.base import DataInfo, EpochContext
 from djc.methods.kmeans import assign, kmeans
-from djc.methods.p2ot import (CHECK_EVERY, TINY, CosineHead, partial_ot, partial_ot_batch, rho_schedule,
-                              soft_cross_entropy)
+from djc.methods.p2ot import (CHECK_EVERY, TINY, CosineHead, partial_ot, partial_ot_batch, ranked_prior,
+                              rho_schedule, soft_cross_entropy)
+from djc.methods.secu_losses import profile_shares
 from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5
@@ -65,6 +66,36 @@ def test_kl_relaxation_assigns_the_true_imbalanced_sizes():
     sizes = torch.tensor(SIZES, dtype=torch.float64)
     assert ((relaxed - sizes).abs() / sizes).max() < 0.15, relaxed  # 500 .. 50 kept within 15%
     assert ((balanced - sizes).abs() / sizes).max() > 1.5  # balanced OT forces 200 each: the tail quadruples
+
+
+def test_a_profile_prior_spreads_the_mass_over_long_tailed_sizes_by_rank():
+    """size_prior=profile: the shares go to the clusters by the rank of their mass (the heaviest the largest), the
+    balanced plan's columns then hold rho x those shares instead of rho / K, and a uniform profile (ratio 1) gives
+    back the release's plan exactly."""
+    logits, _ = _imbalanced_logits(6.0)
+    shares = torch.tensor(profile_shares(5, 10.0), dtype=torch.float64)
+    prior = ranked_prior(logits[:, [3, 0, 4, 1, 2]], shares)  # columns reordered: masses rank 3, 0, 4, 1, 2
+    torch.testing.assert_close(prior, shares[[3, 0, 4, 1, 2]])
+    for rho in (0.5, 1.0):
+        p = partial_ot(logits, rho=rho, lam=1e6, prior=ranked_prior(logits, shares)).plan
+        torch.testing.assert_close(p[:, :-1].sum(0), rho * shares, rtol=2e-3, atol=1e-5)
+    flat = torch.tensor(profile_shares(5, 1.0), dtype=torch.float64)
+    for lam in (1.0, 1e6):
+        torch.testing.assert_close(partial_ot(logits, rho=0.7, lam=lam, prior=flat).plan,
+                                   partial_ot(logits, rho=0.7, lam=lam).plan, rtol=0, atol=1e-15)
+
+
+def test_a_profile_prior_keeps_the_tail_where_the_uniform_pull_splits_the_head():
+    """On logits whose classes hold 500 .. 50 samples but are only weakly separated, the balanced pull moves head
+    samples into tail clusters; the matching profile (ratio 10) keeps the sizes near the truth (the test can fail:
+    the uniform plan's sizes are far from them)."""
+    logits, y = _imbalanced_logits(2.0)
+    n, sizes = len(y), torch.tensor(SIZES, dtype=torch.float64)
+    shares = torch.tensor(profile_shares(5, 10.0), dtype=torch.float64)
+    uniform = partial_ot(logits, rho=1.0, lam=1e6).plan[:, :-1].sum(0) * n
+    profile = partial_ot(logits, rho=1.0, lam=1e6, prior=ranked_prior(logits, shares)).plan[:, :-1].sum(0) * n
+    err = lambda got: ((got - sizes).abs() / sizes).max().item()  # noqa: E731
+    assert err(profile) < 0.3 < 1.5 < err(uniform), (profile, uniform)
 
 
 def test_warm_start_converges_faster_to_the_same_plan():
@@ -229,7 +260,8 @@ N, B, STEPS = 64, 16, 4
 
 
 VARIANTS = {"djc": {}, "release": {"head": "cosine", "batch_only_epochs": 1, "view_solves": "chained"},
-            "kmeans": {"head": "cosine", "init": "kmeans"}}
+            "kmeans": {"head": "cosine", "init": "kmeans"},
+            "profile": {"head": "cosine", "init": "kmeans", "size_prior": "profile", "expected_imbalance": 10.0}}
 
 
 def _cfg(world: int, variant: str = "djc"):

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from djc import dist
 from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
 from djc.methods.kmeans import kmeans
+from djc.methods.secu_losses import profile_shares
 from djc.models.backbones import build_encoder, projection_head
 
 CHECK_EVERY = 16  # scaling iterations per host read of convergence (partial_ot)
@@ -68,6 +69,12 @@ class P2OTConfig(MethodSettings):
     # partition k-means finds on the features it is handed; docs/methods/p2ot.md). Needs head=cosine: an MLP
     # head has no weight vector per cluster to place.
     init: Literal["random", "kmeans"] = "random"
+    # The cluster marginal the plan's KL pulls towards: "uniform" = rho / K each (the release); "profile" = rho
+    # times an exponential profile at expected_imbalance, its shares matched to the clusters by the rank of their
+    # soft mass in the bank (the heaviest gets the largest), as SeCu's size_prior (djc, for long-tailed data:
+    # the uniform pull splits head classes; docs/methods/p2ot.md)
+    size_prior: Literal["uniform", "profile"] = "uniform"
+    expected_imbalance: float = Field(1.0, ge=1.0)  # size_prior=profile: the expected largest/smallest class ratio
 
     @model_validator(mode="after")
     def _rho_grows(self) -> P2OTConfig:
@@ -90,15 +97,15 @@ class OTResult(NamedTuple):
 
 
 def partial_ot(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
-               tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
+               tol: float = 1e-6, warm_start: Tensor | None = None, prior: Tensor | None = None) -> OTResult:
     """Scaling iterations of P2OT's partial OT on (n, K) logits, in float64, until the column scalings change by
     less than `tol` (relative) or `iters` run out: partial_ot_batch on a batch of one."""
-    res = partial_ot_batch(logits.unsqueeze(0), rho, eps, lam, iters, tol, warm_start)
+    res = partial_ot_batch(logits.unsqueeze(0), rho, eps, lam, iters, tol, warm_start, prior)
     return OTResult(res.plan[0], res.duals[0], res.iters[0])
 
 
 def partial_ot_batch(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 1.0, iters: int = 1000,
-                     tol: float = 1e-6, warm_start: Tensor | None = None) -> OTResult:
+                     tol: float = 1e-6, warm_start: Tensor | None = None, prior: Tensor | None = None) -> OTResult:
     """P problems of (n, K) logits, each with its own scalings, in one loop: a step's two views are one batched
     solve, so each iteration's kernels serve both problems (half the launches and host reads of two solves, for a
     loop whose cost on a GPU is launches: djc bench scale). Each problem's result is its own first converged
@@ -107,13 +114,15 @@ def partial_ot_batch(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 
     Convergence is read on the host once per CHECK_EVERY iterations, not once per iteration (a solve takes about
     160 on average on long-tailed digits; each read waits for the device). The block's scalings are kept, so the
     result is the first converged iterate, exactly as a per-iteration check gives; at most CHECK_EVERY - 1
-    iterations are wasted. `warm_start`: (K + 1,) for every problem, or (P, K + 1)."""
+    iterations are wasted. `warm_start`: (K + 1,) for every problem, or (P, K + 1). `prior`: (K,) cluster shares
+    summing to 1 that the transported mass rho is spread over (None: rho / K each, the release)."""
     logp = F.log_softmax(logits.double(), dim=2)
     p, n, k = logp.shape
     q = torch.cat([torch.exp(logp / eps), logp.new_ones(p, n, 1)], dim=2)  # (P, n, K + 1); exp(-0 / eps) = 1 virtual
     qt = q.transpose(1, 2)
     row = logp.new_full((1,), 1.0 / n)
-    col = torch.cat([logp.new_full((k,), rho / k), logp.new_full((1,), 1.0 - rho)])
+    share = logp.new_full((k,), 1.0 / k) if prior is None else prior.to(logp)
+    col = torch.cat([rho * share, logp.new_full((1,), 1.0 - rho)])
     power = lam / (lam + eps)  # 1 / 1.1 = 0.909 at the defaults; -> 1 (balanced) as lam -> inf
     exponent = torch.cat([logp.new_full((k,), power), logp.new_ones(1)])  # the virtual column is not relaxed
     b = (warm_start.to(logp) if warm_start is not None else logp.new_full((k + 1,), 1.0 / (k + 1))).expand(p, k + 1)
@@ -149,6 +158,14 @@ def partial_ot_batch(logits: Tensor, rho: float, eps: float = 0.1, lam: float = 
     b = torch.stack(result)  # (P, K + 1, 1)
     a = torch.div(row, q @ b)  # last row scaling: every row holds exactly 1/n
     return OTResult(a * q * b.transpose(1, 2), b[..., 0], counts)
+
+
+def ranked_prior(logits: Tensor, shares: Tensor) -> Tensor:
+    """(K,) the profile `shares` (largest first) given to the clusters by the rank of their soft mass in the
+    (..., K) logits: the heaviest cluster gets the largest share. Ties keep the lower index first."""
+    mass = F.softmax(logits.double(), dim=-1).reshape(-1, logits.shape[-1]).sum(0)
+    rank = torch.argsort(torch.argsort(mass, descending=True, stable=True))  # (K,) 0 = heaviest
+    return shares.to(mass)[rank]
 
 
 def rho_schedule(step: int, total: int, rho0: float, rho1: float = 1.0) -> float:
@@ -201,6 +218,9 @@ class P2OT(ClusteringMethod):
         # [global step t, rows ever written to the bank, total steps T], checkpointed.
         self.register_buffer("counters", torch.zeros(3, dtype=torch.long))
         self.register_buffer("hist", torch.zeros(self.k, dtype=torch.long))  # this epoch's global argmax counts
+        if c.size_prior == "profile":  # derived from the config, not state: a non-persistent buffer
+            self.register_buffer("shares", torch.tensor(profile_shares(self.k, c.expected_imbalance),
+                                                        dtype=torch.float64), persistent=False)
         # Host copy of `counters`, advanced in step with it: the slots, the bank fill and rho are host numbers,
         # and reading them from the device would stall every step. Read back once after a checkpoint load.
         self._host: list[int] | None = None
@@ -233,8 +253,10 @@ class P2OT(ClusteringMethod):
                 n = min(written + bg, m)  # bank rows in use (it fills over the first bank_batches steps)
                 mem = self.bank[:n].to(torch.float64).repeat(2, 1, 1)  # (2, n, K): one float64 copy per view
                 mem[:, slots] = views
+            # size_prior=profile: the shares ranked on both views' bank, which every worker holds the same
+            prior = ranked_prior(mem, self.shares) if c.size_prior == "profile" else None
             solve = functools.partial(partial_ot_batch, rho=rho, eps=c.eps, lam=c.lam, iters=c.sinkhorn_iters,
-                                      tol=c.sinkhorn_tol)
+                                      tol=c.sinkhorn_tol, prior=prior)
             if c.view_solves == "batched":
                 res = solve(mem, warm_start=self.duals)
                 plans, duals, iters = res.plan, res.duals[1], res.iters
