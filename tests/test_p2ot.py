@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
-from djc.methods.base import DataInfo, EpochContext
+from djc.methods.base import DataInfo, EpochContext, profile_shares
 from djc.methods.kmeans import assign, kmeans
 from djc.methods.p2ot import (CHECK_EVERY, TINY, CosineHead, partial_ot, partial_ot_batch, ranked_prior,
                               rho_schedule, soft_cross_entropy)
-from djc.methods.secu_losses import profile_shares
 from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 SIZES = [500, 250, 125, 75, 50]  # a 10:1 long tail over K = 5

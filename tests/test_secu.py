@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from djc.config import from_dict
 from djc.optim import apply_lr, make_optimizer
 from djc.step import build_method, train_step, wrap_ddp
-from djc.methods.base import DataInfo, EpochContext
-from djc.methods.kmeans import assign, kmeans
+from djc.methods.base import DataInfo, EpochContext, profile_shares
 from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
-                                     profile_shares, representation_loss, share_norm)
+                                     representation_loss, share_norm)
 from tests.gloo import assert_two_workers_equal_one, sharded_map_train, state_tensors
 
 
@@ -413,49 +412,3 @@ def test_predict_merge_maps_the_over_clustered_head_through_its_groups():
     fresh = merge_centers(head.centers(), alive, 10)
     assert not torch.equal(fresh, owner)
     assert torch.equal(method.predict(x).clusters[:, 0], fresh[fine])
-
-
-@pytest.mark.parametrize("init", ["random", "kmeans"])
-def test_kmeans_init_starts_every_head_at_the_k_means_partition_of_its_features(init):
-    """init=kmeans: at epoch 0 each head's centers are k-means' on the embedded training set, so its argmax is
-    k-means' partition (four well-separated image patterns); random centers are not (the test can fail)."""
-    cfg = _cfg(1, f"entropy-{init}")
-    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    g = torch.Generator().manual_seed(5)
-    patterns = 3 * torch.randn(4, 1, 8, 8, generator=g)
-    truth = torch.arange(N) % 4
-    data = patterns[truth] + 0.05 * torch.randn(N, 1, 8, 8, generator=g)
-    method.on_epoch_start(EpochContext(0, 3, 1, sharded_map_train(method, data, 0, 1)))
-    method.eval()
-    with torch.no_grad():
-        f = method.embed(data)
-    for h, head in enumerate(method.heads):
-        km = kmeans(f, head.num_clusters, iters=10, restarts=2, seed=cfg.seed + h)
-        placed = torch.allclose(head.centers(), F.normalize(km.centers, dim=1).T, atol=1e-6)
-        assert placed == (init == "kmeans"), h
-        assert torch.equal(head.w_prev, head.centers())  # the representation loss's snapshot is the new centers
-        if h == 0:  # K = the four patterns: the head's argmax is k-means' partition
-            same = (method.predict(data).clusters[:, 0] == assign(f, km.centers)[0]).float().mean().item()
-            assert (same == 1.0) == (init == "kmeans"), same
-
-
-@pytest.mark.parametrize("space", ["projection", "backbone"])
-def test_backbone_center_space_puts_the_centers_on_the_encoders_own_features(space):
-    """center_space=backbone: no projection head; the centers have the encoder's width and SeCu assigns the
-    encoder's normalised features themselves. The release's projection head maps them elsewhere."""
-    cfg = _cfg(1, f"entropy-{space}")
-    method = build_method(cfg, DataInfo(N, (8, 8, 1), 4))
-    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    method.eval()
-    with torch.no_grad():
-        f = F.normalize(method.encode(x), dim=1)
-        z = method.embed(x)
-    widths = {head.weight.shape[0] for head in method.heads}
-    has_proj = any(name.startswith("proj.") for name, _ in method.named_parameters())
-    if space == "backbone":
-        assert widths == {f.shape[1]} and not has_proj
-        assert torch.allclose(z, f)
-        logits = z @ method.heads[0].centers()
-        assert torch.equal(method.predict(x).clusters[:, 0], logits.argmax(dim=1))
-    else:
-        assert widths == {cfg.model.proj_dim} and has_proj and not torch.allclose(z, f)

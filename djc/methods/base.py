@@ -98,6 +98,22 @@ def cluster_counts(y: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     return torch.zeros(k, dtype=torch.long, device=y.device).index_add_(0, y, ones)
 
 
+def profile_shares(k: int, imbalance: float) -> list[float]:
+    """Cluster shares of an exponential long-tail profile at this largest/smallest ratio, largest first
+    (methods.md s6): s_c ~ r^(c / (K - 1)), r = 1 / imbalance. A ratio of 1 gives equal shares. The size priors of
+    SeCu, P2OT and AE-CM pull the cluster sizes towards it."""
+    r = 1.0 / imbalance
+    w = [r ** (c / max(1, k - 1)) for c in range(k)]
+    return [v / sum(w) for v in w]
+
+
+def size_rank(size: Tensor) -> Tensor:
+    """(K,) rank of each cluster by `size` (K,), 0 = the largest; ties keep the lower index first. A size profile
+    (largest share first) indexed by it gives each cluster the share of its rank: the profile matched to the
+    clusters by size, whichever clusters the data made big."""
+    return torch.argsort(torch.argsort(size, descending=True, stable=True))
+
+
 def both_views(fn: Callable[[Tensor], Any], x1: Tensor, x2: Tensor, separate: bool) -> Any:
     """fn on the 2B images [view 1; view 2], its output (a tensor or a tuple of tensors) in that order. In one
     pass, batch norm normalises both views with their joint statistics; with `separate`, each view is its own

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from djc.methods.base import profile_shares
+
 LOG_FLOOR = 1e-10  # inside log(mean gamma): the official code's floor, so an emptied cluster stays finite
 
 
@@ -62,13 +64,6 @@ def orthonormality(u: Tensor) -> Tensor:
     g = u @ u.T  # (K, K); |G - I| summed without materialising I or G - I (two more K x K tensors)
     d = g.diagonal()
     return g.abs().sum() - d.abs().sum() + (d - 1.0).abs().sum()
-
-
-def profile_shares(k: int, imbalance: float) -> list[float]:
-    """Shares of an exponential long-tail profile, largest first: r^(c / (K - 1)) / sum, r = 1 / imbalance."""
-    r = 1.0 / imbalance
-    w = [r ** (c / max(1, k - 1)) for c in range(k)]
-    return [v / sum(w) for v in w]
 
 
 def alpha_vector(alpha: float | Sequence[float], k: int, mode: str = "uniform",

@@ -31,9 +31,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from djc import dist
-from djc.methods.base import ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut, cluster_counts
+from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut,
+                              cluster_counts, profile_shares, size_rank)
 from djc.methods.kmeans import kmeans
-from djc.methods.secu_losses import profile_shares
 from djc.models.backbones import build_encoder, projection_head
 
 CHECK_EVERY = 16  # scaling iterations per host read of convergence (partial_ot)
@@ -164,8 +164,7 @@ def ranked_prior(logits: Tensor, shares: Tensor) -> Tensor:
     """(K,) the profile `shares` (largest first) given to the clusters by the rank of their soft mass in the
     (..., K) logits: the heaviest cluster gets the largest share. Ties keep the lower index first."""
     mass = F.softmax(logits.double(), dim=-1).reshape(-1, logits.shape[-1]).sum(0)
-    rank = torch.argsort(torch.argsort(mass, descending=True, stable=True))  # (K,) 0 = heaviest
-    return shares.to(mass)[rank]
+    return shares.to(mass)[size_rank(mass)]
 
 
 def rho_schedule(step: int, total: int, rho0: float, rho1: float = 1.0) -> float:

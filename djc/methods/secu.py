@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from djc import dist
 from djc.methods.base import (ClusteringMethod, EpochContext, MethodSettings, Prediction, Setup, StepOut,
-                              both_views, cluster_counts)
+                              both_views, cluster_counts, profile_shares)
 from djc.methods.kmeans import kmeans
 from djc.methods.secu_losses import (auto_gamma, center_loss, dual_step, entropy_delta, merge_centers, prior_delta,
-                                     profile_shares, representation_loss, share_norm)
+                                     representation_loss, share_norm)
 from djc.models.backbones import build_encoder, projection_head
 
 class SeCuConfig(MethodSettings):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from djc.methods.agglomerate import merge_clusters
+from djc.methods.base import profile_shares, size_rank
 
 
 def center_loss(x: Tensor, centers: Tensor, y: Tensor, t_w: float) -> Tensor:
@@ -70,7 +71,7 @@ def prior_delta(hist: Tensor, current: Tensor, n: int | Tensor, log_shares: Tens
     up to the order of the clusters, instead of -H(p), smallest at equal sizes. A uniform pi adds the same
     constant to every k and gives back SeCu's rule. Returns (B, K); 0 at the current cluster.
     """
-    rank = torch.argsort(torch.argsort(hist, descending=True, stable=True))  # (K,) 0 = largest cluster
+    rank = size_rank(hist)  # (K,) 0 = largest cluster
     cost = -log_shares.to(torch.float64)[rank].unsqueeze(0) / n  # (1 or B, K) joining cluster k
     cost = cost.expand(current.shape[0], -1)  # (B, K)
     counted = current >= 0
@@ -87,12 +88,6 @@ def dual_step(rho: Tensor, counts: Tensor, batch: int, eta: float, gamma: float,
     k = rho.shape[0]
     rho = rho - eta * counts.to(rho.dtype) / batch + eta * gamma / k
     return rho.clamp_min(0.0) if clamp == "always" or gamma < 1 else rho
-
-
-def profile_shares(num_clusters: int, imbalance_ratio: float) -> list[float]:
-    """Cluster shares of an exponential profile of this ratio (methods.md s6): s_c ~ r^(c / (K - 1)), r = 1 / ratio."""
-    w = [(1.0 / imbalance_ratio) ** (c / (num_clusters - 1)) for c in range(num_clusters)]
-    return [v / sum(w) for v in w]
 
 
 def auto_gamma(num_clusters: int, imbalance_ratio: float) -> float:
