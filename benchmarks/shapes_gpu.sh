@@ -12,8 +12,9 @@
 # or, with SHAPES_GPU_SET=pairs, the two-stage recipe through djc itself (`djc bench quality`, every run with
 # `djc train --in-process`: the lent machines have no Ray): jobs/shapes_lt_simclr_gpu.yaml as the pretext and the
 # five methods' shapes jobs on its frozen features, SHAPES_GPU_SEEDS seeds (default 3), its table in
-# OUT/quality.md (issue 14's 3 seeds and issue 17's pairs on a pretext whose features hold the classes; about
-# 3 minutes a seed on an H200 by the probes' times, so 3 seeds may take two calls: the second continues);
+# OUT/quality.md and each pair minus k-means on its pretext in OUT/pairs.md (issue 14's 3 seeds and issue 17's
+# pairs on a pretext whose features hold the classes; about 3 minutes a seed on an H200 by the probes' times, so 3
+# seeds may take two calls: the second continues);
 # SHAPES_GPU_BENCH_ARGS adds arguments (a CPU rehearsal: "model.backbone=conv4 optim.epochs=1").
 # Otherwise benchmarks/features_graph.py on each one's final features: k-means, knn-merge (overcluster 100) and the
 # nearest-class-mean ceiling (docs/results.md, "Where the gap to 0.60 sits").
@@ -58,7 +59,7 @@ probe() {  # probe NAME OVERRIDES...
             --data shapes: --seeds "${SHAPES_GPU_SEEDS:-3}" --out "$BENCH" --reuse trainer.in_process=true \
             trainer.num_workers=1 trainer.use_gpu=$gpu eval.map=none eval.gallery_pages=0 \
             ${SHAPES_GPU_BENCH_ARGS:-} 2>&1 | grep -E "^\[djc bench\]|^\||error|Error"
-        cp "$BENCH/quality.md" "$OUT/quality.md" 2>/dev/null
+        cp "$BENCH/quality.md" "$BENCH/pairs.md" "$OUT/" 2>/dev/null
         exit 0
     elif [ "${SHAPES_GPU_SET:-compute}" = budget ]; then
         NAMES="E F G H"

@@ -92,6 +92,11 @@ def test_bench_quality_tabulates_methods_and_baselines_per_data_set(tmp_path, ca
     assert "1 runs in" in capsys.readouterr().out
 
 
+def _cell(line: str, column: int) -> float:
+    """A quality.md row's mean in one column (0: data set; 3: the first metric, balanced ACC)."""
+    return float(line.split("|")[column + 1].split("±")[0])
+
+
 def test_bench_refuses_a_malformed_data_set(capsys):
     assert cli.main(["bench", "quality", "--data", "no-colon"]) == 2
     assert "NAME:key=v" in capsys.readouterr().err
@@ -114,6 +119,15 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(tmp_path
         assert ("tiny", "train", method) in rows, method
     minutes = [float(rows["tiny", "train", m].split("|")[-2].split("±")[0]) for m in ("p2ot", "p2ot (pretext)")]
     assert all(m > 0 for m in minutes)  # each row has its wall time; the pair's includes the pretext run's
+    # pairs.md: the pair against its bar, seed by seed (the pair's balanced ACC minus k-means' on the same pretext
+    # features); the from-scratch run has no bar, so no row.
+    against = {tuple(cells[:3]): cells[3:6] for cells in ([c.strip() for c in line.split("|")[1:]]
+                                                         for line in (out / "pairs.md").read_text().splitlines()[2:])}
+    assert set(against) == {("tiny", split, "p2ot (pretext)") for split in ("train", "test")}
+    mean, seed0, count = against["tiny", "train", "p2ot (pretext)"]
+    pair_acc, bar_acc = (_cell(rows["tiny", "train", m], 3) for m in ("p2ot (pretext)", "kmeans-encoder (pretext)"))
+    assert mean.endswith("± 0.000") and abs(float(seed0) - (pair_acc - bar_acc)) < 0.0015  # means to 3 decimals
+    assert count == ("1 of 1" if float(seed0) > 0 else "0 of 1") or abs(float(seed0)) < 0.001
     run = out / "tiny" / "digits_lt_p2ot-on-pretext-seed0"
     cfg = (run / "config.yaml").read_text()
     assert str(out / "tiny" / "digits_lt_pretext-seed0") in cfg and "freeze: all" in cfg

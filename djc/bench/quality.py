@@ -10,7 +10,8 @@ All runs share one Ray session (each fit still costs Ray's start-up of a worker 
 With --pretext CONFIG it runs the two-stage recipe beside each method: per data set and seed, the pretext run
 first (a contrastive job with no clustering term, e.g. jobs/digits_lt_pretext.yaml), then every config again on
 its frozen encoder (model.weights=<pretext run dir>, model.freeze=all, augment.policy=none: features computed once)
-as "<method> (pretext)", with k-means on the same pretext features ("kmeans-encoder") as the bar it must reach.
+as "<method> (pretext)", with k-means on the same pretext features ("kmeans-encoder") as the bar it must reach;
+pairs.md holds each pair's difference from that bar, seed by seed (a pair and its bar share the pretext run).
 Every row carries its wall time in minutes (a pretext pair: pretext + clustering run), so a from-scratch run can
 be compared with the pair for the same total time. --pretext-head: the configs cluster on the pretext's projection
 outputs (model.weights_head). --pair-views augmented: the configs keep their own views, so the frozen encoder runs
@@ -37,6 +38,7 @@ from djc.methods import REGISTRY
 
 KEYS = ("balanced_acc", "acc", "nmi", "tail_acc", "size_entropy")
 TIME = "minutes"  # the wall time column: one run's (a pretext pair: both runs')
+PAIRS_FILE = "pairs.md"  # beside quality.md with --pretext: each pair minus k-means on its pretext, seed by seed
 BENCH_FILE = "bench.json"  # beside a run's metrics.json: the digest of its config and its wall time (--reuse)
 # Every registered method's job (djc/methods/__init__.py); each trains on the same long-tailed train split.
 DEFAULT_CONFIGS = [e.job for e in REGISTRY.values() if e.job]
@@ -76,6 +78,26 @@ def format_rows(rows: dict[tuple[str, str, str], dict[str, list[float]]], keys=(
     for (data, split, method), r in sorted(rows.items()):
         lines.append(f"| {data} | {split} | {method} | " + " | ".join(_fmt(r.get(k, [])) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def format_against_encoder(rows: dict[tuple[str, str, str], dict[str, list[float]]], key: str = KEYS[0]) -> str:
+    """Each pair's seed-by-seed difference from k-means on the same pretext's features (the bar a pair must reach),
+    as a Markdown table: mean ± std of the differences, each seed's, and on how many seeds the pair is at or above.
+    The two lists are aligned by seed: a pair and its k-means row are appended once per seed, in seed order."""
+    lines = []
+    for (data, split, method), r in sorted(rows.items()):
+        bar = rows.get((data, split, "kmeans-encoder (pretext)"), {}).get(key)
+        if not method.endswith(" (pretext)") or method.startswith("kmeans-") or not bar:
+            continue
+        diffs = [a - b for a, b in zip(r[key], bar)]
+        seeds = ", ".join(f"{d:+.3f}" for d in diffs)
+        at_or_above = sum(d >= 0 for d in diffs)
+        sign = "+" if statistics.mean(diffs) >= 0 else ""
+        lines.append(f"| {data} | {split} | {method} | {sign}{_fmt(diffs)} | {seeds} | {at_or_above} of {len(diffs)} |")
+    if not lines:
+        return ""
+    return "\n".join([f"| data | split | pair | {key} minus kmeans-encoder (pretext) | per seed | seeds at or above |",
+                      "|---|---|---|---|---|---|", *lines])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -160,6 +182,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.md").write_text(table + "\n")
+    if against := format_against_encoder(rows):
+        print(f"\nthe pairs against k-means on the same pretext's features, seed by seed\n{against}")
+        (out / PAIRS_FILE).write_text(against + "\n")
     return 0
 
 
