@@ -235,16 +235,15 @@ def _may_change(key: str) -> bool:
     return any(key == m or key.startswith(m + ".") for m in MAY_CHANGE)
 
 
-def check_resume(cfg: Config, run_dir: str) -> Config:
-    """The config this run continues with: `cfg`, or RunDirError if it changes what the run dir's checkpoint
-    was trained with. A config asking for no more epochs than the checkpoint holds trains nothing: it keeps the
-    checkpoint's optim.epochs (so config.yaml says what the model is) and the outputs are evaluated again."""
+def check_unchanged(cfg: Config, run_dir: str) -> int | None:
+    """The epoch of the checkpoint `cfg` would continue in `run_dir` (None: none, a fresh start), or RunDirError
+    if `cfg` changes what that checkpoint was trained with."""
     import yaml
 
     epoch = checkpoint_epoch(run_dir)
     text = _read(f"{run_dir}/config.yaml")
     if epoch is None or text is None:
-        return cfg  # nothing to continue: a fresh start (what a failed first attempt wrote is replaced)
+        return None  # nothing to continue: a fresh start (what a failed first attempt wrote is replaced)
     try:
         before = from_dict(yaml.safe_load(text))
     except (ConfigError, yaml.YAMLError) as err:
@@ -258,6 +257,16 @@ def check_resume(cfg: Config, run_dir: str) -> Config:
         raise RunDirError(f"run dir {run_dir} holds a run checkpointed at epoch {epoch}, and this config changes "
                           f"what it was trained with: {diffs}{more}. A rerun with the same --out continues that "
                           f"run; give a new run another --out")
+    return epoch
+
+
+def check_resume(cfg: Config, run_dir: str) -> Config:
+    """The config this run continues with: `cfg`, or RunDirError if it changes what the run dir's checkpoint
+    was trained with. A config asking for no more epochs than the checkpoint holds trains nothing: it keeps the
+    checkpoint's optim.epochs (so config.yaml says what the model is) and the outputs are evaluated again."""
+    epoch = check_unchanged(cfg, run_dir)
+    if epoch is None:
+        return cfg
     if cfg.optim.epochs <= epoch:
         asked = (f"optim.epochs={cfg.optim.epochs} asks for fewer" if cfg.optim.epochs < epoch
                  else "that is all optim.epochs asks for")

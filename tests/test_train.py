@@ -169,6 +169,15 @@ def test_bench_quality_runs_the_pretext_pair_on_a_frozen_cached_encoder(tmp_path
     assert cli.main([*again, "--pair-views", "augmented", "--pair-neighbors", "2"]) == 2
     assert "--pair-neighbors 2: a count >= 0, with --pair-views cached" in capsys.readouterr().err
 
+    # A job changed since its runs, benched into the same --out: the run dirs hold checkpoints of the old config,
+    # which a run refuses to continue; the bench names the first before any run trains, and leaves it as it was.
+    before = (run / "config.yaml").read_text()
+    assert cli.main([*again, "--pair-neighbors", "2", "method.p2ot.eps=0.3"]) == 2
+    printed = capsys.readouterr()
+    assert "changes what it was trained with: method.p2ot.eps (" in printed.err and "-> 0.3)" in printed.err
+    assert "Nothing ran" in printed.err and "[djc bench] run 1/" not in printed.out
+    assert (run / "config.yaml").read_text() == before
+
 
 def test_reuse_compares_what_a_config_changes_from_the_defaults():
     """bench quality --reuse: a config's digest is over what differs from djc's defaults, so a run from before a

@@ -101,7 +101,7 @@ def format_against_encoder(rows: dict[tuple[str, str, str], dict[str, list[float
 
 
 def main(args: argparse.Namespace) -> int:
-    from djc import launch
+    from djc import launch, rundir, storage
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: a quality benchmark needs at least one seed")
@@ -136,6 +136,17 @@ def main(args: argparse.Namespace) -> int:
     # starts: a pair's weights are the pretext run before it.)
     plan = [(config, data, seed, stage, *_run_config(args, config, data, seed, stage, datasets, pretext, head, views,
                                                      neighbors)) for config, data, seed, stage in runs]
+    # So is a run dir that holds a checkpoint of another config (a job edited since the last bench into the same
+    # --out), which the run would refuse when its turn came: named now, before any run trains.
+    reuse = getattr(args, "reuse", False)
+    for *_, cfg, run_dir in plan:
+        if not (reuse and _done(run_dir, cfg)):
+            storage.configure(cfg.storage)
+            try:
+                rundir.check_unchanged(cfg, run_dir)
+            except rundir.RunDirError as err:
+                raise rundir.RunDirError(f"{err} (djc bench: its job changed since that run; move the run dir aside "
+                                         f"or bench into another --out. Nothing ran)") from None
     t_start = time.time()
     labels = row_labels(configs)
     pretext_minutes: dict[tuple[str, int], float] = {}
@@ -145,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
         print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name}{' ' + stage if stage else ''} on {data}, "
               f"seed {seed} -> {run_dir}{eta}", flush=True)
-        done = _done(run_dir, cfg) if getattr(args, "reuse", False) else None
+        done = _done(run_dir, cfg) if reuse else None
         if done is not None:  # --reuse: the same config ran to the end in this run dir before
             result, minutes = done
             print(f"[djc bench]   reused ({minutes:.1f} min when it ran)", flush=True)
