@@ -279,7 +279,11 @@ def _cfg(world: int, constraint: str, heads: int = 2):
     # "entropy-profile": the entropy constraint with the long-tailed size prior (ranks read the histogram);
     # "-counted", "-separate": the release's share normalisation, one BN pass per view
     constraint, *options = constraint.split("-")
-    secu = {"num_heads": heads, "constraint": constraint, "alpha": 50.0}
+    # Temperatures 0.5, not SeCu's 0.05: on this tiny net and batch, logits at 1 / 0.05 make the 3 epochs chaotic,
+    # growing the fp32 rounding by which a 2-worker sum differs from one batch's to 5e-5 in the weights (one
+    # Xeon's oneDNN kernels, torch 2.14) where 0.5 leaves it at 1e-6. Equivalence is a property of the
+    # collectives, which both temperatures exercise alike; every assignment must still match exactly.
+    secu = {"num_heads": heads, "constraint": constraint, "alpha": 50.0, "t_x": 0.5, "t_w": 0.5}
     if "profile" in options:
         secu |= {"size_prior": "profile", "expected_imbalance": 10.0}
     if "counted" in options:
@@ -327,7 +331,10 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
                                         "size-separate", "entropy-kmeans", "entropy-backbone",
                                         "entropy-backbone-frozen"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
-    single = assert_two_workers_equal_one(secu_steps, constraint)
+    # "kmeans": the sharded k-means that places the centers sums its points in another order than one process; its
+    # 8-center head comes out up to 2.5e-4 apart here (every later assignment the same)
+    tol = {"rtol": 1e-3, "atol": 5e-4} if "kmeans" in constraint else {}
+    single = assert_two_workers_equal_one(secu_steps, constraint, **tol)
     # The state did change: memory filled, histogram counts every remembered instance.
     mem = single["heads.0.memory"]
     assert (mem >= 0).sum() == single["heads.0.hist"].sum() > 0
