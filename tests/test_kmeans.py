@@ -63,6 +63,21 @@ def test_kmeans_recovers_separated_blobs():
     assert adjusted_rand_score(y.numpy(), labels.numpy()) > 0.99
 
 
+def test_kmeans_far_from_the_origin_is_kmeans_moved_there():
+    # k-means is translation invariant; its |x|^2 - 2 x.c + |c|^2 distances are not in fp32: at 1e4 from the
+    # origin their cancellation error (~1e-7 x 5e8) passes the blobs' own spread. kmeans runs on rows moved to
+    # their mean, so the far blobs cluster as the near ones do, at the same inertia and centers moved back.
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = _blobs()
+    near = km.kmeans(x, 6, seed=0)
+    far = km.kmeans(x + 1e4, 6, seed=0)
+    labels, _ = km.assign(x, far.centers - 1e4)
+    assert adjusted_rand_score(y.numpy(), labels.numpy()) > 0.99
+    assert abs(far.inertia - near.inertia) <= 1e-3 * near.inertia
+    torch.testing.assert_close(far.centers - 1e4, near.centers, rtol=0, atol=1e-2)
+
+
 def test_assign_in_chunks_equals_one_block():
     g = torch.Generator().manual_seed(1)
     x, c = torch.randn(3000, 8, generator=g), torch.randn(1000, 8, generator=g)

@@ -331,10 +331,7 @@ def secu_steps(rank: int, world: int, constraint: str, heads: int = 2) -> dict[s
                                         "size-separate", "entropy-kmeans", "entropy-backbone",
                                         "entropy-backbone-frozen"])
 def test_two_workers_equal_one_worker_on_the_concatenated_batch(constraint):
-    # "kmeans": the sharded k-means that places the centers sums its points in another order than one process; its
-    # 8-center head comes out up to 2.5e-4 apart here (every later assignment the same)
-    tol = {"rtol": 1e-3, "atol": 5e-4} if "kmeans" in constraint else {}
-    single = assert_two_workers_equal_one(secu_steps, constraint, **tol)
+    single = assert_two_workers_equal_one(secu_steps, constraint)
     # The state did change: memory filled, histogram counts every remembered instance.
     mem = single["heads.0.memory"]
     assert (mem >= 0).sum() == single["heads.0.hist"].sum() > 0

@@ -5,7 +5,7 @@ so every worker computes the same centers. k-means++ seeding runs on rank 0 over
 `init_sample` rows) and is broadcast, so the full data never sits on one worker.
 
 Memory, per worker, for n_local rows of dimension d and K centers (float32):
-  its own shard n_local x d; one distance block of at most MAX_ELEMS entries (2^25 = 128 MiB, i.e.
+  its own shard n_local x d and a copy of it moved to the data's mean (below); one distance block of at most MAX_ELEMS entries (2^25 = 128 MiB, i.e.
   3,355 rows at K = 10,000); the packed sums K x (d + 1) (82 MiB at K = 10,000, d = 2,048); the gathered
   seeding sample init_sample x d (100,000 x 2,048 = 820 MiB; all_gather puts it on every worker, rank 0 uses it)
   and 4 bytes per global row for the sampling priorities (5 MB at 1.3M rows).
@@ -73,9 +73,12 @@ def kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     return torch.stack(centers)
 
 
-def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6) -> KMeansResult:
-    """Lloyd iterations from given (identical on every worker) centers; x is this worker's shard."""
+def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6, origin: Tensor | None = None) -> KMeansResult:
+    """Lloyd iterations from given (identical on every worker) centers; x is this worker's shard. `origin`: the
+    point x's rows were moved from (kmeans centers them); the stopping tolerance stays relative to the centers'
+    size where the caller's rows sit, so moving them changes no stopping decision."""
     k, d = centers.shape
+    size = torch.zeros_like(centers[0]) if origin is None else origin
     c = centers.clone()
     for _ in range(iters):
         labels, d2 = assign(x, c)
@@ -89,7 +92,7 @@ def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6) -> KMeansRe
         new = torch.where(counts > 0, sums[:, :d] / counts.clamp_min(1), c)  # an empty cluster keeps its center
         shift = (new - c).pow(2).sum()  # from global sums: the same stopping decision on every worker
         c = new
-        if shift <= tol * (c * c).sum().clamp_min(1e-12):
+        if shift <= tol * (c + size).pow(2).sum().clamp_min(1e-12):
             break
     _, d2 = assign(x, c)
     inertia = float(dist.all_reduce_sum(d2.sum().reshape(1)).item())
@@ -125,13 +128,21 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, restarts: int = 3, seed: int =
         offset = int(sizes[: dist.rank()].sum().item())
         index = torch.arange(offset, offset + x.shape[0], device=x.device)
     sample = seeding_sample(x, index, init_sample, seed)
+    # Distances are |x|^2 - 2 x.c + |c|^2. Rows far from the origin next to their spread (a random net's unit
+    # features in tests/test_secu.py lie a median 0.007 apart) leave their differences to that cancellation's
+    # fp32 rounding, and another worker count's matmul shapes then flip near rows between centers (there, 2
+    # workers' centers came out 3e-4 from one process's; moved, the same bits). k-means is translation invariant,
+    # so it runs on the rows moved to the seeding sample's mean: the sample is gathered in index order, so its mean
+    # is the same bits on every worker and for any sharding. The moved rows are a copy of the shard.
+    origin = sample.mean(0)
+    x, sample = x - origin, sample - origin
     best: KMeansResult | None = None
     for r in range(restarts):
         gen = torch.Generator().manual_seed(seed * 1000 + r)
         init = kmeans_pp(sample, k, gen) if dist.is_main() else x.new_zeros(k, x.shape[1])
         init = dist.broadcast_(init.contiguous(), src=0)  # rank 0's seeds, bit-identical everywhere
-        res = lloyd(x, init, iters)
+        res = lloyd(x, init, iters, origin=origin)
         if best is None or res.inertia < best.inertia:
             best = res
     assert best is not None
-    return best
+    return KMeansResult(best.centers + origin, best.inertia)
