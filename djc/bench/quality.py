@@ -139,8 +139,9 @@ def main(args: argparse.Namespace) -> int:
     # So is a run dir that holds a checkpoint of another config (a job edited since the last bench into the same
     # --out), which the run would refuse when its turn came: named now, before any run trains.
     reuse = getattr(args, "reuse", False)
-    for *_, cfg, run_dir in plan:
-        if not (reuse and _done(run_dir, cfg)):
+    reused = [_done(run_dir, cfg) if reuse else None for *_, cfg, run_dir in plan]
+    for (*_, cfg, run_dir), done in zip(plan, reused):
+        if done is None:
             storage.configure(cfg.storage)
             try:
                 rundir.check_unchanged(cfg, run_dir)
@@ -150,13 +151,12 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.time()
     labels = row_labels(configs)
     pretext_minutes: dict[tuple[str, int], float] = {}
-    for i, (config, data, seed, stage, cfg, run_dir) in enumerate(plan):
+    for i, ((config, data, seed, stage, cfg, run_dir), done) in enumerate(zip(plan, reused)):
         launch.ensure_datasets(cfg)
         launch.check_against_data(cfg)
         eta = "" if i == 0 else f", ~{(time.time() - t_start) / i * (len(runs) - i) / 60:.0f} min left"
         print(f"[djc bench] run {i + 1}/{len(runs)}: {cfg.method.name}{' ' + stage if stage else ''} on {data}, "
               f"seed {seed} -> {run_dir}{eta}", flush=True)
-        done = _done(run_dir, cfg) if reuse else None
         if done is not None:  # --reuse: the same config ran to the end in this run dir before
             result, minutes = done
             print(f"[djc bench]   reused ({minutes:.1f} min when it ran)", flush=True)
