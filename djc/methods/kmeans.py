@@ -5,12 +5,13 @@ so every worker computes the same centers. k-means++ seeding runs on rank 0 over
 `init_sample` rows) and is broadcast, so the full data never sits on one worker.
 
 Memory, per worker, for n_local rows of dimension d and K centers (float32):
-  its own shard n_local x d and a copy of it moved to the data's mean (below); one distance block of at most MAX_ELEMS entries (2^25 = 128 MiB, i.e.
-  3,355 rows at K = 10,000); the packed sums K x (d + 1) (82 MiB at K = 10,000, d = 2,048); the gathered
-  seeding sample init_sample x d (100,000 x 2,048 = 820 MiB; all_gather puts it on every worker, rank 0 uses it)
-  and 4 bytes per global row for the sampling priorities (5 MB at 1.3M rows).
-ImageNet (1.3M rows, d = 2,048) over 8 workers is 1.3 GB of features each; seeding K = 10,000 costs
-K x init_sample x d = 2e12 multiply-adds on rank 0 (seconds on a GPU, minutes on a CPU).
+  its own shard n_local x d and a copy of it moved to the data's mean (kmeans, below); one distance block of
+  at most MAX_ELEMS entries (2^25 = 128 MiB, i.e. 3,355 rows at K = 10,000); the packed sums K x (d + 1) (82
+  MiB at K = 10,000, d = 2,048); the gathered seeding sample init_sample x d (100,000 x 2,048 = 820 MiB;
+  all_gather puts it on every worker, rank 0 uses it) and 4 bytes per global row for the sampling priorities
+  (5 MB at 1.3M rows).
+ImageNet (1.3M rows, d = 2,048) over 8 workers is 1.3 GB of features each (2.6 GB with the copy); seeding
+K = 10,000 costs K x init_sample x d = 2e12 multiply-adds on rank 0 (seconds on a GPU, minutes on a CPU).
 
 The seeding sample depends only on the rows' global indices (not on how the rows are split over workers), so
 k-means on W workers starts from the same centers as on 1 worker holding everything.
@@ -78,7 +79,7 @@ def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6, origin: Ten
     point x's rows were moved from (kmeans centers them); the stopping tolerance stays relative to the centers'
     size where the caller's rows sit, so moving them changes no stopping decision."""
     k, d = centers.shape
-    size = torch.zeros_like(centers[0]) if origin is None else origin
+    origin = torch.zeros_like(centers[0]) if origin is None else origin
     c = centers.clone()
     for _ in range(iters):
         labels, d2 = assign(x, c)
@@ -92,7 +93,7 @@ def lloyd(x: Tensor, centers: Tensor, iters: int, tol: float = 1e-6, origin: Ten
         new = torch.where(counts > 0, sums[:, :d] / counts.clamp_min(1), c)  # an empty cluster keeps its center
         shift = (new - c).pow(2).sum()  # from global sums: the same stopping decision on every worker
         c = new
-        if shift <= tol * (c + size).pow(2).sum().clamp_min(1e-12):
+        if shift <= tol * (c + origin).pow(2).sum().clamp_min(1e-12):
             break
     _, d2 = assign(x, c)
     inertia = float(dist.all_reduce_sum(d2.sum().reshape(1)).item())
